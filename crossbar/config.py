@@ -1,0 +1,173 @@
+"""Configuration of a crossbar tile: device, DAC, ADC and array size.
+
+All conductances are in microsiemens (uS) and times in seconds. Inputs are normalised
+voltages: the DAC maps [-range, +range] onto its codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .configbase import Config, check_bool, check_choice, check_int, check_number
+
+MAX_BITS = 24
+MAX_TILE_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class DeviceConfig(Config):
+    """One memristive device model and its parameters (PHYSICS.md sections 2-4).
+
+    Attributes:
+        model: device model name: ``"ideal"`` (exact programming, no noise),
+            ``"gaussian"`` (programming noise sigma_abs + sigma_rel * g) or ``"pcm"``
+            (the Nandakumar/Joshi PCM fits: programming noise, drift, 1/f noise).
+        g_min: lowest programmable conductance, uS, in [0, g_max). Moving it off zero
+            keeps the clamp of noisy conductances at 0 from acting.
+        g_max: highest programmable conductance, uS, in (g_min, 1e6].
+        prog_noise_scale: multiplier on the programming-noise sigma, in [0, 100].
+        prog_sigma_abs: ``gaussian`` only: absolute programming sigma, uS, >= 0.
+        prog_sigma_rel: ``gaussian`` only: programming sigma per uS of target, in [0, 10].
+        read_noise_1f: slow 1/f read noise, frozen per inference time (``pcm`` only).
+        read_noise_1f_scale: multiplier on the 1/f sigma, in [0, 100].
+        read_sigma_abs: fast per-read noise, absolute part, uS, >= 0.
+        read_sigma_rel: fast per-read noise per uS of conductance, in [0, 10].
+        drift: conductance drift g(t) = g_prog ((t + t0)/t0)^-nu (``pcm`` only).
+        drift_scale: multiplier on the drift exponents nu, in [0, 100].
+        t0: drift reference time, s, > 0.
+        t_read: read pulse duration of the 1/f model, s, > 0.
+        levels: number of evenly spaced programmable levels in [g_min, g_max] that
+            targets snap to before noise, in [2, 2**20], or None for continuous.
+        stuck_min_fraction: fraction of devices stuck at g_min, in [0, 1].
+        stuck_max_fraction: fraction of devices stuck at g_max, in [0, 1]; the two
+            fractions sum to at most 1.
+    """
+
+    model: str = "ideal"
+    g_min: float = 0.0
+    g_max: float = 25.0
+    prog_noise_scale: float = 1.0
+    prog_sigma_abs: float = 0.0
+    prog_sigma_rel: float = 0.0
+    read_noise_1f: bool = False
+    read_noise_1f_scale: float = 1.0
+    read_sigma_abs: float = 0.0
+    read_sigma_rel: float = 0.0
+    drift: bool = False
+    drift_scale: float = 1.0
+    t0: float = 20.0
+    t_read: float = 250e-9
+    levels: Optional[int] = None
+    stuck_min_fraction: float = 0.0
+    stuck_max_fraction: float = 0.0
+
+    def validate(self) -> None:
+        from .devices import DEVICE_MODELS  # the registry knows what each model supports
+
+        o = "DeviceConfig"
+        check_choice(o, "model", self.model, sorted(DEVICE_MODELS))
+        check_number(o, "g_min", self.g_min, 0.0, 1e6, unit="uS")
+        check_number(o, "g_max", self.g_max, 0.0, 1e6, lo_open=True, unit="uS")
+        if not self.g_max > self.g_min:
+            raise ValueError(f"DeviceConfig.g_max = {self.g_max!r} is invalid: must exceed g_min = {self.g_min!r} uS")
+        check_number(o, "prog_noise_scale", self.prog_noise_scale, 0.0, 100.0)
+        check_number(o, "prog_sigma_abs", self.prog_sigma_abs, 0.0, 1e6, unit="uS")
+        check_number(o, "prog_sigma_rel", self.prog_sigma_rel, 0.0, 10.0)
+        check_bool(o, "read_noise_1f", self.read_noise_1f)
+        check_number(o, "read_noise_1f_scale", self.read_noise_1f_scale, 0.0, 100.0)
+        check_number(o, "read_sigma_abs", self.read_sigma_abs, 0.0, 1e6, unit="uS")
+        check_number(o, "read_sigma_rel", self.read_sigma_rel, 0.0, 10.0)
+        check_bool(o, "drift", self.drift)
+        check_number(o, "drift_scale", self.drift_scale, 0.0, 100.0)
+        check_number(o, "t0", self.t0, 0.0, 1e12, lo_open=True, unit="s")
+        check_number(o, "t_read", self.t_read, 0.0, 1e3, lo_open=True, unit="s")
+        check_int(o, "levels", self.levels, 2, 2 ** 20, optional=True)
+        check_number(o, "stuck_min_fraction", self.stuck_min_fraction, 0.0, 1.0)
+        check_number(o, "stuck_max_fraction", self.stuck_max_fraction, 0.0, 1.0)
+        if self.stuck_min_fraction + self.stuck_max_fraction > 1.0:
+            raise ValueError(
+                f"DeviceConfig.stuck_max_fraction = {self.stuck_max_fraction!r} is invalid: "
+                f"stuck_min_fraction + stuck_max_fraction must be <= 1"
+            )
+        DEVICE_MODELS[self.model].check_config(self)
+
+
+@dataclass(frozen=True)
+class DACConfig(Config):
+    """Input digital-to-analog converter, one per tile row (signed).
+
+    Attributes:
+        bits: resolution in [1, 24], or None for an ideal converter (no quantization
+            and no clipping). b >= 2 bits give 2^(b-1) - 1 levels each side of zero
+            with step range / (2^(b-1) - 1); 1 bit is a sign converter (+-range).
+        range_mode: ``"fixed"`` (``range``), ``"calibrated"`` (the ``percentile`` of
+            |x| over sample data, set by ``Tile.calibrate``) or ``"per_vector"`` (each
+            input vector scaled by its own abs-max, the output rescaled digitally).
+        range: input full scale for ``fixed``, normalised volts, > 0.
+        percentile: percentile of |x| for ``calibrated``, in (0, 100].
+    """
+
+    bits: Optional[int] = None
+    range_mode: str = "fixed"
+    range: float = 1.0
+    percentile: float = 99.99
+
+    def validate(self) -> None:
+        o = "DACConfig"
+        check_int(o, "bits", self.bits, 1, MAX_BITS, optional=True)
+        check_choice(o, "range_mode", self.range_mode, ("fixed", "calibrated", "per_vector"))
+        check_number(o, "range", self.range, 0.0, 1e12, lo_open=True)
+        check_number(o, "percentile", self.percentile, 0.0, 100.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ADCConfig(Config):
+    """Output analog-to-digital converter, one per tile column (signed).
+
+    Attributes:
+        bits: resolution in [1, 24], or None for an ideal converter (no quantization
+            and no saturation). Levels as for :class:`DACConfig`.
+        range_mode: ``"fixed"`` (``range``), ``"calibrated"`` (the ``percentile`` of
+            |column output| over sample data, one range per tile) or ``"worst_case"``
+            (rows * (g_max - g_min) * largest DAC input).
+        range: output full scale for ``fixed``, uS x normalised volts, > 0.
+        percentile: percentile of |y| for ``calibrated``, in (0, 100].
+    """
+
+    bits: Optional[int] = None
+    range_mode: str = "worst_case"
+    range: float = 1.0
+    percentile: float = 99.99
+
+    def validate(self) -> None:
+        o = "ADCConfig"
+        check_int(o, "bits", self.bits, 1, MAX_BITS, optional=True)
+        check_choice(o, "range_mode", self.range_mode, ("fixed", "calibrated", "worst_case"))
+        check_number(o, "range", self.range, 0.0, 1e15, lo_open=True)
+        check_number(o, "percentile", self.percentile, 0.0, 100.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class TileConfig(Config):
+    """One crossbar tile: its physical size, devices and periphery.
+
+    Attributes:
+        rows: physical word lines (inputs), in [1, 65536].
+        cols: physical bit lines (outputs), in [1, 65536].
+        device: the devices at every cross point.
+        dac: the input converters.
+        adc: the output converters.
+    """
+
+    rows: int = 256
+    cols: int = 256
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    dac: DACConfig = field(default_factory=DACConfig)
+    adc: ADCConfig = field(default_factory=ADCConfig)
+
+    def validate(self) -> None:
+        check_int("TileConfig", "rows", self.rows, 1, MAX_TILE_SIZE)
+        check_int("TileConfig", "cols", self.cols, 1, MAX_TILE_SIZE)
+        for name, kind in (("device", DeviceConfig), ("dac", DACConfig), ("adc", ADCConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"TileConfig.{name} = {getattr(self, name)!r} is invalid: expected a {kind.__name__}")

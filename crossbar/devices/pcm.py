@@ -1,0 +1,36 @@
+"""Phase-change memory: the fits of Nandakumar et al. (2019) and Joshi et al. (2020),
+Nature Communications 11:2473, as in PHYSICS.md sections 2-4 (also aihwkit's
+PCMLikeNoiseModel). The fits were made at g_max = 25 uS; x = g / g_max.
+"""
+import numpy as np
+
+from .base import Device
+
+FIT_G_MAX = 25.0  # uS, the g_max at which the programming-noise polynomial was fitted
+PROG_COEFFS = (0.26348, 1.9650, -1.1731)  # sigma_prog in uS at FIT_G_MAX: c0 + c1 x + c2 x^2
+
+
+class PCMDevice(Device):
+    name = "pcm"
+    has_drift = True
+    has_slow_noise = True
+
+    def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
+        g_max = self.config.g_max
+        x = g_target / g_max
+        c0, c1, c2 = PROG_COEFFS
+        return (c0 + c1 * x + c2 * x * x) * (g_max / FIT_G_MAX)
+
+    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.config.drift:
+            return np.zeros_like(g_target)
+        # x -> 0 sends both fits to their upper clip; the floor only avoids log(0)
+        log_x = np.log(np.maximum(g_target / self.config.g_max, 1e-12))
+        mu = np.clip(-0.0155 * log_x + 0.0244, 0.049, 0.1)
+        sigma = np.clip(-0.0125 * log_x - 0.0059, 0.008, 0.045)
+        return np.abs(mu + sigma * rng.standard_normal(g_target.shape)) * self.config.drift_scale
+
+    def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
+        cfg = self.config
+        q_s = np.minimum(0.0088 / np.maximum(g_prog / cfg.g_max, 1e-3) ** 0.65, 0.2)
+        return g_t * q_s * np.sqrt(np.log((t + cfg.t0 + cfg.t_read) / (2.0 * cfg.t_read)))

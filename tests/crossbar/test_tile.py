@@ -1,0 +1,214 @@
+import numba
+import numpy as np
+import pytest
+import torch
+
+from crossbar import ReferenceTile, Tile, TileConfig, presets
+from crossbar.kernels import dac_convert, levels_per_side, steps
+from crossbar.reference import quantize_reference
+
+
+def random_pair(rng, rows, cols, g_max=25.0):
+    return rng.uniform(0, g_max, (rows, cols)), rng.uniform(0, g_max, (rows, cols))
+
+
+@pytest.mark.parametrize("rows,cols,used", [(256, 256, (256, 256)), (128, 64, (100, 33)), (64, 512, (1, 512))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ideal_tile_is_the_matrix_product(rng, rows, cols, used, dtype):
+    g_plus, g_minus = random_pair(rng, *used)
+    tile = Tile(presets.ideal(rows=rows, cols=cols)).program(g_plus, g_minus, seed=0)
+    x = rng.uniform(-3, 3, (50, used[0])).astype(dtype)
+    y = tile.mvm(x)
+    exact = x.astype(np.float64) @ (g_plus - g_minus)
+    assert y.shape == (50, used[1]) and y.dtype == np.float32
+    # float32 products of rows terms: error bounded by rows * eps32 * sum|x||g|
+    bound = used[0] * np.finfo(np.float32).eps * (np.abs(x) @ (g_plus + g_minus))
+    assert np.all(np.abs(y - exact) <= bound + 1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8, 10, 12])
+@pytest.mark.parametrize("full_scale", [0.5, 1.0, 3.0])
+def test_dac_kernel_equals_reference_exactly(rng, bits, full_scale):
+    x = rng.uniform(-2, 2, (64, 97))
+    # exact ties of the rounding rule and the range ends
+    half = levels_per_side(bits)
+    step, _ = steps(full_scale, half)
+    x[0, :5] = [0.0, full_scale, -full_scale, 0.5 * step, -1.5 * step]
+    out = np.empty(x.shape, np.float32)
+    clip_rows = np.empty(64, np.int64)
+    dac_convert(x, out, full_scale, half, False, np.empty(0), np.empty(64),
+                clip_rows, np.empty(64, np.int64))
+    expected, clipped = quantize_reference(x, full_scale, bits)
+    assert np.array_equal(out, expected.astype(np.float32))
+    assert clip_rows.sum() == clipped == np.count_nonzero(np.abs(x) > full_scale)
+
+
+def noiseless(rows, cols, dac_bits, adc_bits, dac_mode, adc_mode):
+    return presets.ideal(rows=rows, cols=cols, dac_bits=dac_bits, adc_bits=adc_bits,
+                         dac_range_mode=dac_mode, adc_range_mode=adc_mode)
+
+
+CASES = [(b, b, "fixed", "calibrated") for b in range(1, 13)] + [
+    (8, 8, "per_vector", "calibrated"), (4, 6, "calibrated", "worst_case"), (None, 5, "fixed", "fixed"),
+    (7, None, "per_vector", "worst_case"), (3, 2, "fixed", "worst_case"),
+]
+
+
+@pytest.mark.parametrize("dac_bits,adc_bits,dac_mode,adc_mode", CASES)
+@pytest.mark.parametrize("rows,cols", [(32, 16), (256, 128)])
+def test_kernel_equals_reference_noise_off(rng, dac_bits, adc_bits, dac_mode, adc_mode, rows, cols):
+    cfg = noiseless(rows, cols, dac_bits, adc_bits, dac_mode, adc_mode)
+    if adc_mode == "fixed":
+        cfg = cfg.with_path("adc.range", 40.0 * np.sqrt(rows))
+    g_plus, g_minus = random_pair(rng, rows - 3, cols)
+    x = rng.uniform(-1.3, 1.3, (200, rows - 3))
+    tile = Tile(cfg).program(g_plus, g_minus, seed=1)
+    tile.calibrate(x[:100])
+    if adc_mode == "calibrated":
+        tile.output_range = tile.output_range * 0.8  # force some saturation
+    ref = ReferenceTile(cfg)
+    ref.load_state_dict(tile.state_dict())
+    y, y_ref = tile.mvm(x), ref.mvm(x)
+    # Products differ by float32 rounding, so a value within that of an ADC decision
+    # boundary may round the other way: by exactly one step, and only there.
+    if adc_bits is None:
+        assert np.allclose(y, y_ref, rtol=1e-5, atol=1e-3)
+    else:
+        differ = y != y_ref.astype(np.float32)
+        half = levels_per_side(adc_bits)
+        step, _ = steps(tile.output_range, half)
+        if half > 0:
+            # per-vector scaling multiplies each row's output step by the row's abs-max
+            row_scale = np.abs(x).max(axis=1, keepdims=True) if dac_mode == "per_vector" else np.ones((len(x), 1))
+            expected = np.broadcast_to(step * row_scale, y.shape)[differ]
+            ulps = 4 * np.finfo(np.float32).eps * np.abs(y_ref).max()
+            assert np.allclose(np.abs(y[differ] - y_ref[differ]), expected, rtol=0, atol=ulps)
+        assert differ.mean() < 0.01
+    assert tile.counts.dac_clipped == ref.counts.dac_clipped
+    assert abs(tile.counts.adc_saturated - ref.counts.adc_saturated) <= max(2, 0.01 * y.size)
+    if dac_bits is not None and dac_mode == "fixed":
+        assert tile.counts.dac_clipped == np.count_nonzero(np.abs(x) > 1.0)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.0, 0.03])
+def test_variance_method_matches_per_device_sampling(rng, sigma_rel):
+    """Output mean and variance of the fast path against the reference's sampling."""
+    rows, cols, n = 64, 8, 4000
+    cfg = presets.gaussian(rows=rows, cols=cols, dac_bits=None, adc_bits=None,
+                           prog_sigma_abs=0.0, read_sigma_abs=0.4, read_sigma_rel=sigma_rel)
+    g_plus, g_minus = random_pair(rng, rows, cols)
+    x = np.repeat(rng.uniform(-1, 1, (1, rows)), n, axis=0)
+    tile = Tile(cfg).program(g_plus, g_minus, seed=2)
+    ref = ReferenceTile(cfg, read_seed=3)
+    ref.load_state_dict(tile.state_dict())
+    mean = x[0] @ (g_plus - g_minus)
+    var = (x[0] ** 2) @ ((0.4 + sigma_rel * g_plus) ** 2 + (0.4 + sigma_rel * g_minus) ** 2)
+    for y in (tile.mvm(x), ref.mvm(x)):
+        assert np.all(np.abs(y.mean(0) - mean) < 5 * np.sqrt(var / n))
+        assert np.all(np.abs(y.var(0, ddof=1) - var) < 5 * var * np.sqrt(2 / (n - 1)))
+
+
+def test_uniform_and_general_variance_paths_agree(rng):
+    """The row-sum shortcut for uniform read noise is the general product's special case."""
+    cfg = presets.gaussian(rows=32, cols=16, dac_bits=6, adc_bits=None, read_sigma_abs=0.3)
+    g_plus, g_minus = random_pair(rng, 32, 16)
+    tile = Tile(cfg).program(g_plus, g_minus, seed=4)
+    assert tile._var_uniform is not None
+    x = rng.uniform(-1, 1, (20, 32))
+    fast = tile.at(5.0).mvm(x)
+    tile.at(5.0)  # same read stream from its start
+    tile._var = torch.from_numpy(tile.read_variance())  # force the general product
+    tile._var_uniform = None
+    general = tile.mvm(x)
+    assert not np.array_equal(fast, x @ (g_plus - g_minus))
+    assert np.allclose(fast, general, rtol=1e-5, atol=1e-4)
+
+
+def pcm_tile(seed, rows=128, cols=64):
+    rng = np.random.default_rng(7)
+    cfg = presets.pcm(rows=rows, cols=cols, stuck_min_fraction=0.01)
+    tile = Tile(cfg).program(*random_pair(rng, rows, cols), seed=seed)
+    x = rng.uniform(-1, 1, (300, rows))
+    tile.calibrate(x)
+    return tile.at(3600.0), x
+
+
+def test_same_seed_same_bits_under_any_thread_count():
+    outputs = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            tile, x = pcm_tile(seed=11)
+            outputs.append((tile.mvm(x), tile.mvm(x)))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    (a1, a2), (b1, b2) = outputs
+    assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+    assert not np.array_equal(a1, a2)  # successive reads draw fresh per-read noise
+    other, x = pcm_tile(seed=12)
+    assert not np.array_equal(other.mvm(x), a1)
+
+
+def test_at_is_reproducible_and_state_round_trips():
+    tile, x = pcm_tile(seed=5)
+    first = tile.at(100.0).mvm(x)
+    tile.at(1e6).mvm(x)
+    assert np.array_equal(tile.at(100.0).mvm(x), first)
+    copy = Tile(tile.config).load_state_dict(tile.state_dict())
+    assert np.array_equal(copy.at(100.0).mvm(x), first)
+
+
+def test_drift_lowers_conductance_and_counts_are_kept():
+    tile, x = pcm_tile(seed=3)
+    g0 = tile.at(0.0).conductances()[0].mean()
+    g_year = tile.at(3.15e7).conductances()[0].mean()
+    assert g_year < 0.75 * g0  # mean nu > 0.049 and ((3.15e7 + 20) / 20)^-0.049 = 0.50
+    c = tile.counts
+    assert c.devices == 2 * 128 * 64 and c.stuck_min > 0
+    tile.reset_counts()
+    tile.mvm(x)
+    assert tile.counts.dac_converted == x.size and tile.counts.adc_converted == 300 * 64
+
+
+def test_bad_inputs_raise_clear_errors(rng):
+    cfg = presets.pcm(rows=16, cols=8)
+    tile = Tile(cfg)
+    with pytest.raises(RuntimeError, match="program"):
+        tile.mvm(np.zeros((2, 16)))
+    good = np.full((16, 8), 5.0)
+    bad = good.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="g_plus contains 1 NaN"):
+        tile.program(bad, good)
+    with pytest.raises(ValueError, match="g_minus.*inf|g_minus contains 1"):
+        tile.program(good, np.where(bad != bad, np.inf, good))
+    with pytest.raises(ValueError, match="does not fit"):
+        tile.program(np.ones((17, 8)), np.ones((17, 8)))
+    with pytest.raises(ValueError, match="same shape"):
+        tile.program(np.ones((16, 8)), np.ones((16, 7)))
+    with pytest.raises(ValueError, match=r"\[g_min, g_max\]"):
+        tile.program(good + 30.0, good)
+    with pytest.raises(ValueError, match="seed"):
+        tile.program(good, good, seed=-1)
+    tile.program(good, good, seed=0)
+    with pytest.raises(RuntimeError, match="ADC range is not calibrated"):
+        tile.mvm(np.zeros((2, 16), np.float32))
+    tile.output_range = 100.0
+    x = np.zeros((2, 16), np.float32)
+    x[1, 3] = np.inf
+    with pytest.raises(ValueError, match="1 NaN or Inf"):
+        tile.mvm(x)
+    with pytest.raises(ValueError, match=r"expected \(batch, 16\)"):
+        tile.mvm(np.zeros((2, 15), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        tile.mvm(np.zeros((2, 16), np.int64))
+    for t in (-1.0, float("nan"), "1h"):
+        with pytest.raises(ValueError, match="t = "):
+            tile.at(t)
+    with pytest.raises(ValueError, match="output_range"):
+        tile.output_range = 0.0
+    with pytest.raises(ValueError, match="config"):
+        Tile({"rows": 4})
+    with pytest.raises(ValueError, match="calibrate the input"):
+        Tile(presets.ideal(dac_bits=4, dac_range_mode="calibrated", rows=16, cols=8)).program(
+            good, good).calibrate(np.zeros((4, 16)))

@@ -50,13 +50,13 @@ def quantize(v, full_scale, step, inv_step, half):
 
 
 @njit(parallel=True, cache=True)
-def dac_convert(x, out, full_scale, half, per_vector, scales, sumsq_rows, clip_rows, bad_rows):
+def dac_convert(x, out, full_scale, half, per_vector, scales, clip_rows, bad_rows):
     """Convert inputs x (batch, rows) into ``out`` (float32).
 
     per_vector: each row is divided by its abs-max first (kept in ``scales``, 0 for an
-    all-zero row) so that the converter sees [-1, 1]. Per row, the kernel also records
-    the sum of squares of the converted values (for uniform read noise), the number
-    clipped and the number not finite; per-row slots keep the reduction deterministic.
+    all-zero row) so that the converter sees [-1, 1]. Per row, the number clipped and
+    the number not finite go to ``clip_rows``/``bad_rows``: per-row slots keep the
+    parallel reduction deterministic. Each loop is kept simple enough to vectorize.
     """
     batch, rows = x.shape
     step, inv_step = full_scale, 1.0
@@ -65,31 +65,37 @@ def dac_convert(x, out, full_scale, half, per_vector, scales, sumsq_rows, clip_r
     for i in prange(batch):
         bad = 0
         for j in range(rows):
-            if not math.isfinite(x[i, j]):
-                bad += 1
+            bad += not math.isfinite(x[i, j])
         bad_rows[i] = bad
         m = 1.0
         if per_vector:
             m = 0.0
             for j in range(rows):
-                a = abs(float(x[i, j]))
-                if a > m:
-                    m = a
+                m = max(m, abs(float(x[i, j])))
             scales[i] = m
+        inv_m = 1.0 / m if m > 0.0 else 0.0
         clipped = 0
-        sumsq = 0.0
-        for j in range(rows):
-            v = float(x[i, j])
-            if per_vector:
-                v = v / m if m > 0.0 else 0.0
-            if half >= 0:
-                v, c = quantize(v, full_scale, step, inv_step, half)
+        if half >= 0:
+            for j in range(rows):
+                v = float(x[i, j]) * inv_m if per_vector else float(x[i, j])
+                q, c = quantize(v, full_scale, step, inv_step, half)
+                out[i, j] = q
                 clipped += c
-            q = np.float32(v)
-            out[i, j] = q
-            sumsq += float(q) * float(q)
+        else:
+            for j in range(rows):
+                out[i, j] = float(x[i, j]) * inv_m if per_vector else x[i, j]
         clip_rows[i] = clipped
-        sumsq_rows[i] = sumsq
+
+
+@njit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, cache=True)
+def row_sum_squares(x, out):
+    """out[i] = sum_j x[i, j]^2 in float64 (the order of the sum is free; per row, so
+    the result does not depend on the thread count)."""
+    for i in prange(x.shape[0]):
+        acc = 0.0
+        for j in range(x.shape[1]):
+            acc += float(x[i, j]) * float(x[i, j])
+        out[i] = acc
 
 
 _ROWS_PER_CHUNK = 64  # rows sharing one scratch buffer: allocation per row costs more than the work

@@ -9,7 +9,7 @@ import torch
 
 from .config import TileConfig
 from .devices import make_device
-from .kernels import IDEAL, dac_convert, levels_per_side, readout_convert
+from .kernels import IDEAL, dac_convert, levels_per_side, readout_convert, row_sum_squares
 from .rng import stream_key
 
 SeedLike = Union[None, int, np.random.SeedSequence]
@@ -171,19 +171,33 @@ class Tile:
 
     def calibrate(self, x) -> "Tile":
         """Set calibrated DAC and ADC ranges from sample inputs x (batch, rows_used)."""
+        if self.config.dac.range_mode == "calibrated":
+            self.calibrate_input(x)
+        if self.config.adc.range_mode == "calibrated":
+            self.calibrate_output(x)
+        return self
+
+    def calibrate_input(self, x) -> "Tile":
+        """Set the DAC range to the configured percentile of |x|."""
         x = self._check_input(x)
-        cfg = self.config
-        if cfg.dac.range_mode == "calibrated":
-            self._input_range = _percentile_range("input", np.abs(x), cfg.dac.percentile)
-        if cfg.adc.range_mode == "calibrated":
-            key = stream_key(self._child(_CALIBRATION_READS, int(np.float64(self.time).view(np.uint64))))
-            y, _, _ = self._forward(x, key, 0, IDEAL, 1.0)
-            self._output_range = _percentile_range("output", np.abs(y), cfg.adc.percentile)
+        self._input_range = _percentile_range("input", np.abs(x), self.config.dac.percentile)
+        return self
+
+    def calibrate_output(self, x) -> "Tile":
+        """Set the ADC range to the configured percentile of the column outputs for
+        inputs x, as read now (noise included) through the DAC and an unclipped ADC."""
+        x = self._check_input(x)
+        key = stream_key(self._child(_CALIBRATION_READS, int(np.float64(self.time).view(np.uint64))))
+        y, _, _ = self._forward(x, key, 0, IDEAL, 1.0)
+        self._output_range = _percentile_range("output", np.abs(y), self.config.adc.percentile)
         return self
 
     # -- the matrix-vector product -------------------------------------------------------
-    def mvm(self, x) -> np.ndarray:
-        """Column outputs (batch, cols_used) for inputs x (batch, rows_used), after the ADC."""
+    def mvm(self, x, count: bool = True) -> np.ndarray:
+        """Column outputs (batch, cols_used) for inputs x (batch, rows_used), after the ADC.
+
+        count=False leaves the clip/saturation counts alone (for calibration reads that
+        are not inference, such as drift compensation's reference read)."""
         x = self._check_input(x)
         r_out = self.output_range
         if self._adc_half != IDEAL and r_out is None:
@@ -192,6 +206,8 @@ class Tile:
         y, clipped, saturated = self._forward(x, self._read_key, self._read_offset, self._adc_half,
                                               1.0 if r_out is None else r_out)
         self._read_offset += y.size
+        if not count:
+            return y
         c = self.counts
         c.dac_converted += x.size
         c.dac_clipped += clipped
@@ -208,11 +224,10 @@ class Tile:
         per_vector = self.config.dac.range_mode == "per_vector"
         xq = np.empty(x.shape, dtype=np.float32)
         scales = np.empty(batch if per_vector else 0, dtype=np.float64)
-        sumsq_rows = np.empty(batch, dtype=np.float64)
         clip_rows = np.empty(batch, dtype=np.int64)
         bad_rows = np.empty(batch, dtype=np.int64)
         dac_convert(x, xq, 1.0 if r_in is None else r_in, self._dac_half, per_vector, scales,
-                    sumsq_rows, clip_rows, bad_rows)
+                    clip_rows, bad_rows)
         bad = int(bad_rows.sum())
         if bad:
             raise ValueError(f"x contains {bad} NaN or Inf values; inputs must be finite")
@@ -222,7 +237,9 @@ class Tile:
         if self._var is not None:
             var = torch.matmul(xq_t * xq_t, self._var).numpy()
         elif self._var_uniform is not None:
-            var_rows = sumsq_rows * self._var_uniform
+            var_rows = np.empty(batch, dtype=np.float64)
+            row_sum_squares(xq, var_rows)
+            var_rows *= self._var_uniform
         sat_rows = np.empty(batch, dtype=np.int64)
         readout_convert(y, var, var_rows, np.uint64(key), np.uint64(offset), adc_range, adc_half,
                         scales, sat_rows)

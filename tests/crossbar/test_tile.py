@@ -36,8 +36,7 @@ def test_dac_kernel_equals_reference_exactly(rng, bits, full_scale):
     x[0, :5] = [0.0, full_scale, -full_scale, 0.5 * step, -1.5 * step]
     out = np.empty(x.shape, np.float32)
     clip_rows = np.empty(64, np.int64)
-    dac_convert(x, out, full_scale, half, False, np.empty(0), np.empty(64),
-                clip_rows, np.empty(64, np.int64))
+    dac_convert(x, out, full_scale, half, False, np.empty(0), clip_rows, np.empty(64, np.int64))
     expected, clipped = quantize_reference(x, full_scale, bits)
     assert np.array_equal(out, expected.astype(np.float32))
     assert clip_rows.sum() == clipped == np.count_nonzero(np.abs(x) > full_scale)

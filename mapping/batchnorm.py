@@ -1,0 +1,44 @@
+"""Folding BatchNorm into the preceding convolution or linear layer (exact in float)."""
+from __future__ import annotations
+
+import copy
+
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) in which every BatchNorm that directly follows
+    a Conv1d/Conv2d/Linear used nowhere else is folded into that layer's weight and
+    bias and replaced by Identity. BatchNorms without such a predecessor stay."""
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as err:  # fx cannot trace data-dependent control flow
+        raise ValueError(f"fold_batchnorm=True needs a model torch.fx can trace: {err}") from None
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _NORMS):
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
+            continue
+        layer, norm = modules[prev.target], modules[node.target]
+        if not isinstance(layer, _FOLDABLE) or not norm.track_running_stats:
+            continue
+        if isinstance(layer, nn.Linear):
+            fused = fuse_linear_bn_eval(layer, norm)
+        else:
+            fused = fuse_conv_bn_eval(layer, norm)
+        _set_module(model, prev.target, fused)
+        _set_module(model, node.target, nn.Identity())
+    return model
+
+
+def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, name = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, module)

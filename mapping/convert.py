@@ -1,0 +1,139 @@
+"""Whole torch models on crossbar tiles."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from crossbar import TileConfig
+from crossbar.tile import SeedLike, as_seed_sequence
+
+from .batchnorm import fold_batchnorm as _fold_batchnorm
+from .config import MappingConfig
+from .layers import AnalogConv2d, AnalogLayer, AnalogLinear
+
+# torch layer type -> analog wrapper; everything else stays digital
+ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d}
+
+
+class AnalogModel(nn.Module):
+    """A converted model: the copy of the original with its matrix layers on tiles.
+
+    ``report`` lists what went where; ``digital_layers`` the layers with parameters that
+    stayed digital."""
+
+    def __init__(self, module: nn.Module, report: list, digital_layers: list) -> None:
+        super().__init__()
+        self.module = module
+        self.report = report
+        self.digital_layers = digital_layers
+        self.time = 0.0
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def analog_layers(self) -> list:
+        return [(name, m) for name, m in self.module.named_modules() if isinstance(m, AnalogLayer)]
+
+    def at(self, t: float) -> "AnalogModel":
+        """Set the inference time (s since programming) of every analog layer."""
+        for _, layer in self.analog_layers():
+            layer.at(t)
+        self.time = float(t)
+        return self
+
+    def calibrate(self, batches: Iterable, seed: int = 0) -> "AnalogModel":
+        """Calibrate DAC/ADC ranges on sample inputs, layer by layer, right after programming.
+
+        ``batches`` yields model inputs (or (input, target) pairs). Float activations are
+        propagated to collect each layer's inputs; each layer then calibrates at t = 0,
+        and the model returns to its current time."""
+        layers = self.analog_layers()
+        for i, (_, layer) in enumerate(layers):
+            layer.begin_calibration(seed + i)
+        seen = 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    self.module(x)
+                    seen += 1
+        except BaseException:
+            for _, layer in layers:
+                layer._calibration = None
+            raise
+        if seen == 0:
+            for _, layer in layers:
+                layer._calibration = None
+            raise ValueError("calibrate(batches): batches yielded nothing")
+        for _, layer in layers:
+            layer.end_calibration()
+        return self
+
+    def counts(self) -> dict:
+        """Per analog layer: clipped weights and inputs, saturated outputs, clamped devices."""
+        return {name: layer.counts() for name, layer in self.analog_layers()}
+
+    def reset_counts(self) -> None:
+        for _, layer in self.analog_layers():
+            layer.reset_counts()
+
+
+def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
+            fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None) -> AnalogModel:
+    """A new module in which every Linear, Conv1d and Conv2d runs on programmed tiles.
+
+    The original model is untouched. Layers that cannot be mapped stay digital and are
+    named in a warning and in ``report``. Each layer's tiles draw from their own
+    sub-stream of ``seed``, so results are reproducible layer by layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model = {type(model).__name__} is invalid: expected a torch.nn.Module")
+    if not isinstance(tile_config, TileConfig):
+        raise ValueError(f"tile_config = {tile_config!r} is invalid: expected a crossbar.TileConfig")
+    if not isinstance(fold_batchnorm, bool):
+        raise ValueError(f"fold_batchnorm = {fold_batchnorm!r} is invalid: expected True or False")
+    mapping = mapping if mapping is not None else MappingConfig()
+    if not isinstance(mapping, MappingConfig):
+        raise ValueError(f"mapping = {mapping!r} is invalid: expected a mapping.MappingConfig")
+    root_seed = as_seed_sequence(seed)
+    module = copy.deepcopy(model).cpu().float().eval()
+    if fold_batchnorm:
+        module = _fold_batchnorm(module)
+    report, digital = [], []
+    targets = [(name, m) for name, m in module.named_modules() if type(m) in ANALOG_LAYERS and name]
+    if type(module) in ANALOG_LAYERS:
+        targets = [("", module)]
+    for index, (name, layer) in enumerate(targets):
+        layer_seed = np.random.SeedSequence(root_seed.entropy, spawn_key=tuple(root_seed.spawn_key) + (index,))
+        label = name or type(layer).__name__
+        analog = ANALOG_LAYERS[type(layer)].from_torch(layer, tile_config, layer_seed, mapping, label)
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, analog)
+        else:
+            module = analog
+        tiles = sum(m.n_tiles for m in analog.matrices)
+        report.append({
+            "layer": label, "type": type(layer).__name__, "where": "analog",
+            "matrix": [len(analog.matrices)] + list(analog.matrices[0].shape),
+            "tiles": tiles, "devices": 2 * sum(m.shape[0] * m.shape[1] for m in analog.matrices),
+            "clipped_weights": sum(m.clipped_weights for m in analog.matrices),
+        })
+    analog_names = {name for name, _ in targets}
+    for name, m in module.named_modules():
+        if isinstance(m, AnalogLayer) or any(name == a or name.startswith(a + ".") for a in analog_names if a):
+            continue
+        own = list(m.parameters(recurse=False))
+        if own:
+            digital.append(name)
+            report.append({"layer": name, "type": type(m).__name__, "where": "digital",
+                           "parameters": sum(p.numel() for p in own)})
+    if digital:
+        warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(digital)}", stacklevel=2)
+    return AnalogModel(module, report, digital)

@@ -1,0 +1,168 @@
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mapping
+from crossbar import presets
+from mapping import AnalogMatrix, MappingConfig, convert
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 70), nn.ReLU(), nn.Linear(70, 10)).eval()
+
+
+def cnn():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, padding_mode="reflect"), nn.ReLU(),
+        nn.Flatten(1, 2),  # (B, 12*8, 8) -> a 1-D signal of 96 channels
+        nn.Conv1d(96, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5),
+    ).eval()
+
+
+def randomise_batchnorm(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("tile", [8, 33, 128, 1024])
+@pytest.mark.parametrize("make,shape", [(mlp, (16, 40)), (cnn, (4, 3, 16, 16))])
+def test_ideal_conversion_matches_float(make, shape, tile):
+    model = randomise_batchnorm(make())
+    x = torch.rand(*shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analog = convert(model, presets.ideal(rows=tile, cols=tile), seed=0)
+    expected = model(x)
+    got = analog(x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_original_untouched_report_and_warning():
+    model = randomise_batchnorm(cnn())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="kept digital.*1"):
+        analog = convert(model, presets.ideal(rows=32, cols=32), seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model[0], nn.Conv2d)
+    where = {r["layer"]: r["where"] for r in analog.report}
+    assert where == {"0": "analog", "3": "analog", "6": "analog", "9": "analog", "1": "digital"}
+    conv3 = next(r for r in analog.report if r["layer"] == "3")
+    assert conv3["matrix"] == [4, 3, 2 * 9] and conv3["tiles"] == 4 and conv3["devices"] == 2 * 12 * 18
+
+
+def test_batchnorm_folding_is_exact_in_float():
+    model = randomise_batchnorm(cnn())
+    x = torch.rand(4, 3, 16, 16)
+    folded = mapping.fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6)
+    analog = convert(model, presets.ideal(rows=64, cols=64), seed=0, fold_batchnorm=True)
+    assert analog.digital_layers == []
+    assert torch.allclose(analog(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_more_row_tiles_mean_more_quantization_error(rng):
+    """Same 8-bit ADC range on every tile: each row tile adds an independent uniform
+    rounding error of step / sqrt(12), so the RMS error is sqrt(row tiles) times that."""
+    w = rng.normal(0, 1, (32, 512))
+    x = rng.uniform(0, 1, (512, 512)).astype(np.float32)
+    exact = x @ w.T
+    scale = 25.0 / np.abs(w).max()
+    full_scale = 1.2 * np.abs(exact).max() * scale  # no tile can saturate
+    errors = []
+    for rows in (512, 128, 32):
+        cfg = presets.ideal(rows=rows, cols=32, adc_bits=8, adc_range_mode="fixed").with_path("adc.range", full_scale)
+        a = AnalogMatrix(w, cfg, seed=0, mapping=MappingConfig(drift_compensation=False))
+        rms = np.sqrt(np.mean((a.matmul(x) - exact) ** 2))
+        expected = np.sqrt(512 / rows) * (full_scale / 127) / np.sqrt(12) / scale
+        assert abs(rms / expected - 1) < 0.15
+        errors.append(rms)
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_noise_off_results_do_not_depend_on_seed(rng):
+    w = rng.normal(0, 1, (20, 70))
+    x = rng.uniform(-1, 1, (30, 70)).astype(np.float32)
+    cfg = presets.ideal(rows=32, cols=16, dac_bits=5, adc_bits=6)
+    ys = [AnalogMatrix(w, cfg, seed=s).calibrate(x).at(1e4).matmul(x) for s in (0, 1)]
+    assert np.array_equal(ys[0], ys[1])
+
+
+def test_drift_compensation_restores_scale(rng):
+    w = rng.normal(0, 1, (64, 128))
+    x = rng.uniform(0, 1, (200, 128)).astype(np.float32)
+    cfg = presets.pcm(rows=64, cols=64, read_noise_1f=False, read_sigma_abs=0.0, prog_noise_scale=0.0)
+    exact = x @ w.T
+    results = {}
+    for comp in (True, False):
+        a = AnalogMatrix(w, cfg, seed=3, mapping=MappingConfig(drift_compensation=comp)).calibrate(x)
+        y = a.at(3.15e7).matmul(x)
+        results[comp] = np.sum(y * exact) / np.sum(exact * exact)  # fitted gain
+    assert results[False] < 0.6          # a year of drift halves the conductances
+    assert abs(results[True] - 1) < 0.1  # compensated
+
+
+def test_save_reload_is_bitwise_equal():
+    model = randomise_batchnorm(cnn())
+    x = torch.rand(8, 3, 16, 16)
+    cfg = presets.pcm(rows=32, cols=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analog = convert(model, cfg, seed=7)
+        analog.calibrate([x[:4], x[4:]])
+        first = analog.at(3600.0)(x)
+        buffer = io.BytesIO()
+        torch.save(analog.state_dict(), buffer)
+        buffer.seek(0)
+        other = convert(model, cfg, seed=99)
+        fresh = convert(model, cfg, seed=99).calibrate([x[:4], x[4:]]).at(3600.0)(x)
+    assert not torch.equal(fresh, first)
+    other.load_state_dict(torch.load(buffer))  # weights_only: the state is tensors and numbers
+    assert torch.equal(other.at(3600.0)(x), first)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = mlp()
+    model[2].weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'2'.*1 NaN"):
+        convert(model, presets.ideal(), seed=0)
+    analog = convert(mlp(), presets.pcm(rows=32, cols=32), seed=0)
+    with pytest.raises(RuntimeError, match="'0'.*calibrate"):
+        analog(torch.rand(2, 40))
+    analog.calibrate([torch.rand(8, 40)])
+    with pytest.raises(ValueError, match=r"'0'.*\(\.\.\., 40\)"):
+        analog(torch.rand(2, 41))
+    with pytest.raises(ValueError, match="nothing"):
+        analog.calibrate([])
+    with pytest.raises(ValueError, match="tile_config"):
+        convert(mlp(), {"rows": 3})
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        convert(mlp(), presets.ideal(), fold_batchnorm="yes")
+    with pytest.raises(ValueError, match="mapping"):
+        convert(mlp(), presets.ideal(), mapping={"scale": "layer"})
+
+
+def test_counts_report_clipping_and_saturation():
+    analog = convert(mlp(), presets.ideal(rows=32, cols=32, adc_bits=4, dac_bits=4), seed=0,
+                     mapping=MappingConfig(clip="std", clip_value=1.0))
+    x = torch.rand(64, 40) * 3  # beyond the fixed DAC range of 1
+    analog.calibrate([torch.rand(64, 40)])
+    analog(x)
+    counts = analog.counts()
+    assert counts["0"]["clipped_weights"] > 0
+    assert counts["0"]["dac_clipped"] > 0
+    assert counts["0"]["dac_converted"] == 64 * 40 * 3  # the 70 outputs span three 32-column tiles
+    assert counts["2"]["adc_converted"] == 64 * 10 * 3  # 70 inputs span three 32-row tiles

@@ -1,19 +1,104 @@
-"""The ``xbarsim`` command line."""
+"""The ``xbarsim`` command line: run, train, version (sweep and plot in eval/sweep_cli)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
+from pathlib import Path
 from typing import Optional, Sequence
 
+_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "y": 31536000.0}
 
-def _version(args: argparse.Namespace) -> int:
-    import crossbar
-    import numba
-    import numpy
-    import torch
 
-    print(f"xbarsim {crossbar.__version__} (numpy {numpy.__version__}, numba {numba.__version__}, "
-          f"torch {torch.__version__})")
+def parse_time(text: str) -> float:
+    """'3600', '1h', '30d', '1y' -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|min|h|d|y)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: expected seconds or a number with s, min, h, d or y (e.g. 1h, 30d)")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def parse_times(text: str) -> tuple:
+    return tuple(parse_time(part) for part in text.split(",") if part.strip())
+
+
+def _add_data_model_options(p: argparse.ArgumentParser) -> None:
+    from .datasets import DATASETS
+    from .models import MODELS
+
+    p.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
+    p.add_argument("--data-dir", help="directory with the MNIST idx or CIFAR pickle files")
+    p.add_argument("--model", default="cnn", choices=MODELS, help="model architecture (default: cnn)")
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
+                   help="the model with batch norm layers (default: without)")
+    p.add_argument("--epochs", type=int, help="training epochs (default depends on the data set)")
+    p.add_argument("--seed", type=int, help="root seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _version(args) -> int:
+    from .results import versions
+
+    v = versions()
+    print(f"xbarsim {v['xbarsim']} (python {v['python']}, numpy {v['numpy']}, numba {v['numba']}, "
+          f"torch {v['torch']})")
+    return 0
+
+
+def _train(args) -> int:
+    from .datasets import load_dataset
+    from .models import build_model
+    from .train import DEFAULT_EPOCHS, accuracy, save_checkpoint, train
+
+    data = load_dataset(args.dataset, args.data_dir)
+    epochs = args.epochs or DEFAULT_EPOCHS[data.name]
+    model = build_model(args.model, data.input_shape, data.num_classes, args.batchnorm)
+    seed = args.seed or 0
+    losses = train(model, data, epochs, seed=seed, progress=not args.no_progress)
+    acc = accuracy(model, data.batches("test"))
+    out = Path(args.out or f"checkpoints/{data.name}-{args.model}-{'bn' if args.batchnorm else 'nobn'}.pt")
+    save_checkpoint(out, model, args.model, args.batchnorm, data, epochs, seed, acc)
+    print(f"trained {args.model} on {data.name} for {epochs} epochs: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+          f"test accuracy {100 * acc:.2f}%\ncheckpoint: {out}")
+    return 0
+
+
+def _run(args) -> int:
+    from .config import RunConfig, load_run_config
+    from .datasets import default_cache_dir, load_dataset
+    from .experiment import run_experiment
+    from .plots import plot_accuracy_vs_time, plot_histograms
+    from .results import table, versions, write_results
+    from .train import load_checkpoint, train_or_load
+
+    start = time.perf_counter()
+    config = load_run_config(args.config) if args.config else RunConfig()
+    for key in ("repeats", "times", "seed"):
+        value = getattr(args, key)
+        if value is not None:  # an option given on the command line wins over --config
+            config = config.with_path(key, value)
+    data = load_dataset(args.dataset, args.data_dir)
+    progress = not args.no_progress
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint, data)
+        checkpoint = Path(args.checkpoint)
+    else:
+        model, meta, checkpoint = train_or_load(data, args.model, args.batchnorm, default_cache_dir(),
+                                                args.epochs, seed=config.seed, progress=progress)
+    results = {"dataset": data.name, "model": meta["model"], "batchnorm": meta["batchnorm"],
+               "checkpoint": str(checkpoint), "seed": config.seed, "fold_batchnorm": args.fold_batchnorm,
+               "config": config.to_dict(), "versions": versions()}
+    results.update(run_experiment(model, data.batches("test"), data.batches("train"), config,
+                                  fold_batchnorm=args.fold_batchnorm, progress=progress))
+    out = Path(args.out)
+    paths = write_results(results, out)
+    plot_accuracy_vs_time(results, out / "accuracy_vs_time.png")
+    plot_histograms(results["histograms"], out / "histograms.png")
+    print(table(results))
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {out / 'accuracy_vs_time.png'}, {out / 'histograms.png'} "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -23,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate deep-learning inference on analog memristive crossbars and "
                     "measure the accuracy lost to device and converter non-idealities.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="accuracy of a network on simulated crossbars over time, against "
+                                   "the ideal model and the additive-noise baseline")
+    _add_data_model_options(p)
+    p.add_argument("--checkpoint", help="a checkpoint from 'xbarsim train' (default: train or load a cached one)")
+    p.add_argument("--config", help="TOML file with any tile, device, DAC, ADC, mapping, baseline setting")
+    p.add_argument("--repeats", type=int, help="Monte Carlo repeats, each a freshly programmed chip (default 10)")
+    p.add_argument("--times", type=parse_times,
+                   help="inference times, comma separated, in s or with a unit (default 1s,1h,1d,30d,1y)")
+    p.add_argument("--fold-batchnorm", action="store_true", help="fold batch norm into the weights before mapping")
+    p.add_argument("--out", default="xbarsim-results", help="output directory (default ./xbarsim-results)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("train", help="train a model and save a checkpoint")
+    _add_data_model_options(p)
+    p.add_argument("--out", help="checkpoint path (default ./checkpoints/DATASET-MODEL-bn|nobn.pt)")
+    p.set_defaults(func=_train)
+
     p = sub.add_parser("version", help="print the versions of xbarsim and its numeric stack")
     p.set_defaults(func=_version)
     return parser
@@ -34,7 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad options, config files, data or checkpoints
+        print(f"xbarsim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xbarsim {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -103,6 +103,11 @@ class AnalogLayer(nn.Module):
                 raise RuntimeError(f"layer {self.layer_name!r} saw no input during calibration")
             m.calibrate(np.concatenate(parts))
 
+    def weight_pairs(self) -> list:
+        """Per group: (intended weights, weights the tiles hold now incl. drift
+        compensation), both (out, in) float64 in the tiles' unrolled order."""
+        return [(self._group_weight(g).double().numpy(), m.weight_read()) for g, m in enumerate(self.matrices)]
+
     def counts(self) -> dict:
         total = {}
         for m in self.matrices:

@@ -109,7 +109,7 @@ def test_variance_method_matches_per_device_sampling(rng, sigma_rel):
 
 def test_uniform_and_general_variance_paths_agree(rng):
     """The row-sum shortcut for uniform read noise is the general product's special case."""
-    cfg = presets.gaussian(rows=32, cols=16, dac_bits=6, adc_bits=None, read_sigma_abs=0.3)
+    cfg = presets.gaussian(rows=32, cols=16, dac_bits=6, adc_bits=None, dac_range_mode="fixed", read_sigma_abs=0.3)
     g_plus, g_minus = random_pair(rng, 32, 16)
     tile = Tile(cfg).program(g_plus, g_minus, seed=4)
     assert tile._var_uniform is not None
@@ -170,7 +170,7 @@ def test_drift_lowers_conductance_and_counts_are_kept():
 
 
 def test_bad_inputs_raise_clear_errors(rng):
-    cfg = presets.pcm(rows=16, cols=8)
+    cfg = presets.pcm(rows=16, cols=8, dac_range_mode="fixed")
     tile = Tile(cfg)
     with pytest.raises(RuntimeError, match="program"):
         tile.mvm(np.zeros((2, 16)))

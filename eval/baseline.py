@@ -1,0 +1,57 @@
+"""The additive-noise baseline (Fagbohungbe and Qian, arXiv 2011.11840, 2205.07372):
+W' = W + sigma xi, independent per weight, fresh per Monte Carlo repeat."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from mapping import ANALOG_LAYERS
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def layer_sigma(weight: torch.Tensor, normalization: str, level: float) -> float:
+    """The noise sigma of one tensor under a normalisation and level (eta or SNR dB)."""
+    w = weight.detach().double()
+    if normalization == "std":
+        return level * w.std().item() if w.numel() > 1 else 0.0
+    if normalization == "max":
+        return level * w.abs().max().item()
+    if normalization == "snr_db":
+        return math.sqrt((w ** 2).mean().item() / 10 ** (level / 10))
+    raise ValueError(f"normalization = {normalization!r} is invalid: expected 'std', 'max' or 'snr_db'")
+
+
+def noised_tensors(model: nn.Module, noise_bias: bool, noise_batchnorm: bool) -> list:
+    """(module name, parameter name) of the tensors the baseline perturbs."""
+    chosen = []
+    for name, m in model.named_modules():
+        if type(m) in ANALOG_LAYERS:
+            chosen.append((name, "weight"))
+            if noise_bias and m.bias is not None:
+                chosen.append((name, "bias"))
+        elif noise_batchnorm and isinstance(m, _NORMS) and m.affine:
+            chosen += [(name, "weight"), (name, "bias")]
+    return chosen
+
+
+def noisy_copy(model: nn.Module, normalization: str, level: float, rng: np.random.Generator,
+               noise_bias: bool = False, noise_batchnorm: bool = False, sigmas: dict = None) -> tuple:
+    """(copy of model with W + sigma xi, {tensor: sigma used}). ``sigmas`` overrides the
+    normalisation with explicit per-tensor sigmas (keys "module.param")."""
+    noisy = copy.deepcopy(model).eval()
+    used = {}
+    modules = dict(noisy.named_modules())
+    for module_name, param in noised_tensors(noisy, noise_bias, noise_batchnorm):
+        tensor = getattr(modules[module_name], param)
+        key = f"{module_name}.{param}" if module_name else param
+        sigma = sigmas[key] if sigmas is not None else layer_sigma(tensor, normalization, level)
+        noise = rng.standard_normal(tuple(tensor.shape)) * sigma
+        with torch.no_grad():
+            tensor.add_(torch.from_numpy(noise).to(tensor.dtype))
+        used[key] = sigma
+    return noisy, used

@@ -1,0 +1,205 @@
+"""Monte Carlo accuracy of a network on simulated crossbars, against the ideal model and
+the additive-noise baseline, with the validation check of PHYSICS.md section 7."""
+from __future__ import annotations
+
+import time as _time
+import warnings
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import mapping
+from crossbar import ADCConfig, DACConfig, DeviceConfig, TileConfig
+
+from .baseline import noised_tensors, noisy_copy
+from .config import BaselineConfig, RunConfig, ValidationConfig
+from .stats import difference_ci, summarize
+from .train import accuracy
+
+# sub-stream tags of the root seed, one per kind of randomness
+_ANALOG, _BASELINE, _VALIDATION_CROSSBAR, _VALIDATION_BASELINE = range(4)
+_HISTOGRAM_SAMPLES = 200_000
+
+
+def _seed(root: int, *tags: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(root, spawn_key=tags)
+
+
+def _materialise(batches: Iterable, limit: int = 0) -> list:
+    """(x, y) batches as a list (a DataLoader is read once), the first ``limit`` samples."""
+    out, seen = [], 0
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("batches must yield (inputs, labels) pairs")
+        x, y = batch[0], batch[1]
+        if limit and seen + len(y) > limit:
+            x, y = x[:limit - seen], y[:limit - seen]
+        out.append((x, y))
+        seen += len(y)
+        if limit and seen >= limit:
+            break
+    if not out:
+        raise ValueError("batches yielded no samples")
+    return out
+
+
+def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool):
+    # layers left digital are recorded in the results rather than warned about per repeat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg)
+
+
+def _effective_eta(analog) -> float:
+    """Mean over layers of std(W_read - W) / std(W): the crossbar's noise in baseline units."""
+    etas = []
+    for _, layer in analog.analog_layers():
+        for w, w_read in layer.weight_pairs():
+            if w.std() > 0:
+                etas.append(float((w_read - w).std() / w.std()))
+    return float(np.mean(etas)) if etas else 0.0
+
+
+def _histograms(analog) -> dict:
+    """Samples of programmed conductances and of relative weight errors, for plots."""
+    g, err = [], []
+    for _, layer in analog.analog_layers():
+        for m in layer.matrices:
+            for tile in m.all_tiles():
+                g.extend(tile.conductances())
+        for w, w_read in layer.weight_pairs():
+            err.append(((w_read - w) / (np.abs(w).max() or 1.0)).ravel())
+    g = np.concatenate([a.ravel() for a in g])
+    err = np.concatenate(err)
+    rng = np.random.default_rng(0)
+    pick = lambda a: a if a.size <= _HISTOGRAM_SAMPLES else rng.choice(a, _HISTOGRAM_SAMPLES, replace=False)
+    return {"conductance_uS": pick(g).tolist(), "weight_error": pick(err).tolist()}
+
+
+def _rates(counts: dict) -> dict:
+    ratio = lambda a, b: counts[a] / counts[b] if counts.get(b) else 0.0
+    return {"dac_clip_rate": ratio("dac_clipped", "dac_converted"),
+            "adc_saturation_rate": ratio("adc_saturated", "adc_converted"),
+            "prog_clamp_rate": ratio("prog_clamped", "devices"),
+            "weight_clip_rate": ratio("clipped_weights", "weights")}
+
+
+def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list, calibration: list,
+                    times, repeats: int, seed: int, fold_batchnorm: bool = False,
+                    progress: bool = True, histograms: bool = False) -> dict:
+    """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
+    the effective eta of the first chip; plus the conversion report."""
+    per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
+    report, digital, hist = None, [], {}
+    bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
+    for r in range(repeats):
+        analog = _convert(model, tile, mapping_cfg, _seed(seed, _ANALOG, r), fold_batchnorm)
+        report, digital = analog.report, analog.digital_layers
+        analog.calibrate([x for x, _ in calibration])
+        for i, t in enumerate(times):
+            analog.at(t)
+            analog.reset_counts()
+            entry = per_time[t]
+            entry["accuracies"].append(accuracy(analog, test))
+            for layer_counts in analog.counts().values():
+                for k, v in layer_counts.items():
+                    entry["counts"][k] = entry["counts"].get(k, 0) + v
+            if r == 0:
+                entry["effective_eta"] = _effective_eta(analog)
+                if histograms and i in (0, len(times) - 1):
+                    hist[t] = _histograms(analog)
+            bar.update(1)
+    bar.close()
+    rows = []
+    for t in times:
+        e = per_time[t]
+        rows.append({"time": t, **summarize(e["accuracies"]), "accuracies": e["accuracies"],
+                     "effective_eta": e["effective_eta"], "counts": e["counts"], **_rates(e["counts"])})
+    return {"rows": rows, "report": report, "digital_layers": digital, "histograms": hist}
+
+
+def evaluate_baseline(model: nn.Module, test: list, cfg: BaselineConfig, repeats: int, seed: int,
+                      progress: bool = True) -> list:
+    """Per noise level: accuracies of ``repeats`` noisy copies of the model."""
+    rows = []
+    bar = tqdm(total=repeats * len(cfg.levels), desc="baseline", unit="eval", disable=not progress, leave=False)
+    for li, level in enumerate(cfg.levels):
+        accs, sigmas = [], None
+        for r in range(repeats):
+            rng = np.random.default_rng(_seed(seed, _BASELINE, li, r))
+            noisy, sigmas = noisy_copy(model, cfg.normalization, level, rng, cfg.noise_bias, cfg.noise_batchnorm)
+            accs.append(accuracy(noisy, test))
+            bar.update(1)
+        rows.append({"sigma": level, "normalization": cfg.normalization, **summarize(accs),
+                     "accuracies": accs, "layer_sigmas": sigmas})
+    bar.close()
+    return rows
+
+
+def validation_tile_config(tile: TileConfig, cfg: ValidationConfig) -> TileConfig:
+    """The crossbar of the check: Gaussian programming noise only, all else ideal."""
+    device = DeviceConfig(model="gaussian", g_min=cfg.g_min, g_max=cfg.g_max, prog_sigma_abs=cfg.prog_sigma_abs)
+    return TileConfig(rows=tile.rows, cols=tile.cols, device=device, dac=DACConfig(), adc=ADCConfig())
+
+
+def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
+    """Per mapped weight tensor: sqrt(2) sigma_abs max|W| / (g_max - g_min) (PHYSICS.md 7)."""
+    dev = tile.device
+    modules = dict(model.named_modules())
+    return {f"{name}.weight" if name else "weight":
+            float(np.sqrt(2) * dev.prog_sigma_abs * modules[name].weight.detach().abs().max().item()
+                  / (dev.g_max - dev.g_min))
+            for name, _ in noised_tensors(model, False, False)}
+
+
+def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,
+                     tile: TileConfig, repeats: int, seed: int, progress: bool = True) -> dict:
+    """Crossbar (``tile``, normally validation_tile_config) against the baseline at the
+    equivalent sigma; passes when the 95% CI of the difference of mean accuracies
+    contains 0 or lies within +-tolerance."""
+    mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
+    crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats,
+                               _seed(seed, _VALIDATION_CROSSBAR).entropy, progress=progress)["rows"][0]
+    sigmas = equivalent_sigmas(model, validation_tile_config(tile, cfg) if tile.device.model != "gaussian" else tile)
+    accs = []
+    for r in range(repeats):
+        rng = np.random.default_rng(_seed(seed, _VALIDATION_BASELINE, r))
+        accs.append(accuracy(noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0], test))
+    baseline = summarize(accs)
+    diff, ci = difference_ci(crossbar["accuracies"], accs)
+    passed = (ci[0] <= 0.0 <= ci[1]) or (-cfg.tolerance <= ci[0] and ci[1] <= cfg.tolerance)
+    return {"passed": bool(passed), "difference": diff, "ci95": ci, "tolerance": cfg.tolerance,
+            "prog_sigma_abs": tile.device.prog_sigma_abs, "equivalent_sigmas": sigmas,
+            "crossbar": {k: crossbar[k] for k in ("accuracy_mean", "accuracy_std", "ci95", "accuracies")},
+            "baseline": {**baseline, "accuracies": accs}}
+
+
+def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches: Iterable,
+                   config: Optional[RunConfig] = None, fold_batchnorm: bool = False,
+                   progress: bool = True, histograms: bool = True) -> dict:
+    """The main job for any model and data: ideal, analog over time, baseline, validation.
+
+    ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders."""
+    config = config or RunConfig()
+    if not isinstance(config, RunConfig):
+        raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
+    start = _time.perf_counter()
+    model = model.cpu().float().eval()
+    test = _materialise(test_batches, config.eval_samples)
+    calibration = _materialise(calibration_batches, config.calibration_samples)
+    results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}
+    analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
+                             config.repeats, config.seed, fold_batchnorm, progress, histograms)
+    results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"])
+    results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress)
+                           if config.baseline.enabled else [])
+    results["validation"] = (validation_check(model, test, calibration, config.validation,
+                                              validation_tile_config(config.tile, config.validation),
+                                              config.repeats, config.seed, progress)
+                             if config.validation.enabled else {"passed": None, "skipped": True})
+    results["histograms"] = analog["histograms"]
+    results["elapsed_s"] = _time.perf_counter() - start
+    return results

@@ -1,0 +1,127 @@
+"""Writing results: results.json (everything), results.csv (one row per model x time x
+kind) and a readable table. Files are written to a temporary name and renamed, so an
+interrupted run never leaves a half-written file."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+from pathlib import Path
+
+CSV_COLUMNS = ["dataset", "model", "batchnorm", "kind", "time_s", "normalization", "level",
+               "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "n",
+               "dac_clip_rate", "adc_saturation_rate", "effective_eta"]
+
+
+def versions() -> dict:
+    import numba
+    import numpy
+    import scipy
+    import torch
+
+    import crossbar
+
+    return {"xbarsim": crossbar.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "numba": numba.__version__, "torch": torch.__version__, "scipy": scipy.__version__}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item"):  # numpy and torch scalars
+        return obj.item()
+    return obj
+
+
+def csv_rows(results: dict) -> list:
+    base = {"dataset": results.get("dataset"), "model": results.get("model"), "batchnorm": results.get("batchnorm")}
+    rows = [{**base, "kind": "ideal", "accuracy_mean": results["ideal_accuracy"], "accuracy_std": 0.0,
+             "ci95_low": results["ideal_accuracy"], "ci95_high": results["ideal_accuracy"], "n": 1}]
+    for a in results["analog"]:
+        rows.append({**base, "kind": "analog", "time_s": a["time"], "accuracy_mean": a["accuracy_mean"],
+                     "accuracy_std": a["accuracy_std"], "ci95_low": a["ci95"][0], "ci95_high": a["ci95"][1],
+                     "n": a["n"], "dac_clip_rate": a["dac_clip_rate"], "adc_saturation_rate": a["adc_saturation_rate"],
+                     "effective_eta": a["effective_eta"]})
+    for b in results["baseline"]:
+        rows.append({**base, "kind": "baseline", "normalization": b["normalization"], "level": b["sigma"],
+                     "accuracy_mean": b["accuracy_mean"], "accuracy_std": b["accuracy_std"],
+                     "ci95_low": b["ci95"][0], "ci95_high": b["ci95"][1], "n": b["n"]})
+    v = results.get("validation", {})
+    for kind in ("crossbar", "baseline"):
+        if kind in v:
+            s = v[kind]
+            rows.append({**base, "kind": f"validation_{kind}", "time_s": 0.0, "accuracy_mean": s["accuracy_mean"],
+                         "accuracy_std": s["accuracy_std"], "ci95_low": s["ci95"][0], "ci95_high": s["ci95"][1],
+                         "n": len(s["accuracies"])})
+    return rows
+
+
+def write_results(results: dict, out_dir) -> dict:
+    """results.json and results.csv under out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _jsonable({k: v for k, v in results.items() if k != "histograms"})
+    atomic_write(out / "results.json", json.dumps(data, indent=2))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in csv_rows(data):
+        writer.writerow(row)
+    atomic_write(out / "results.csv", buffer.getvalue())
+    return {"json": out / "results.json", "csv": out / "results.csv"}
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("y", 31536000), ("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            value = seconds / size
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.3g} {unit}"
+    return f"{seconds:g} s"
+
+
+def table(results: dict) -> str:
+    """The readable summary that ``xbarsim run`` prints."""
+    pct = lambda x: f"{100 * x:6.2f}%"
+    lines = [f"{results.get('dataset')} / {results.get('model')}"
+             f"{' (batch norm)' if results.get('batchnorm') else ''}: ideal accuracy {pct(results['ideal_accuracy'])} "
+             f"on {results['test_samples']} test samples"]
+    if results.get("digital_layers"):
+        lines.append(f"layers kept digital: {', '.join(results['digital_layers'])}")
+    lines.append("")
+    lines.append(f"{'analog, time':<22}{'accuracy':>10}{'  95% CI':>20}{'loss':>9}{'eff. eta':>10}{'DAC clip':>10}{'ADC sat':>9}")
+    for a in results["analog"]:
+        lines.append(f"{format_duration(a['time']):<22}{pct(a['accuracy_mean']):>10}  "
+                     f"[{pct(a['ci95'][0])}, {pct(a['ci95'][1])}]"
+                     f"{pct(results['ideal_accuracy'] - a['accuracy_mean']):>9}{a['effective_eta']:>10.3f}"
+                     f"{100 * a['dac_clip_rate']:>9.3f}%{100 * a['adc_saturation_rate']:>8.3f}%")
+    if results["baseline"]:
+        lines.append("")
+        norm = results["baseline"][0]["normalization"]
+        label = "SNR dB" if norm == "snr_db" else f"eta ({norm})"
+        lines.append(f"{'baseline, ' + label:<22}{'accuracy':>10}{'  95% CI':>20}{'loss':>9}")
+        for b in results["baseline"]:
+            lines.append(f"{b['sigma']:<22g}{pct(b['accuracy_mean']):>10}  [{pct(b['ci95'][0])}, {pct(b['ci95'][1])}]"
+                         f"{pct(results['ideal_accuracy'] - b['accuracy_mean']):>9}")
+    v = results.get("validation", {})
+    if v.get("passed") is not None:
+        lines.append("")
+        lines.append(f"validation (Gaussian crossbar, sigma_abs {v['prog_sigma_abs']:g} uS, vs baseline at the "
+                     f"equivalent sigma): {'PASSED' if v['passed'] else 'FAILED'}")
+        lines.append(f"  crossbar {pct(v['crossbar']['accuracy_mean'])}, baseline {pct(v['baseline']['accuracy_mean'])}, "
+                     f"difference {100 * v['difference']:+.2f} points, 95% CI [{100 * v['ci95'][0]:+.2f}, "
+                     f"{100 * v['ci95'][1]:+.2f}], tolerance +-{100 * v['tolerance']:.2f}")
+    return "\n".join(lines)

@@ -50,7 +50,12 @@ class Config:
             if sub is not None and not isinstance(value, Config):
                 value = sub.from_dict(value, f"{path}.{name}" if path else name)
             kwargs[name] = value
-        return cls(**kwargs)
+        if not path:
+            return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:  # name where in the file the bad value sits
+            raise ValueError(f"{path}: {err}") from None
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

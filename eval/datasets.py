@@ -62,8 +62,8 @@ def _normalised(name, train_x, train_y, test_x, test_y, num_classes) -> Dataset:
     test_x = torch.as_tensor(np.asarray(test_x, dtype=np.float32))
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
     std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return Dataset(name, (train_x - mean) / std, torch.as_tensor(np.asarray(train_y), dtype=torch.int64),
-                   (test_x - mean) / std, torch.as_tensor(np.asarray(test_y), dtype=torch.int64), num_classes)
+    return Dataset(name, (train_x - mean) / std, torch.tensor(np.array(train_y), dtype=torch.int64),
+                   (test_x - mean) / std, torch.tensor(np.array(test_y), dtype=torch.int64), num_classes)
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -8,7 +8,8 @@ from scipy import stats
 
 
 def summarize(values: Sequence[float]) -> dict:
-    """Mean, sample std (ddof=1) and the Student-t 95% CI of the mean of ``values``.
+    """Mean, sample std (ddof=1) and the Student-t 95% CI of the mean of ``values``
+    (accuracies), the CI clipped to [0, 1] where few repeats make it reach past.
 
     One value has no spread to estimate: std is 0 and the CI collapses onto the mean."""
     n = len(values)
@@ -19,7 +20,7 @@ def summarize(values: Sequence[float]) -> dict:
         return {"accuracy_mean": mean, "accuracy_std": 0.0, "ci95": [mean, mean], "n": 1}
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
-    return {"accuracy_mean": mean, "accuracy_std": std, "ci95": [mean - half, mean + half], "n": n}
+    return {"accuracy_mean": mean, "accuracy_std": std, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "n": n}
 
 
 def difference_ci(a: Sequence[float], b: Sequence[float]) -> tuple:

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossbar import TileConfig
+from eval.baseline import noisy_copy
+from eval.config import BaselineConfig, RunConfig, ValidationConfig, run_config_from_dict
+from eval.datasets import load_digits
+from eval.experiment import validation_check, validation_tile_config
+from eval.models import MODELS, build_model
+from eval.stats import difference_ci, summarize
+from eval.train import accuracy, load_checkpoint, save_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(digits):
+    model = build_model("mlp", digits.input_shape, 10, False)
+    train(model, digits, 8, seed=0, progress=False)
+    return model
+
+
+def test_summary_statistics_on_known_values():
+    s = summarize([0.9, 0.8, 0.7, 0.6])
+    assert s["accuracy_mean"] == pytest.approx(0.75)
+    assert s["accuracy_std"] == pytest.approx(np.std([0.9, 0.8, 0.7, 0.6], ddof=1))
+    half = 3.182446305284263 * s["accuracy_std"] / 2  # t(0.975, 3) * s / sqrt(4)
+    assert s["ci95"] == pytest.approx([0.75 - half, 0.75 + half])
+    assert summarize([0.5])["ci95"] == [0.5, 0.5]
+    diff, ci = difference_ci([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    assert diff == 0.5 and ci == [0.5, 0.5]
+
+
+def test_ci_covers_the_true_mean_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    trials = 2000
+    covered = sum(lo <= 0.3 <= hi for lo, hi in
+                  (summarize(list(rng.normal(0.3, 0.05, 5)))["ci95"] for _ in range(trials)))
+    # binomial(2000, 0.95): 5 sigma is 2.4 points
+    assert abs(covered / trials - 0.95) < 5 * np.sqrt(0.95 * 0.05 / trials)
+
+
+def test_training_steps_reduce_the_loss(digits):
+    model = build_model("cnn", digits.input_shape, 10, True)
+    losses = train(model, digits, 3, seed=1, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("normalization,level", [("std", 0.1), ("max", 0.05), ("snr_db", 20.0)])
+def test_baseline_gives_the_requested_sigma(trained_mlp, normalization, level):
+    noisy, sigmas = noisy_copy(trained_mlp, normalization, level, np.random.default_rng(0))
+    for name in ("1", "4", "7"):
+        w = dict(trained_mlp.named_parameters())[f"{name}.weight"].detach().double()
+        delta = (dict(noisy.named_parameters())[f"{name}.weight"].detach().double() - w).numpy().ravel()
+        if normalization == "std":
+            expected = level * w.std().item()
+        elif normalization == "max":
+            expected = level * w.abs().max().item()
+        else:
+            expected = np.sqrt((w ** 2).mean().item() / 10 ** (level / 10))
+        assert sigmas[f"{name}.weight"] == pytest.approx(expected)
+        n = delta.size
+        assert abs(delta.std(ddof=1) / expected - 1) < 5 / np.sqrt(2 * (n - 1))
+        assert abs(delta.mean()) < 5 * expected / np.sqrt(n)
+    for name, p in trained_mlp.named_parameters():
+        if name.endswith("bias"):  # biases untouched unless asked
+            assert torch.equal(p, dict(noisy.named_parameters())[name])
+
+
+def test_baseline_noises_bias_and_batchnorm_only_on_request(digits):
+    model = build_model("mlp", digits.input_shape, 10, True).eval()
+    _, sigmas = noisy_copy(model, "std", 0.1, np.random.default_rng(0))
+    assert all(k.endswith("weight") and k in ("1.weight", "4.weight", "7.weight") for k in sigmas)
+    _, sigmas = noisy_copy(model, "std", 0.1, np.random.default_rng(0), noise_bias=True, noise_batchnorm=True)
+    assert {"1.bias", "2.weight", "2.bias"} <= set(sigmas)
+
+
+def test_validation_passes_for_gaussian_and_fails_with_a_3_bit_adc(digits, trained_mlp):
+    cfg = ValidationConfig()
+    test = digits.batches("test")
+    calibration = digits.batches("train", limit=256)
+    tile = validation_tile_config(TileConfig(rows=64, cols=64), cfg)
+    good = validation_check(trained_mlp, test, calibration, cfg, tile, repeats=6, seed=0, progress=False)
+    assert good["passed"], good
+    coarse = tile.with_path("adc.bits", 3).with_path("adc.range_mode", "calibrated")
+    bad = validation_check(trained_mlp, test, calibration, cfg, coarse, repeats=6, seed=0, progress=False)
+    assert not bad["passed"], bad
+    assert bad["difference"] < -cfg.tolerance
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path, digits, trained_mlp):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, trained_mlp, "mlp", False, digits, 8, 0, 0.9)
+    model, meta = load_checkpoint(path, digits, "mlp", False)
+    assert meta["test_accuracy"] == 0.9
+    x = digits.test_x[:5]
+    assert torch.equal(model(x), trained_mlp(x))
+    with pytest.raises(ValueError, match="holds model 'mlp'"):
+        load_checkpoint(path, digits, "cnn")
+    path.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable xbarsim checkpoint"):
+        load_checkpoint(path)
+
+
+def test_run_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="tile.device: DeviceConfig.drift_scale = -1"):
+        run_config_from_dict({"tile": {"device": {"drift_scale": -1}}}).tile
+    with pytest.raises(ValueError, match="unknown field tile.dac.bitz"):
+        run_config_from_dict({"tile": {"dac": {"bitz": 3}}})
+    with pytest.raises(ValueError, match="BaselineConfig.normalization"):
+        BaselineConfig(normalization="var")
+    with pytest.raises(ValueError, match="RunConfig.repeats"):
+        RunConfig(repeats=0)
+    with pytest.raises(ValueError, match="preset"):
+        run_config_from_dict({"preset": "rram"})

@@ -1,4 +1,4 @@
-"""The ``xbarsim`` command line: run, train, version (sweep and plot in eval/sweep_cli)."""
+"""The ``xbarsim`` command line: run, train, sweep, plot, version."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,34 @@ def _run(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+    from .sweep_plot import plot_sweep
+    from .sweep_spec import load_spec
+
+    spec = load_spec(args.spec)  # every point validated before any work starts
+    print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
+    try:
+        summary = run_sweep(spec, args.out, workers=args.workers, progress=not args.no_progress,
+                            scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout)
+    except KeyboardInterrupt:
+        print(f"xbarsim sweep: interrupted; finished points are in {args.out}/results.csv. "
+              f"Run the same command again to complete the rest.", file=sys.stderr)
+        return 130
+    print(f"{summary['evaluated']} points evaluated, {summary['already_done']} already done: {args.out}/results.csv")
+    for path in plot_sweep(args.out):
+        print(f"plot: {path}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .sweep_plot import plot_sweep
+
+    for path in plot_sweep(args.dir):
+        print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xbarsim",
@@ -125,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_model_options(p)
     p.add_argument("--out", help="checkpoint path (default ./checkpoints/DATASET-MODEL-bn|nobn.pt)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="evaluate a grid of configurations (resumable), then plot it")
+    p.add_argument("spec", help="sweep specification, TOML (see eval/sweep_spec.py)")
+    p.add_argument("--out", required=True, help="results directory; rerunning resumes it")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:8786), or 'local' for a local "
+                                       "Dask cluster of --workers processes; needs the 'distributed' extra")
+    p.add_argument("--scheduler-timeout", type=float, default=10.0,
+                   help="seconds to wait for the Dask scheduler (default 10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("plot", help="plot a sweep directory's results.csv")
+    p.add_argument("dir", help="a directory written by 'xbarsim sweep'")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("version", help="print the versions of xbarsim and its numeric stack")
     p.set_defaults(func=_version)

@@ -19,8 +19,12 @@ class MappingConfig(Config):
         clip_value: k for ``std`` (> 0) or the percentile for ``percentile`` (0, 100].
         drift_compensation: scale each layer's output by r0 / r(t), the mean |output| for
             a fixed calibration input right after programming and at time t.
-        compensation_input: that input: ``"one_hot"`` (each input line alone at full
-            scale, as aihwkit's GlobalDriftCompensation) or ``"ones"`` (all lines at once).
+        compensation_input: that input: ``"calibration"`` (the first 128 calibration
+            input vectors, kept from ``calibrate``; one-hot until calibration has run),
+            ``"one_hot"`` (each input line alone at full scale, as aihwkit's
+            GlobalDriftCompensation) or ``"ones"`` (all lines at once). One-hot reads a
+            single device pair per column, which a coarse ADC calibrated for real sums
+            rounds towards zero (alpha then overcompensates), hence the default.
         calibration_rows: input vectors per layer kept for DAC/ADC range calibration
             (a seeded random subset of what calibration batches provide), >= 16.
         max_rows_per_chunk: input vectors per tiled product; bounds memory for unrolled
@@ -31,7 +35,7 @@ class MappingConfig(Config):
     clip: str = "max"
     clip_value: float = 3.0
     drift_compensation: bool = True
-    compensation_input: str = "one_hot"
+    compensation_input: str = "calibration"
     calibration_rows: int = 4096
     max_rows_per_chunk: int = 8192
 
@@ -42,6 +46,6 @@ class MappingConfig(Config):
         hi = 100.0 if self.clip == "percentile" else 1e6
         check_number(o, "clip_value", self.clip_value, 0.0, hi, lo_open=True)
         check_bool(o, "drift_compensation", self.drift_compensation)
-        check_choice(o, "compensation_input", self.compensation_input, ("one_hot", "ones"))
+        check_choice(o, "compensation_input", self.compensation_input, ("calibration", "one_hot", "ones"))
         check_int(o, "calibration_rows", self.calibration_rows, 16, 10 ** 8)
         check_int(o, "max_rows_per_chunk", self.max_rows_per_chunk, 1, 10 ** 9)

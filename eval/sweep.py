@@ -1,0 +1,219 @@
+"""Running sweeps: each point's row is appended to DIR/results.csv and fsynced as soon as
+the point finishes, so an interruption loses at most the points in flight; running the
+same command again skips finished points. Results do not depend on the number of
+workers: each point's seed comes from the spec's seed and the point."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tqdm import tqdm
+
+from .datasets import Dataset, default_cache_dir, load_dataset
+from .experiment import evaluate_analog, evaluate_baseline
+from .results import atomic_write
+from .sweep_spec import POINT_FIELDS, SpecError, SweepSpec
+from .train import accuracy, load_checkpoint, train_or_load
+
+METRICS = ["ideal_accuracy", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "n",
+           "dac_clip_rate", "adc_saturation_rate", "weight_clip_rate", "prog_clamp_rate", "effective_eta",
+           "baseline_level", "baseline_accuracy_mean", "baseline_ci95_low", "baseline_ci95_high"]
+
+
+def columns(spec: SweepSpec) -> list:
+    context = [f for f in POINT_FIELDS if f not in spec.swept]
+    return ["point", *spec.swept, *context, *METRICS, "seed", "elapsed_s", "point_key"]
+
+
+@dataclass
+class SweepContext:
+    """What every point needs: the data and the trained models with their ideal accuracy."""
+    data: Dataset
+    models: dict      # (name, batchnorm) -> nn.Module
+    ideal: dict       # (name, batchnorm) -> accuracy
+
+
+def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool) -> dict:
+    """Train (or load from the cache) every model the sweep needs, once, before any point:
+    (name, batchnorm) -> checkpoint path."""
+    data = load_dataset(spec.dataset, spec.data_dir)
+    paths = {}
+    for name, bn in spec.models():
+        *_, path = train_or_load(data, name, bn, cache_dir, spec.epochs, seed=spec.seed, progress=progress)
+        paths[(name, bn)] = str(path)
+    return paths
+
+
+def load_context(spec: SweepSpec, checkpoints: dict) -> SweepContext:
+    data = load_dataset(spec.dataset, spec.data_dir)
+    models, ideal = {}, {}
+    test = data.batches("test", limit=spec.eval_samples or None)
+    for key, path in checkpoints.items():
+        models[key], _ = load_checkpoint(path)
+        ideal[key] = accuracy(models[key], test)
+    return SweepContext(data, models, ideal)
+
+
+def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) -> dict:
+    """One point: Monte Carlo analog accuracy at its time (and the baseline when asked)."""
+    start = time.perf_counter()
+    cfg = spec.point_config(point)
+    key = (spec.setting(point, "model"), bool(spec.setting(point, "batchnorm")))
+    model, seed = ctx.models[key], spec.point_seed(point)
+    test = ctx.data.batches("test", limit=spec.eval_samples or None)
+    calibration = ctx.data.batches("train", limit=cfg.calibration_samples)
+    a = evaluate_analog(model, cfg.tile, cfg.mapping, test, calibration, cfg.times, cfg.repeats, seed,
+                        spec.fold_batchnorm, progress=False)["rows"][0]
+    row = {"point": index, **{p: point[p] for p in spec.swept if p in point},
+           **{f: spec.setting(point, f) for f in POINT_FIELDS if f not in spec.swept},
+           "ideal_accuracy": ctx.ideal[key], "accuracy_mean": a["accuracy_mean"], "accuracy_std": a["accuracy_std"],
+           "ci95_low": a["ci95"][0], "ci95_high": a["ci95"][1], "n": a["n"],
+           "dac_clip_rate": a["dac_clip_rate"], "adc_saturation_rate": a["adc_saturation_rate"],
+           "weight_clip_rate": a["weight_clip_rate"], "prog_clamp_rate": a["prog_clamp_rate"],
+           "effective_eta": a["effective_eta"], "seed": seed, "point_key": spec.point_key(point)}
+    if spec.baseline or any(p.startswith("baseline.") for p in point):
+        b = evaluate_baseline(model, test, cfg.baseline.replace(eta=cfg.baseline.levels[:1])
+                              if cfg.baseline.normalization != "snr_db" else cfg.baseline.replace(snr_db=cfg.baseline.levels[:1]),
+                              cfg.repeats, seed, progress=False)[0]
+        row.update(baseline_level=b["sigma"], baseline_accuracy_mean=b["accuracy_mean"],
+                   baseline_ci95_low=b["ci95"][0], baseline_ci95_high=b["ci95"][1])
+    row["elapsed_s"] = time.perf_counter() - start
+    return row
+
+
+# -- durable storage ----------------------------------------------------------------------------
+class ResultsFile:
+    """DIR/results.csv, appended one fsynced row at a time, and DIR/spec.json."""
+
+    def __init__(self, out_dir, spec: SweepSpec) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.csv"
+        self.columns = columns(spec)
+        spec_path = self.dir / "spec.json"
+        if spec_path.exists():
+            if json.loads(spec_path.read_text()) != json.loads(spec.canonical):
+                raise SpecError(f"{self.dir} holds results of a different sweep spec (see {spec_path}); "
+                                f"use another --out directory or remove {self.dir}")
+        else:
+            atomic_write(spec_path, json.dumps(json.loads(spec.canonical), indent=2))
+        self.done = self._read_done(spec)
+
+    def _read_done(self, spec: SweepSpec) -> dict:
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+                f.flush()
+                os.fsync(f.fileno())
+            return {}
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):  # a row cut short by a crash: drop it
+            text = text[:text.rfind("\n") + 1]
+            atomic_write(self.path, text)
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames != self.columns:
+            raise SpecError(f"{self.path}: columns differ from this spec's; use another --out directory")
+        valid = {spec.point_key(p) for p in spec.points}
+        done = {}
+        for row in reader:
+            if row["point_key"] in valid:
+                done[row["point_key"]] = row
+        return done
+
+    def append(self, row: dict) -> None:
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="raise").writerow(
+            {c: row.get(c, "") for c in self.columns})
+        with open(self.path, "a", newline="") as f:
+            f.write(buffer.getvalue())  # one write of the whole line
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[row["point_key"]] = row
+
+    def sort(self) -> None:
+        """Rewrite the finished file in point order (atomically)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        rows.sort(key=lambda r: int(r["point"]))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, buffer.getvalue())
+
+
+# -- execution ---------------------------------------------------------------------------------
+_WORKER_CONTEXT: Optional[SweepContext] = None  # per worker process, loaded once by the initializer
+
+
+def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int) -> None:
+    global _WORKER_CONTEXT
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)  # workers share the cores: no oversubscription
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    _WORKER_CONTEXT = load_context(spec, checkpoints)
+
+
+def _worker_point(spec: SweepSpec, index: int, point: dict) -> dict:
+    return evaluate_point(_WORKER_CONTEXT, spec, index, point)
+
+
+def _run_local(spec, todo, checkpoints, workers) -> Iterator[dict]:
+    if workers == 1:
+        ctx = load_context(spec, checkpoints)
+        for index, point in todo:
+            yield evaluate_point(ctx, spec, index, point)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: forking a process that already runs OpenMP/TBB thread pools can hang
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(spec, checkpoints, threads)) as pool:
+        pending = {pool.submit(_worker_point, spec, i, p) for i, p in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield future.result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True, cache_dir=None,
+              scheduler: Optional[str] = None, scheduler_timeout: float = 10.0) -> dict:
+    """Evaluate every point not yet in DIR/results.csv; returns counts of points."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
+    store = ResultsFile(out_dir, spec)
+    todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
+    summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
+    if todo:
+        checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress)
+        if scheduler is None:
+            rows = _run_local(spec, todo, checkpoints, workers)
+        else:
+            from .distributed import run_on_dask
+
+            rows = run_on_dask(spec, todo, checkpoints, scheduler, workers, scheduler_timeout)
+        bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
+                   disable=not progress)
+        try:
+            for row in rows:
+                store.append(row)
+                summary["evaluated"] += 1
+                bar.update(1)
+        finally:
+            bar.close()
+    store.sort()
+    return summary

@@ -1,0 +1,151 @@
+import csv
+import shutil
+
+import matplotlib.image as mpimg
+import pytest
+
+import eval.sweep as sweep_module
+from eval.cli import main
+from eval.sweep import run_sweep
+from eval.sweep_plot import plot_sweep
+from eval.sweep_spec import SpecError, load_spec, parse_spec
+
+SPEC = '''
+dataset = "digits"
+model = "mlp"
+repeats = 2
+seed = 0
+epochs = 3
+eval_samples = 120
+[base]
+preset = "pcm"
+[grid]
+"tile.rows" = [64, 128]
+"tile.adc.bits" = [4, 8]
+"time" = [86400]
+'''
+
+
+@pytest.fixture
+def spec_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    return path
+
+
+def rows_of(directory):
+    with open(directory / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # elapsed time is the only column that may differ between runs
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def test_small_spec_runs_and_resumes_after_injected_failure(spec_file, tmp_path, monkeypatch):
+    spec = load_spec(str(spec_file))
+    assert len(spec.points) == 4
+    reference = tmp_path / "uninterrupted"
+    run_sweep(spec, reference, progress=False, cache_dir=tmp_path / "cache")
+    expected = rows_of(reference)
+    assert len(expected) == 4 and {r["tile.rows"] for r in expected} == {"64", "128"}
+    assert all(0 <= float(r["ci95_low"]) <= float(r["accuracy_mean"]) <= float(r["ci95_high"]) <= 1 for r in expected)
+
+    out = tmp_path / "interrupted"
+    real = sweep_module.evaluate_point
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_point", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_sweep(spec, out, progress=False, cache_dir=tmp_path / "cache")
+    assert len(rows_of(out)) == 2  # the finished points survived
+    # a crash in the middle of writing a row leaves a partial line: it is dropped
+    with open(out / "results.csv", "a") as f:
+        f.write("2,128,4,86400,ml")
+    monkeypatch.setattr(sweep_module, "evaluate_point", real)
+    summary = run_sweep(spec, out, progress=False, cache_dir=tmp_path / "cache")
+    assert summary == {"points": 4, "already_done": 2, "evaluated": 2}
+    assert rows_of(out) == expected  # exactly the uninterrupted rows, none twice
+
+
+def test_two_workers_give_the_same_rows(spec_file, tmp_path):
+    spec = load_spec(str(spec_file))
+    run_sweep(spec, tmp_path / "one", workers=1, progress=False, cache_dir=tmp_path / "cache")
+    run_sweep(spec, tmp_path / "two", workers=2, progress=False, cache_dir=tmp_path / "cache")
+    assert rows_of(tmp_path / "one") == rows_of(tmp_path / "two")
+
+
+def test_changed_spec_is_refused(spec_file, tmp_path):
+    out = tmp_path / "out"
+    spec = load_spec(str(spec_file))
+    run_sweep(spec, out, progress=False, cache_dir=tmp_path / "cache")
+    changed = parse_spec({**{"dataset": "digits", "model": "mlp", "repeats": 3, "epochs": 3},
+                          "grid": {"tile.rows": [64]}})
+    with pytest.raises(SpecError, match="different sweep spec"):
+        run_sweep(changed, out, progress=False, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"grid": {"tile.rowz": [64]}}, "unknown field path 'tile.rowz'"),
+    ({"grid": {"tile.adc.bits": []}}, "grid 'tile.adc.bits'.*non-empty list"),
+    ({"grid": {"tile.adc.bits": [0]}}, "tile.adc.bits = 0"),
+    ({"grid": {"model": ["alexnet"]}}, "model = 'alexnet' is unknown"),
+    ({"grid": {"temperature": [300]}}, "unknown field path 'temperature'"),
+    ({"repeats": 0, "grid": {"time": [1]}}, "repeats = 0"),
+    ({"points": [{"tile.rows": 64}], "colour": "red"}, "unknown key 'colour'"),
+    ({}, "nothing to sweep"),
+    ({"base": {"tile": {"adc": {"bits": 99}}}, "grid": {"time": [1]}}, r"\[base\].*ADCConfig.bits = 99"),
+])
+def test_spec_errors_before_any_work(data, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data)
+
+
+def test_explicit_points_and_paths():
+    spec = parse_spec({"grid": {"time": [1, 3600]}, "points": [{"tile.device.prog_noise_scale": 2.0, "model": "mlp"}],
+                       "baseline": True})
+    assert len(spec.points) == 3
+    assert spec.swept == ("time", "tile.device.prog_noise_scale", "model")
+    cfg = spec.point_config(spec.points[2])
+    assert cfg.tile.device.prog_noise_scale == 2.0 and cfg.times == (86400.0,)
+    # a time series follows the same chips: the seed ignores the time
+    assert spec.point_seed(spec.points[0]) == spec.point_seed(spec.points[1]) != spec.point_seed(spec.points[2])
+    assert parse_spec({"grid": {"baseline.eta": [0.1]}}).point_config({"baseline.eta": 0.1}).baseline.eta == (0.1,)
+
+
+def test_cli_sweep_and_plot(spec_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["sweep", str(spec_file), "--out", str(out), "--no-progress"]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"accuracy_vs_tile.rows.png", "loss_tile.adc.bits_vs_tile.rows.png"}
+    for p in pngs:
+        p.unlink()
+    assert main(["plot", str(out)]) == 0
+    for p in sorted(out.glob("*.png")):
+        image = mpimg.imread(p)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\n"tile.adc.bitz" = [3]\n')
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "tile.adc.bitz" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing started
+
+
+def test_plot_three_fields(tmp_path):
+    rows = []
+    for i, (a, b, c) in enumerate([(a, b, c) for a in (64, 128) for b in (4, 8) for c in ("mlp", "cnn")]):
+        rows.append({"point": i, "tile.rows": a, "tile.adc.bits": b, "model": c, "ideal_accuracy": 0.98,
+                     "accuracy_mean": 0.9 + 0.01 * i, "ci95_low": 0.88, "ci95_high": 0.99})
+    (tmp_path / "spec.json").write_text('{"points": [{"tile.rows": 64, "tile.adc.bits": 4, "model": "mlp"}]}')
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    written = plot_sweep(tmp_path)
+    assert len(written) == 2
+    assert all(mpimg.imread(p).shape[1] > 800 for p in written)  # two panels, split by model

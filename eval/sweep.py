@@ -198,22 +198,31 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
-    if todo:
+    if not todo:
+        store.sort()
+        return summary
+    runner = None
+    if scheduler is not None:
+        from .distributed import DaskRunner
+
+        runner = DaskRunner(scheduler, workers, scheduler_timeout)  # fails fast, before any training
+    bar = None
+    try:
         checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress)
-        if scheduler is None:
+        if runner is None:
             rows = _run_local(spec, todo, checkpoints, workers)
         else:
-            from .distributed import run_on_dask
-
-            rows = run_on_dask(spec, todo, checkpoints, scheduler, workers, scheduler_timeout)
+            rows = runner.rows(load_context(spec, checkpoints), spec, todo)
         bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
                    disable=not progress)
-        try:
-            for row in rows:
-                store.append(row)
-                summary["evaluated"] += 1
-                bar.update(1)
-        finally:
+        for row in rows:
+            store.append(row)
+            summary["evaluated"] += 1
+            bar.update(1)
+    finally:
+        if bar is not None:
             bar.close()
+        if runner is not None:
+            runner.close()
     store.sort()
     return summary

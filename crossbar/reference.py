@@ -64,9 +64,5 @@ class ReferenceTile(Tile):
             y = xq @ (g_plus - g_minus)
         y, saturated = quantize_reference(y, r_out if r_out is not None else 1.0, cfg.adc.bits)
         y = y * scales[:, None]
-        c = self.counts
-        c.dac_converted += x.size
-        c.dac_clipped += clipped
-        c.adc_converted += y.size
-        c.adc_saturated += saturated
+        self.counts.record(x.size, clipped, y.size, saturated)
         return y

@@ -53,6 +53,13 @@ class TileCounts:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, inputs: int, clipped: int, outputs: int, saturated: int) -> None:
+        """Add one read's conversions."""
+        self.dac_converted += inputs
+        self.dac_clipped += clipped
+        self.adc_converted += outputs
+        self.adc_saturated += saturated
+
 
 def as_seed_sequence(seed: SeedLike) -> np.random.SeedSequence:
     if isinstance(seed, np.random.SeedSequence):
@@ -206,13 +213,8 @@ class Tile:
         y, clipped, saturated = self._forward(x, self._read_key, self._read_offset, self._adc_half,
                                               1.0 if r_out is None else r_out)
         self._read_offset += y.size
-        if not count:
-            return y
-        c = self.counts
-        c.dac_converted += x.size
-        c.dac_clipped += clipped
-        c.adc_converted += y.size
-        c.adc_saturated += saturated
+        if count:
+            self.counts.record(x.size, clipped, y.size, saturated)
         return y
 
     def _forward(self, x: np.ndarray, key: int, offset: int, adc_half: int, adc_range: float):

@@ -173,14 +173,19 @@ def _merge(base: dict, overrides: dict, path: str) -> dict:
     return out
 
 
-def load_run_config(path: str) -> RunConfig:
+def read_toml(path: str, label: str, error: type = ValueError) -> dict:
+    """A TOML file as a dict; unreadable or invalid files raise ``error`` naming ``label``."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as err:
-        raise ValueError(f"--config {path}: cannot read: {err}") from None
+        raise error(f"{label}: cannot read: {err}") from None
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"--config {path}: not valid TOML: {err}") from None
+        raise error(f"{label}: not valid TOML: {err}") from None
+
+
+def load_run_config(path: str) -> RunConfig:
+    data = read_toml(path, f"--config {path}")
     try:
         return run_config_from_dict(data)
     except ValueError as err:

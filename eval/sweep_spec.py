@@ -23,18 +23,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import RunConfig, run_config_from_dict
+from .config import RunConfig, read_toml, run_config_from_dict
 from .datasets import DATASETS
 from .models import MODELS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 TOP_LEVEL = {"dataset", "data_dir", "model", "batchnorm", "repeats", "seed", "time", "baseline", "epochs",
              "eval_samples", "fold_batchnorm", "base", "grid", "points"}
@@ -183,11 +177,4 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
 
 
 def load_spec(path: str) -> SweepSpec:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read: {err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{path}: not valid TOML: {err}") from None
-    return parse_spec(data, source=str(path))
+    return parse_spec(read_toml(path, str(path), SpecError), source=str(path))

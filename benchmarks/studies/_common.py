@@ -1,0 +1,42 @@
+"""Shared plumbing of the studies: options, data, cached models, output files."""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from eval.datasets import default_cache_dir, load_dataset
+from eval.train import train_or_load
+
+
+def parser(description: str, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "cifar100"])
+    p.add_argument("--data-dir", help="MNIST idx or CIFAR pickle directory")
+    p.add_argument("--repeats", type=int, default=5, help="Monte Carlo repeats per point (default 5)")
+    p.add_argument("--epochs", type=int, help="training epochs (default depends on the data set)")
+    p.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first n test samples (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    return p
+
+
+def data_and_models(args, pairs):
+    """The data set and {(model, batchnorm): trained model}, trained once and cached."""
+    data = load_dataset(args.dataset, args.data_dir)
+    models = {}
+    for name, bn in pairs:
+        models[(name, bn)], _, _ = train_or_load(data, name, bn, default_cache_dir(), args.epochs, seed=args.seed)
+    return data, models
+
+
+def write_csv(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def loss_points(ideal: float, accuracy: float) -> float:
+    return 100.0 * (ideal - accuracy)

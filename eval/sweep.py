@@ -195,6 +195,8 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     """Evaluate every point not yet in DIR/results.csv; returns counts of points."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
+    if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
+        raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}

@@ -53,7 +53,7 @@ def _train(args) -> int:
     from .train import DEFAULT_EPOCHS, accuracy, save_checkpoint, train
 
     data = load_dataset(args.dataset, args.data_dir)
-    epochs = args.epochs or DEFAULT_EPOCHS[data.name]
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[data.name]
     model = build_model(args.model, data.input_shape, data.num_classes, args.batchnorm)
     seed = args.seed or 0
     losses = train(model, data, epochs, seed=seed, progress=not args.no_progress)

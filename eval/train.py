@@ -19,7 +19,7 @@ DEFAULT_EPOCHS = {"digits": 40, "mnist": 3, "cifar10": 15, "cifar100": 15}
 def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float = 2e-3,
           batch_size: int = 64, progress: bool = True) -> list:
     """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch."""
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs = {epochs!r} is invalid: expected an integer >= 1")
     torch.manual_seed(seed)
     order_rng = torch.Generator().manual_seed(seed)
@@ -101,7 +101,9 @@ def load_checkpoint(path, data: Optional[Dataset] = None, model_name: Optional[s
 def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Path, epochs: Optional[int] = None,
                   seed: int = 0, progress: bool = True) -> tuple:
     """The cached checkpoint for (data, model, batchnorm, epochs, seed), trained if missing."""
-    epochs = epochs or DEFAULT_EPOCHS[data.name]
+    epochs = epochs if epochs is not None else DEFAULT_EPOCHS[data.name]
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs = {epochs!r} is invalid: expected an integer >= 1")
     path = Path(cache_dir) / "checkpoints" / f"{data.name}-{model_name}-{'bn' if batchnorm else 'nobn'}-e{epochs}-s{seed}.pt"
     if path.is_file():
         return load_checkpoint(path, data, model_name, batchnorm) + (path,)

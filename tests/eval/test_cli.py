@@ -60,6 +60,9 @@ def test_errors_name_the_option_or_key(cache, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--times", "1 fortnight"])
     assert "invalid time" in capsys.readouterr().err
+    for command in (["train", "--epochs", "0"], ["run", "--epochs", "0", "--out", str(cache / "x")]):
+        assert main(command + ["--no-progress"]) == 2
+        assert "epochs = 0" in capsys.readouterr().err
     assert parse_time("30d") == 30 * 86400 and parse_time("1y") == 31536000
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import int64, njit, prange, uint64
+from numba import njit, prange, uint64
 
-from .rng import FN, KN, WN, _normal_rejected, counter_hash
+from .rng import counter_hash, normal_rejected, ziggurat_fast
 
 IDEAL = -1
 
@@ -31,7 +31,8 @@ def levels_per_side(bits):
     return (1 << (bits - 1)) - 1
 
 
-def steps(full_scale: float, half: int) -> tuple:
+@njit(cache=True)
+def steps(full_scale, half):
     """(step, inv_step) of a converter, float64, computed the same way everywhere."""
     if half <= 0:
         return float(full_scale), 1.0
@@ -59,9 +60,7 @@ def dac_convert(x, out, full_scale, half, per_vector, scales, clip_rows, bad_row
     parallel reduction deterministic. Each loop is kept simple enough to vectorize.
     """
     batch, rows = x.shape
-    step, inv_step = full_scale, 1.0
-    if half > 0:
-        step, inv_step = full_scale / half, half / full_scale
+    step, inv_step = steps(full_scale, half)
     for i in prange(batch):
         bad = 0
         for j in range(rows):
@@ -114,29 +113,24 @@ def readout_convert(y, var, var_rows, key, offset, full_scale, half, scales, sat
     by_element = var.shape[0] > 0
     noisy = by_element or var_rows.shape[0] > 0
     rescale = scales.shape[0] > 0
-    step, inv_step = full_scale, 1.0
-    if half > 0:
-        step, inv_step = full_scale / half, half / full_scale
+    step, inv_step = steps(full_scale, half)
     n_chunks = (batch + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for chunk in prange(n_chunks):
         z = np.empty(cols)
         for i in range(chunk * _ROWS_PER_CHUNK, min(batch, (chunk + 1) * _ROWS_PER_CHUNK)):
             if noisy:
-                # the ziggurat's fast path everywhere (NaN marks a rejection), then the
-                # rare rejections; the same numbers as rng.normal_from_hash
+                # rng.normal_from_hash split in two passes so that the first vectorizes:
+                # the fast path everywhere (NaN marks a rejection), then the rare rejections
                 base = uint64(offset) + uint64(i) * uint64(cols)
                 rejected = 0
                 for j in range(cols):
-                    h = counter_hash(key, base + uint64(j))
-                    hz = int64(np.int32(np.uint32(h >> uint64(32))))
-                    iz = int64(h & uint64(127))
-                    ok = abs(hz) < KN[iz]
-                    z[j] = hz * WN[iz] if ok else np.nan
-                    rejected += not ok
+                    x, accepted = ziggurat_fast(counter_hash(key, base + uint64(j)))
+                    z[j] = x if accepted else np.nan
+                    rejected += not accepted
                 if rejected:
                     for j in range(cols):
                         if np.isnan(z[j]):
-                            z[j] = _normal_rejected(counter_hash(key, base + uint64(j)), KN, WN, FN)
+                            z[j] = normal_rejected(counter_hash(key, base + uint64(j)))
                 if by_element:
                     for j in range(cols):
                         z[j] = y[i, j] + math.sqrt(var[i, j]) * z[j]

@@ -66,17 +66,26 @@ def _uniform(h):
     return ((h >> uint64(11)) + uint64(1)) * (1.0 / 9007199254740992.0)
 
 
+@njit(inline="always", cache=True)
+def ziggurat_fast(h):
+    """The ziggurat's fast path (about 99% of draws) on 64 random bits: (value, accepted).
+    Bits 32-63 give the value, bits 0-6 the layer, so the two are independent."""
+    hz = int64(np.int32(np.uint32(h >> uint64(32))))
+    iz = int64(h & uint64(127))
+    return hz * WN[iz], abs(hz) < KN[iz]
+
+
 @njit(cache=True)
-def _normal_rejected(h, kn, wn, fn):
-    """The ziggurat's slow path: wedges and the tail (about 1% of draws)."""
+def normal_rejected(h):
+    """The ziggurat's slow path, for bits the fast path rejected: wedges and the tail."""
     k = uint64(1)
     while True:
-        hz = int64(np.int32(np.uint32(h >> uint64(32))))
+        x, accepted = ziggurat_fast(h)
+        if accepted:
+            return x
         iz = int64(h & uint64(127))
-        if abs(hz) < kn[iz]:
-            return hz * wn[iz]
-        x = hz * wn[iz]
         if iz == 0:
+            hz = int64(np.int32(np.uint32(h >> uint64(32))))
             while True:
                 xx = -math.log(_uniform(mix64(h + k))) / ZIGGURAT_R
                 yy = -math.log(_uniform(mix64(h + k + uint64(1))))
@@ -84,21 +93,17 @@ def _normal_rejected(h, kn, wn, fn):
                 if yy + yy >= xx * xx:
                     break
             return ZIGGURAT_R + xx if hz > 0 else -ZIGGURAT_R - xx
-        if fn[iz] + _uniform(mix64(h + k)) * (fn[iz - 1] - fn[iz]) < math.exp(-0.5 * x * x):
+        if FN[iz] + _uniform(mix64(h + k)) * (FN[iz - 1] - FN[iz]) < math.exp(-0.5 * x * x):
             return x
         h = mix64(h + k + uint64(1))
         k += uint64(2)
 
 
 @njit(inline="always", cache=True)
-def normal_from_hash(h, kn, wn, fn):
-    """A standard normal from 64 random bits (further bits derived if rejected).
-    ``kernels.readout_convert`` inlines the same fast path in two passes; keep them equal."""
-    hz = int64(np.int32(np.uint32(h >> uint64(32))))
-    iz = int64(h & uint64(127))
-    if abs(hz) < kn[iz]:
-        return hz * wn[iz]
-    return _normal_rejected(h, kn, wn, fn)
+def normal_from_hash(h):
+    """A standard normal from 64 random bits (further bits derived if rejected)."""
+    x, accepted = ziggurat_fast(h)
+    return x if accepted else normal_rejected(h)
 
 
 @njit(cache=True)
@@ -106,7 +111,7 @@ def counter_normals(key, offset, n):
     """Normals number offset .. offset + n - 1 of stream ``key`` (for tests and tools)."""
     out = np.empty(n)
     for i in range(n):
-        out[i] = normal_from_hash(counter_hash(key, uint64(offset) + uint64(i)), KN, WN, FN)
+        out[i] = normal_from_hash(counter_hash(key, uint64(offset) + uint64(i)))
     return out
 
 

@@ -77,6 +77,11 @@ class BaselineConfig(Config):
     def levels(self) -> tuple:
         return self.snr_db if self.normalization == "snr_db" else self.eta
 
+    def first_level(self) -> "BaselineConfig":
+        """This baseline at its first noise level only (one level per sweep point)."""
+        field = "snr_db" if self.normalization == "snr_db" else "eta"
+        return self.replace(**{field: self.levels[:1]})
+
 
 @dataclass(frozen=True)
 class ValidationConfig(Config):

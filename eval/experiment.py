@@ -7,7 +7,6 @@ import warnings
 from typing import Iterable, Optional
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -89,14 +88,15 @@ def _rates(counts: dict) -> dict:
 
 def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list, calibration: list,
                     times, repeats: int, seed: int, fold_batchnorm: bool = False,
-                    progress: bool = True, histograms: bool = False) -> dict:
+                    progress: bool = True, histograms: bool = False, stream: int = _ANALOG) -> dict:
     """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
-    the effective eta of the first chip; plus the conversion report."""
+    the effective eta of the first chip; plus the conversion report. Chip r is
+    programmed from sub-stream (stream, r) of ``seed``."""
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
     report, digital, hist = None, [], {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
     for r in range(repeats):
-        analog = _convert(model, tile, mapping_cfg, _seed(seed, _ANALOG, r), fold_batchnorm)
+        analog = _convert(model, tile, mapping_cfg, _seed(seed, stream, r), fold_batchnorm)
         report, digital = analog.report, analog.digital_layers
         analog.calibrate([x for x, _ in calibration])
         for i, t in enumerate(times):
@@ -161,9 +161,9 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
     equivalent sigma; passes when the 95% CI of the difference of mean accuracies
     contains 0 or lies within +-tolerance."""
     mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
-    crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats,
-                               _seed(seed, _VALIDATION_CROSSBAR).entropy, progress=progress)["rows"][0]
-    sigmas = equivalent_sigmas(model, validation_tile_config(tile, cfg) if tile.device.model != "gaussian" else tile)
+    crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats, seed,
+                               progress=progress, stream=_VALIDATION_CROSSBAR)["rows"][0]
+    sigmas = equivalent_sigmas(model, tile)
     accs = []
     for r in range(repeats):
         rng = np.random.default_rng(_seed(seed, _VALIDATION_BASELINE, r))

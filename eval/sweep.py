@@ -80,9 +80,7 @@ def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) 
            "weight_clip_rate": a["weight_clip_rate"], "prog_clamp_rate": a["prog_clamp_rate"],
            "effective_eta": a["effective_eta"], "seed": seed, "point_key": spec.point_key(point)}
     if spec.baseline or any(p.startswith("baseline.") for p in point):
-        b = evaluate_baseline(model, test, cfg.baseline.replace(eta=cfg.baseline.levels[:1])
-                              if cfg.baseline.normalization != "snr_db" else cfg.baseline.replace(snr_db=cfg.baseline.levels[:1]),
-                              cfg.repeats, seed, progress=False)[0]
+        b = evaluate_baseline(model, test, cfg.baseline.first_level(), cfg.repeats, seed, progress=False)[0]
         row.update(baseline_level=b["sigma"], baseline_accuracy_mean=b["accuracy_mean"],
                    baseline_ci95_low=b["ci95"][0], baseline_ci95_high=b["ci95"][1])
     row["elapsed_s"] = time.perf_counter() - start

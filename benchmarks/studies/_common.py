@@ -40,3 +40,16 @@ def write_csv(path: Path, rows: list) -> None:
 
 def loss_points(ideal: float, accuracy: float) -> float:
     return 100.0 * (ideal - accuracy)
+
+
+def plot_band(ax, rows: list, label: str, color: str, style: str = "o-") -> None:
+    """Mean accuracy (%) against ``level`` with its 95% CI as a band."""
+    levels = [r["level"] for r in rows]
+    ax.plot(levels, [100 * r["accuracy_mean"] for r in rows], style, color=color, label=label)
+    ax.fill_between(levels, [100 * r["ci95_low"] for r in rows], [100 * r["ci95_high"] for r in rows],
+                    color=color, alpha=0.12)
+
+
+def write_findings(path: Path, lines: list) -> None:
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

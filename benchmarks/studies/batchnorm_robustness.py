@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, write_csv  # noqa: E402
+from _common import data_and_models, loss_points, parser, plot_band, write_csv, write_findings  # noqa: E402
 
 from crossbar import presets  # noqa: E402
 from eval.config import BaselineConfig  # noqa: E402
@@ -60,10 +60,7 @@ def main() -> None:
         for i, name in enumerate(MODELS):
             for bn in (False, True):
                 sub = [r for r in rows if r["model"] == name and r["batchnorm"] == bn and r["kind"] == kind]
-                ax.plot([r["level"] for r in sub], [100 * r["accuracy_mean"] for r in sub], "o-" if not bn else "s--",
-                        color=f"C{i}", label=f"{name}{' + BN' if bn else ''}")
-                ax.fill_between([r["level"] for r in sub], [100 * r["ci95_low"] for r in sub],
-                                [100 * r["ci95_high"] for r in sub], color=f"C{i}", alpha=0.1)
+                plot_band(ax, sub, f"{name}{' + BN' if bn else ''}", f"C{i}", "s--" if bn else "o-")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(kind)
@@ -91,8 +88,7 @@ def main() -> None:
                      f"{loss[(False, 'crossbar')]:5.1f} without, {loss[(True, 'crossbar')]:5.1f} with")
     lines += ["", f"Under the additive baseline, batch norm made {less_robust} of {len(MODELS)} models lose more "
                   f"accuracy (arXiv 2205.07372 reports that batch norm reduces robustness)."]
-    (out / "batchnorm_robustness.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_findings(out / "batchnorm_robustness.txt", lines)
 
 
 if __name__ == "__main__":

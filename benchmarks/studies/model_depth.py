@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, write_csv  # noqa: E402
+from _common import data_and_models, loss_points, parser, plot_band, write_csv, write_findings  # noqa: E402
 
 from eval.config import BaselineConfig  # noqa: E402
 from eval.experiment import evaluate_baseline  # noqa: E402
@@ -48,10 +48,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, name in enumerate(MODELS):
-        sub = [r for r in rows if r["model"] == name]
-        ax.plot([r["level"] for r in sub], [100 * r["accuracy_mean"] for r in sub], "o-", color=f"C{i}", label=name)
-        ax.fill_between([r["level"] for r in sub], [100 * r["ci95_low"] for r in sub],
-                        [100 * r["ci95_high"] for r in sub], color=f"C{i}", alpha=0.12)
+        plot_band(ax, [r for r in rows if r["model"] == name], name, f"C{i}")
     ax.set_xlabel("additive noise eta (sigma / std(W) per layer)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"model family and depth ({data.name}, batch norm {'on' if args.batchnorm else 'off'})")
@@ -70,8 +67,7 @@ def main() -> None:
                      f"loss {loss_points(r['ideal'], r['accuracy_mean']):5.1f} points")
     lines += ["", f"Most robust: {ranking[0]}; least robust: {ranking[-1]} (arXiv 2011.11840 reports deeper, more "
                   f"redundant models such as VGG as more robust)."]
-    (out / "model_depth.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_findings(out / "model_depth.txt", lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parser  # noqa: E402
+from _common import parser, write_findings  # noqa: E402
 
 from eval.sweep import run_sweep  # noqa: E402
 from eval.sweep_plot import plot_sweep, read_sweep  # noqa: E402
@@ -49,8 +49,7 @@ def main() -> None:
               and 100 * (r["ideal_accuracy"] - r["accuracy_mean"]) <= TOLERATED_LOSS]
         lines.append(f"{n:4d} rows: fewest ADC bits within {TOLERATED_LOSS:g} point of ideal: "
                      f"{min(ok) if ok else 'none of ' + str(ADC_BITS)}")
-    (out / "tile_adc.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_findings(out / "tile_adc.txt", lines)
     print("plots:", ", ".join(str(p) for p in plots))
 
 

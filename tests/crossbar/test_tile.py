@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossbar import ReferenceTile, Tile, TileConfig, presets
+from crossbar import ReferenceTile, Tile, presets
 from crossbar.kernels import dac_convert, levels_per_side, steps
 from crossbar.reference import quantize_reference
 

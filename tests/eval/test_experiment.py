@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from crossbar import TileConfig
 from eval.baseline import noisy_copy
 from eval.config import BaselineConfig, RunConfig, ValidationConfig, run_config_from_dict
 from eval.datasets import load_digits
 from eval.experiment import validation_check, validation_tile_config
-from eval.models import MODELS, build_model
+from eval.models import build_model
 from eval.stats import difference_ci, summarize
-from eval.train import accuracy, load_checkpoint, save_checkpoint, train
+from eval.train import load_checkpoint, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")

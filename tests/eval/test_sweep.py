@@ -1,5 +1,4 @@
 import csv
-import shutil
 
 import matplotlib.image as mpimg
 import pytest

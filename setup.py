@@ -16,11 +16,10 @@ setup(
         "matplotlib>=3.6",
         "scikit-learn>=1.2",
         "tqdm>=4.60",
-        "threadpoolctl>=3.1",
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7"],
         "distributed": ["distributed>=2023.1"],
     },
     entry_points={"console_scripts": ["xbarsim=eval.cli:main"]},

@@ -1,10 +1,16 @@
 """xbarsim's crossbar core: device physics, tiles, DAC/ADC and the Numba kernel."""
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from . import presets
 from .config import ADCConfig, DACConfig, DeviceConfig, TileConfig
 from .reference import ReferenceTile
 from .tile import Tile, TileCounts
 
-__version__ = "0.1.0"
+try:  # one version, setup.py's, as installed
+    __version__ = _distribution_version("xbarsim")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["Tile", "TileCounts", "ReferenceTile", "TileConfig", "DeviceConfig", "DACConfig",
            "ADCConfig", "presets", "__version__"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -11,8 +11,7 @@ from .config import TileConfig
 from .devices import make_device
 from .kernels import IDEAL, dac_convert, levels_per_side, readout_convert, row_sum_squares
 from .rng import stream_key
-
-SeedLike = Union[None, int, np.random.SeedSequence]
+from .seeding import SeedLike, as_seed_sequence, derive
 
 # Sub-stream tags: each physical effect draws from its own stream, so switching one
 # effect on or off leaves the samples of the others unchanged.
@@ -38,6 +37,9 @@ class TileCounts:
         dac_clipped: of those, values beyond the DAC range (clipped to it).
         adc_converted: column outputs converted since the last reset.
         adc_saturated: of those, outputs beyond the ADC range (saturated).
+        adc_range_fallback: 1 if the calibration sample gave this tile no output at all
+            (its inputs were all zero, e.g. after ReLU and pooling), so that its ADC
+            range was set from its conductances instead (see ``calibrate_output``).
     """
 
     devices: int = 0
@@ -49,6 +51,7 @@ class TileCounts:
     dac_clipped: int = 0
     adc_converted: int = 0
     adc_saturated: int = 0
+    adc_range_fallback: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,14 +62,6 @@ class TileCounts:
         self.dac_clipped += clipped
         self.adc_converted += outputs
         self.adc_saturated += saturated
-
-
-def as_seed_sequence(seed: SeedLike) -> np.random.SeedSequence:
-    if isinstance(seed, np.random.SeedSequence):
-        return seed
-    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
-        return np.random.SeedSequence(None if seed is None else int(seed))
-    raise ValueError(f"seed = {seed!r} is invalid: expected a non-negative integer, a SeedSequence or None")
 
 
 class Tile:
@@ -187,17 +182,38 @@ class Tile:
     def calibrate_input(self, x) -> "Tile":
         """Set the DAC range to the configured percentile of |x|."""
         x = self._check_input(x)
-        self._input_range = _percentile_range("input", np.abs(x), self.config.dac.percentile)
+        r = _percentile_range(np.abs(x), self.config.dac.percentile)
+        if r is None:
+            raise ValueError("cannot calibrate the input range: the sample is all zero; give non-zero sample data")
+        self._input_range = r
         return self
 
     def calibrate_output(self, x) -> "Tile":
         """Set the ADC range to the configured percentile of the column outputs for
-        inputs x, as read now (noise included) through the DAC and an unclipped ADC."""
+        inputs x, as read now (noise included) through the DAC and an unclipped ADC.
+
+        A sample that gives no output at all (all inputs zero, as some tiles of a layer
+        see after ReLU and pooling) says nothing about the range; the tile then takes the
+        largest output that inputs within the DAC range can produce on its programmed
+        conductances, r_in * max_j sum_i |G+_ij - G-_ij| (nothing saturates), and
+        ``counts.adc_range_fallback`` is set."""
         x = self._check_input(x)
         key = stream_key(self._child(_CALIBRATION_READS, int(np.float64(self.time).view(np.uint64))))
         y, _, _ = self._forward(x, key, 0, IDEAL, 1.0)
-        self._output_range = _percentile_range("output", np.abs(y), self.config.adc.percentile)
+        r = _percentile_range(np.abs(y), self.config.adc.percentile)
+        self.counts.adc_range_fallback = int(r is None)
+        self._output_range = r if r is not None else self._largest_output()
         return self
+
+    def _largest_output(self) -> float:
+        """max_j sum_i |G+_ij - G-_ij| x r_in at the current read; the worst case of the
+        whole conductance range where every pair is balanced (the tile holds zeros)."""
+        r_in = self.input_range or 1.0
+        largest = float(np.abs(self._g_read[0].astype(np.float64) - self._g_read[1]).sum(axis=0).max()) * r_in
+        if largest > 0:
+            return largest
+        dev = self.config.device
+        return self._g_prog.shape[1] * (dev.g_max - dev.g_min) * r_in
 
     # -- the matrix-vector product -------------------------------------------------------
     def mvm(self, x, count: bool = True) -> np.ndarray:
@@ -299,7 +315,7 @@ class Tile:
 
     # -- helpers -------------------------------------------------------------------------
     def _child(self, *tags: int) -> np.random.SeedSequence:
-        return np.random.SeedSequence(self._seed.entropy, spawn_key=tuple(self._seed.spawn_key) + tags)
+        return derive(self._seed, *tags)
 
     def _rng(self, *tags: int) -> np.random.Generator:
         return np.random.default_rng(self._child(*tags))
@@ -347,9 +363,11 @@ def _check_range(name: str, value) -> float:
     return float(value)
 
 
-def _percentile_range(what: str, magnitudes: np.ndarray, percentile: float) -> float:
+def _percentile_range(magnitudes: np.ndarray, percentile: float) -> Optional[float]:
+    """The percentile of the magnitudes; their maximum where the sample is so sparse that
+    the percentile is 0; None where the sample is all zero."""
     r = float(np.percentile(magnitudes, percentile))
-    if not r > 0:
-        raise ValueError(f"cannot calibrate the {what} range: the {percentile}th percentile of "
-                         f"|{what}| over the sample is {r}; give non-zero sample data")
-    return r
+    if r > 0:
+        return r
+    largest = float(magnitudes.max()) if magnitudes.size else 0.0
+    return largest if largest > 0 else None

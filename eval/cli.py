@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+def _package_version() -> str:
+    from crossbar import __version__
+
+    return __version__
+
+
 _UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "y": 31536000.0}
 
 
@@ -30,12 +36,18 @@ def _add_data_model_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
     p.add_argument("--data-dir", help="directory with the MNIST idx or CIFAR pickle files")
-    p.add_argument("--model", default="cnn", choices=MODELS, help="model architecture (default: cnn)")
-    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--model", choices=MODELS, help="model architecture (default: cnn)")
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction,
                    help="the model with batch norm layers (default: without)")
     p.add_argument("--epochs", type=int, help="training epochs (default depends on the data set)")
     p.add_argument("--seed", type=int, help="root seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal)")
+
+
+def _progress(args) -> bool:
+    # bars are for people watching a terminal; in a log file they are carriage-return noise
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _version(args) -> int:
@@ -49,20 +61,34 @@ def _version(args) -> int:
 
 def _train(args) -> int:
     from .datasets import load_dataset
-    from .models import build_model
-    from .train import DEFAULT_EPOCHS, accuracy, save_checkpoint, train
+    from .train import (DEFAULT_EPOCHS, accuracy, check_checkpoint_path, save_checkpoint, seeded_model, train,
+                        training_record)
 
+    model_name, batchnorm = args.model or "cnn", bool(args.batchnorm)
+    out = check_checkpoint_path(args.out or f"checkpoints/{args.dataset}-{model_name}-"
+                                            f"{'bn' if batchnorm else 'nobn'}.pt")
     data = load_dataset(args.dataset, args.data_dir)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[data.name]
-    model = build_model(args.model, data.input_shape, data.num_classes, args.batchnorm)
-    seed = args.seed or 0
-    losses = train(model, data, epochs, seed=seed, progress=not args.no_progress)
+    seed = args.seed if args.seed is not None else 0
+    record = training_record(data, model_name, batchnorm, epochs, seed)
+    model = seeded_model(model_name, data, batchnorm, seed)
+    losses = train(model, data, epochs, seed=seed, progress=_progress(args))
     acc = accuracy(model, data.batches("test"))
-    out = Path(args.out or f"checkpoints/{data.name}-{args.model}-{'bn' if args.batchnorm else 'nobn'}.pt")
-    save_checkpoint(out, model, args.model, args.batchnorm, data, epochs, seed, acc)
-    print(f"trained {args.model} on {data.name} for {epochs} epochs: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-          f"test accuracy {100 * acc:.2f}%\ncheckpoint: {out}")
+    save_checkpoint(out, model, record, acc)
+    print(f"trained {model_name} on {data.name} for {epochs} epochs (seed {seed}): loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}, test accuracy {100 * acc:.2f}%\ncheckpoint: {out}")
     return 0
+
+
+def _check_checkpoint_options(args, meta: dict) -> None:
+    """Options that describe the trained model must agree with the checkpoint's record."""
+    given = {"--model": (args.model, meta.get("model")),
+             "--batchnorm/--no-batchnorm": (args.batchnorm, meta.get("batchnorm")),
+             "--epochs": (args.epochs, meta.get("epochs"))}
+    for option, (value, held) in given.items():
+        if value is not None and value != held:
+            raise ValueError(f"{option} {value} conflicts with --checkpoint {args.checkpoint}, which holds a model "
+                             f"trained with {held!r}; drop the option (the checkpoint decides) or train another")
 
 
 def _run(args) -> int:
@@ -73,26 +99,35 @@ def _run(args) -> int:
     from .results import table, versions, write_results
     from .train import load_checkpoint, train_or_load
 
+    from .outputs import check_writable_dir
+
     start = time.perf_counter()
     config = load_run_config(args.config) if args.config else RunConfig()
     for key in ("repeats", "times", "seed"):
         value = getattr(args, key)
         if value is not None:  # an option given on the command line wins over --config
             config = config.with_path(key, value)
+    out = check_writable_dir(args.out, "--out")
     data = load_dataset(args.dataset, args.data_dir)
-    progress = not args.no_progress
+    progress = _progress(args)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint, data)
+        _check_checkpoint_options(args, meta)
         checkpoint = Path(args.checkpoint)
+        if meta.get("data_fingerprint") not in (None, data.fingerprint()):
+            print(f"note: {checkpoint} was trained on other {data.name} files than these (data fingerprints "
+                  f"differ); evaluating it on these", file=sys.stderr)
     else:
-        model, meta, checkpoint = train_or_load(data, args.model, args.batchnorm, default_cache_dir(),
-                                                args.epochs, seed=config.seed, progress=progress)
-    results = {"dataset": data.name, "model": meta["model"], "batchnorm": meta["batchnorm"],
-               "checkpoint": str(checkpoint), "seed": config.seed, "fold_batchnorm": args.fold_batchnorm,
-               "config": config.to_dict(), "versions": versions()}
+        model, meta, checkpoint = train_or_load(data, args.model or "cnn", bool(args.batchnorm),
+                                                default_cache_dir(), args.epochs, seed=config.seed,
+                                                progress=progress)
+    training = {k: meta.get(k) for k in ("epochs", "seed", "recipe", "data_fingerprint", "test_accuracy")}
+    results = {"dataset": data.name, "data_fingerprint": data.fingerprint(), "model": meta["model"],
+               "batchnorm": meta["batchnorm"], "checkpoint": str(checkpoint), "training": training,
+               "seed": config.seed, "fold_batchnorm": args.fold_batchnorm, "config": config.to_dict(),
+               "versions": versions()}
     results.update(run_experiment(model, data.batches("test"), data.batches("train"), config,
                                   fold_batchnorm=args.fold_batchnorm, progress=progress))
-    out = Path(args.out)
     paths = write_results(results, out)
     plot_accuracy_vs_time(results, out / "accuracy_vs_time.png")
     plot_histograms(results["histograms"], out / "histograms.png")
@@ -103,14 +138,16 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .outputs import check_writable_dir
     from .sweep import run_sweep
     from .sweep_plot import plot_sweep
     from .sweep_spec import load_spec
 
     spec = load_spec(args.spec)  # every point validated before any work starts
+    check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
     try:
-        summary = run_sweep(spec, args.out, workers=args.workers, progress=not args.no_progress,
+        summary = run_sweep(spec, args.out, workers=args.workers, progress=_progress(args),
                             scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout)
     except KeyboardInterrupt:
         print(f"xbarsim sweep: interrupted; finished points are in {args.out}/results.csv. "
@@ -135,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xbarsim",
         description="Simulate deep-learning inference on analog memristive crossbars and "
                     "measure the accuracy lost to device and converter non-idealities.")
+    parser.add_argument("--version", action="version", version=f"xbarsim {_package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="accuracy of a network on simulated crossbars over time, against "
@@ -162,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Dask cluster of --workers processes; needs the 'distributed' extra")
     p.add_argument("--scheduler-timeout", type=float, default=10.0,
                    help="seconds to wait for the Dask scheduler (default 10)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal)")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("plot", help="plot a sweep directory's results.csv")
@@ -178,13 +217,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ValueError as err:  # bad options, config files, data or checkpoints
         print(f"xbarsim {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk filled up or went away mid-run
+        print(f"xbarsim {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"xbarsim {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -144,6 +144,10 @@ class RunConfig(Config):
         o = "RunConfig"
         check_choice(o, "preset", self.preset, sorted(PRESETS))
         object.__setattr__(self, "times", _float_tuple(o, "times", self.times, 0.0, 1e10, "s"))
+        repeated = sorted({t for t in self.times if self.times.count(t) > 1})
+        if repeated:  # counted twice, a time would narrow its own CI and appear twice in tables
+            _fail(o, "times", self.times, f"{repeated[0]:g} s is listed more than once (e.g. 1d and 24h are "
+                                          f"the same time); list each time once")
         check_int(o, "repeats", self.repeats, 1, 100000)
         check_int(o, "seed", self.seed, 0, 2 ** 63 - 1)
         check_int(o, "calibration_samples", self.calibration_samples, 1, 10 ** 7)

@@ -6,9 +6,11 @@ file and what was expected."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,6 +37,18 @@ class Dataset:
     @property
     def input_shape(self) -> tuple:
         return tuple(self.train_x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A hash of the name and every sample and label of both splits (as loaded and
+        normalised): two data sets share it only if they hold the same data."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(self.name.encode())
+            for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+                h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                h.update(t.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def batches(self, split: str = "test", batch_size: int = 512, limit: Optional[int] = None):
         """(x, y) batches of a split, in order (``limit``: the first n samples only)."""
@@ -88,7 +102,9 @@ def read_idx(path: Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as err:
+    except EOFError:
+        raise DatasetError(f"{path}: truncated gzip file (it ends before its compressed data does)") from None
+    except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise DatasetError(f"{path}: cannot read: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DatasetError(f"{path}: not an idx file of unsigned bytes (expected magic 0x0000 08 nn)")
@@ -101,6 +117,15 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise DatasetError(f"{path}: expected {expected} data bytes for shape {dims}, found {len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def check_labels(where, labels: np.ndarray, classes: int) -> None:
+    """Labels must be class indices in [0, classes): anything else would crash training
+    or quietly count as wrong answers."""
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise DatasetError(f"{where}: {bad.size} labels outside [0, {classes}) (the first, at index {bad[0]}, "
+                           f"is {labels[bad[0]]}); this data set has {classes} classes")
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -118,9 +143,11 @@ def load_mnist(data_dir: str) -> Dataset:
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find(d, f"{prefix}-labels-idx1-ubyte"))
+        label_file = _find(d, f"{prefix}-labels-idx1-ubyte")
+        labels = read_idx(label_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DatasetError(f"{d}: {prefix} images {images.shape} and labels {labels.shape} do not match")
+        check_labels(label_file, labels, 10)
         parts[split] = (images[:, None] / 255.0, labels)
     return _normalised("mnist", *parts["train"], *parts["test"], 10)
 
@@ -136,7 +163,7 @@ def _unpickle(path: Path) -> dict:
         raise DatasetError(f"{path}: not a readable CIFAR pickle batch: {type(err).__name__}: {err}") from None
 
 
-def _cifar_batch(path: Path, label_key: bytes) -> tuple:
+def _cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple:
     batch = _unpickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DatasetError(f"{path}: expected a dict with b'data' and {label_key!r}")
@@ -145,6 +172,7 @@ def _cifar_batch(path: Path, label_key: bytes) -> tuple:
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} "
                            f"and {labels.shape}")
+    check_labels(path, labels, classes)
     return data.reshape(-1, 3, 32, 32) / 255.0, labels
 
 
@@ -158,15 +186,13 @@ def load_cifar(data_dir: str, classes: int) -> Dataset:
     if not d.is_dir():
         raise DatasetError(f"{d}: not a directory")
     if classes == 10:
-        train = [_cifar_batch(d / f"data_batch_{i}", b"labels") for i in range(1, 6)]
-        test = _cifar_batch(d / "test_batch", b"labels")
+        train = [_cifar_batch(d / f"data_batch_{i}", b"labels", classes) for i in range(1, 6)]
+        test = _cifar_batch(d / "test_batch", b"labels", classes)
     else:
-        train = [_cifar_batch(d / "train", b"fine_labels")]
-        test = _cifar_batch(d / "test", b"fine_labels")
+        train = [_cifar_batch(d / "train", b"fine_labels", classes)]
+        test = _cifar_batch(d / "test", b"fine_labels", classes)
     train_x = np.concatenate([t[0] for t in train])
     train_y = np.concatenate([t[1] for t in train])
-    if train_y.min() < 0 or train_y.max() >= classes:
-        raise DatasetError(f"{d}: labels outside [0, {classes})")
     return _normalised(f"cifar{classes}", train_x, train_y, test[0], test[1], classes)
 
 

@@ -12,10 +12,12 @@ from tqdm import tqdm
 
 import mapping
 from crossbar import ADCConfig, DACConfig, DeviceConfig, TileConfig
+from mapping.inputs import slice_inputs
+from crossbar.seeding import derive
 
 from .baseline import noised_tensors, noisy_copy
 from .config import BaselineConfig, RunConfig, ValidationConfig
-from .stats import difference_ci, summarize
+from .stats import equivalence, summarize
 from .train import accuracy
 
 # sub-stream tags of the root seed, one per kind of randomness
@@ -23,19 +25,17 @@ _ANALOG, _BASELINE, _VALIDATION_CROSSBAR, _VALIDATION_BASELINE = range(4)
 _HISTOGRAM_SAMPLES = 200_000
 
 
-def _seed(root: int, *tags: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence(root, spawn_key=tags)
-
-
 def _materialise(batches: Iterable, limit: int = 0) -> list:
-    """(x, y) batches as a list (a DataLoader is read once), the first ``limit`` samples."""
+    """(inputs, labels) batches as a list (a DataLoader is read once), the first ``limit``
+    samples; inputs by the convention of mapping.inputs (tensor, tuple or dict)."""
     out, seen = [], 0
     for batch in batches:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("batches must yield (inputs, labels) pairs")
+            raise ValueError("batches must yield (inputs, labels) pairs; inputs may be a tensor, a tuple of "
+                             "positional inputs or a dict of keyword inputs")
         x, y = batch[0], batch[1]
         if limit and seen + len(y) > limit:
-            x, y = x[:limit - seen], y[:limit - seen]
+            x, y = slice_inputs(x, limit - seen), y[:limit - seen]
         out.append((x, y))
         seen += len(y)
         if limit and seen >= limit:
@@ -90,15 +90,18 @@ def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list,
                     times, repeats: int, seed: int, fold_batchnorm: bool = False,
                     progress: bool = True, histograms: bool = False, stream: int = _ANALOG) -> dict:
     """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
-    the effective eta of the first chip; plus the conversion report. Chip r is
-    programmed from sub-stream (stream, r) of ``seed``."""
+    the effective eta of the first chip; plus the conversion report (with the first
+    chip's calibration fallbacks per layer). Chip r is programmed from sub-stream
+    (stream, r) of ``seed``."""
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
-    report, digital, hist = None, [], {}
+    report, digital, hist, fallbacks = None, [], {}, {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
     for r in range(repeats):
-        analog = _convert(model, tile, mapping_cfg, _seed(seed, stream, r), fold_batchnorm)
+        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm)
         report, digital = analog.report, analog.digital_layers
-        analog.calibrate([x for x, _ in calibration])
+        analog.calibrate(calibration)
+        if r == 0:
+            fallbacks = analog.calibration_fallbacks()
         for i, t in enumerate(times):
             analog.at(t)
             analog.reset_counts()
@@ -118,7 +121,8 @@ def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list,
         e = per_time[t]
         rows.append({"time": t, **summarize(e["accuracies"]), "accuracies": e["accuracies"],
                      "effective_eta": e["effective_eta"], "counts": e["counts"], **_rates(e["counts"])})
-    return {"rows": rows, "report": report, "digital_layers": digital, "histograms": hist}
+    return {"rows": rows, "report": report, "digital_layers": digital, "histograms": hist,
+            "calibration_fallbacks": fallbacks}
 
 
 def evaluate_baseline(model: nn.Module, test: list, cfg: BaselineConfig, repeats: int, seed: int,
@@ -129,7 +133,7 @@ def evaluate_baseline(model: nn.Module, test: list, cfg: BaselineConfig, repeats
     for li, level in enumerate(cfg.levels):
         accs, sigmas = [], None
         for r in range(repeats):
-            rng = np.random.default_rng(_seed(seed, _BASELINE, li, r))
+            rng = np.random.default_rng(derive(seed, _BASELINE, li, r))
             noisy, sigmas = noisy_copy(model, cfg.normalization, level, rng, cfg.noise_bias, cfg.noise_batchnorm)
             accs.append(accuracy(noisy, test))
             bar.update(1)
@@ -158,20 +162,20 @@ def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
 def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,
                      tile: TileConfig, repeats: int, seed: int, progress: bool = True) -> dict:
     """Crossbar (``tile``, normally validation_tile_config) against the baseline at the
-    equivalent sigma; passes when the 95% CI of the difference of mean accuracies
-    contains 0 or lies within +-tolerance."""
+    equivalent sigma, as an equivalence test (eval.stats.equivalence): PASSED when the
+    95% CI of the difference of mean accuracies lies within +-tolerance, FAILED when it
+    lies wholly outside, INCONCLUSIVE otherwise, with the repeats likely to decide."""
     mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
     crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats, seed,
                                progress=progress, stream=_VALIDATION_CROSSBAR)["rows"][0]
     sigmas = equivalent_sigmas(model, tile)
     accs = []
     for r in range(repeats):
-        rng = np.random.default_rng(_seed(seed, _VALIDATION_BASELINE, r))
+        rng = np.random.default_rng(derive(seed, _VALIDATION_BASELINE, r))
         accs.append(accuracy(noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0], test))
     baseline = summarize(accs)
-    diff, ci = difference_ci(crossbar["accuracies"], accs)
-    passed = (ci[0] <= 0.0 <= ci[1]) or (-cfg.tolerance <= ci[0] and ci[1] <= cfg.tolerance)
-    return {"passed": bool(passed), "difference": diff, "ci95": ci, "tolerance": cfg.tolerance,
+    test = equivalence(crossbar["accuracies"], accs, cfg.tolerance)
+    return {**test, "passed": test["verdict"] == "PASSED", "tolerance": cfg.tolerance, "repeats": repeats,
             "prog_sigma_abs": tile.device.prog_sigma_abs, "equivalent_sigmas": sigmas,
             "crossbar": {k: crossbar[k] for k in ("accuracy_mean", "accuracy_std", "ci95", "accuracies")},
             "baseline": {**baseline, "accuracies": accs}}
@@ -193,13 +197,14 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}
     analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
                              config.repeats, config.seed, fold_batchnorm, progress, histograms)
-    results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"])
+    results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"],
+                   calibration_fallbacks=analog["calibration_fallbacks"])
     results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress)
                            if config.baseline.enabled else [])
     results["validation"] = (validation_check(model, test, calibration, config.validation,
                                               validation_tile_config(config.tile, config.validation),
                                               config.repeats, config.seed, progress)
-                             if config.validation.enabled else {"passed": None, "skipped": True})
+                             if config.validation.enabled else {"verdict": None, "passed": None, "skipped": True})
     results["histograms"] = analog["histograms"]
     results["elapsed_s"] = _time.perf_counter() - start
     return results

@@ -10,6 +10,8 @@ import os
 import platform
 from pathlib import Path
 
+from .stats import ci_bounds
+
 CSV_COLUMNS = ["dataset", "model", "batchnorm", "kind", "time_s", "normalization", "level",
                "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "n",
                "dac_clip_rate", "adc_saturation_rate", "effective_eta"]
@@ -47,25 +49,39 @@ def _jsonable(obj):
     return obj
 
 
+def _ci_columns(ci) -> dict:
+    low, high = ci_bounds(ci)
+    return {"ci95_low": low, "ci95_high": high}
+
+
+def format_ci(ci, scale: float = 100.0, signed: bool = False) -> str:
+    """'[ 98.35%,  99.03%]', or 'n/a' where the spread could not be estimated."""
+    if ci is None:
+        return "n/a"
+    if signed:
+        return f"[{scale * ci[0]:+.2f}, {scale * ci[1]:+.2f}]"
+    return f"[{scale * ci[0]:6.2f}%, {scale * ci[1]:6.2f}%]"
+
+
 def csv_rows(results: dict) -> list:
     base = {"dataset": results.get("dataset"), "model": results.get("model"), "batchnorm": results.get("batchnorm")}
-    rows = [{**base, "kind": "ideal", "accuracy_mean": results["ideal_accuracy"], "accuracy_std": 0.0,
-             "ci95_low": results["ideal_accuracy"], "ci95_high": results["ideal_accuracy"], "n": 1}]
+    # the ideal model is one deterministic evaluation: no spread, no CI
+    rows = [{**base, "kind": "ideal", "accuracy_mean": results["ideal_accuracy"], "accuracy_std": 0.0, "n": 1}]
     for a in results["analog"]:
         rows.append({**base, "kind": "analog", "time_s": a["time"], "accuracy_mean": a["accuracy_mean"],
-                     "accuracy_std": a["accuracy_std"], "ci95_low": a["ci95"][0], "ci95_high": a["ci95"][1],
+                     "accuracy_std": a["accuracy_std"], **_ci_columns(a["ci95"]),
                      "n": a["n"], "dac_clip_rate": a["dac_clip_rate"], "adc_saturation_rate": a["adc_saturation_rate"],
                      "effective_eta": a["effective_eta"]})
     for b in results["baseline"]:
         rows.append({**base, "kind": "baseline", "normalization": b["normalization"], "level": b["sigma"],
                      "accuracy_mean": b["accuracy_mean"], "accuracy_std": b["accuracy_std"],
-                     "ci95_low": b["ci95"][0], "ci95_high": b["ci95"][1], "n": b["n"]})
+                     **_ci_columns(b["ci95"]), "n": b["n"]})
     v = results.get("validation", {})
     for kind in ("crossbar", "baseline"):
         if kind in v:
             s = v[kind]
             rows.append({**base, "kind": f"validation_{kind}", "time_s": 0.0, "accuracy_mean": s["accuracy_mean"],
-                         "accuracy_std": s["accuracy_std"], "ci95_low": s["ci95"][0], "ci95_high": s["ci95"][1],
+                         "accuracy_std": s["accuracy_std"], **_ci_columns(s["ci95"]),
                          "n": len(s["accuracies"])})
     return rows
 
@@ -93,6 +109,16 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
+def _undecided(v: dict) -> str:
+    if v["ci95"] is None:
+        why = "the spread of the repeats cannot be estimated (one repeat, or every repeat equal)"
+    else:
+        why = "the 95% CI of the difference reaches across the tolerance"
+    if v.get("repeats_needed"):
+        return f"{why}; about {v['repeats_needed']} repeats would likely decide it (--repeats {v['repeats_needed']})"
+    return f"{why}; more repeats are needed to decide it"
+
+
 def table(results: dict) -> str:
     """The readable summary that ``xbarsim run`` prints."""
     pct = lambda x: f"{100 * x:6.2f}%"
@@ -101,11 +127,15 @@ def table(results: dict) -> str:
              f"on {results['test_samples']} test samples"]
     if results.get("digital_layers"):
         lines.append(f"layers kept digital: {', '.join(results['digital_layers'])}")
+    fallbacks = results.get("calibration_fallbacks") or {}
+    if fallbacks:
+        per_layer = ", ".join(f"{name} {k} of {n}" for name, (k, n) in fallbacks.items())
+        lines.append(f"tiles that saw no signal during calibration (ADC range from their conductances): {per_layer}")
     lines.append("")
     lines.append(f"{'analog, time':<22}{'accuracy':>10}{'  95% CI':>20}{'loss':>9}{'eff. eta':>10}{'DAC clip':>10}{'ADC sat':>9}")
     for a in results["analog"]:
         lines.append(f"{format_duration(a['time']):<22}{pct(a['accuracy_mean']):>10}  "
-                     f"[{pct(a['ci95'][0])}, {pct(a['ci95'][1])}]"
+                     f"{format_ci(a['ci95']):>18}"
                      f"{pct(results['ideal_accuracy'] - a['accuracy_mean']):>9}{a['effective_eta']:>10.3f}"
                      f"{100 * a['dac_clip_rate']:>9.3f}%{100 * a['adc_saturation_rate']:>8.3f}%")
     if results["baseline"]:
@@ -114,14 +144,16 @@ def table(results: dict) -> str:
         label = "SNR dB" if norm == "snr_db" else f"eta ({norm})"
         lines.append(f"{'baseline, ' + label:<22}{'accuracy':>10}{'  95% CI':>20}{'loss':>9}")
         for b in results["baseline"]:
-            lines.append(f"{b['sigma']:<22g}{pct(b['accuracy_mean']):>10}  [{pct(b['ci95'][0])}, {pct(b['ci95'][1])}]"
+            lines.append(f"{b['sigma']:<22g}{pct(b['accuracy_mean']):>10}  {format_ci(b['ci95']):>18}"
                          f"{pct(results['ideal_accuracy'] - b['accuracy_mean']):>9}")
     v = results.get("validation", {})
-    if v.get("passed") is not None:
+    if v.get("verdict") is not None:
         lines.append("")
         lines.append(f"validation (Gaussian crossbar, sigma_abs {v['prog_sigma_abs']:g} uS, vs baseline at the "
-                     f"equivalent sigma): {'PASSED' if v['passed'] else 'FAILED'}")
+                     f"equivalent sigma): {v['verdict']}")
         lines.append(f"  crossbar {pct(v['crossbar']['accuracy_mean'])}, baseline {pct(v['baseline']['accuracy_mean'])}, "
-                     f"difference {100 * v['difference']:+.2f} points, 95% CI [{100 * v['ci95'][0]:+.2f}, "
-                     f"{100 * v['ci95'][1]:+.2f}], tolerance +-{100 * v['tolerance']:.2f}")
+                     f"difference {100 * v['difference']:+.2f} points, 95% CI {format_ci(v['ci95'], signed=True)}, "
+                     f"tolerance +-{100 * v['tolerance']:.2f}, {v['repeats']} repeats")
+        if v["verdict"] == "INCONCLUSIVE":
+            lines.append(f"  {_undecided(v)}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .datasets import Dataset, default_cache_dir, load_dataset
 from .experiment import evaluate_analog, evaluate_baseline
 from .results import atomic_write
+from .stats import ci_bounds
 from .sweep_spec import POINT_FIELDS, SpecError, SweepSpec
 from .train import accuracy, load_checkpoint, train_or_load
 
@@ -75,14 +76,14 @@ def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) 
     row = {"point": index, **{p: point[p] for p in spec.swept if p in point},
            **{f: spec.setting(point, f) for f in POINT_FIELDS if f not in spec.swept},
            "ideal_accuracy": ctx.ideal[key], "accuracy_mean": a["accuracy_mean"], "accuracy_std": a["accuracy_std"],
-           "ci95_low": a["ci95"][0], "ci95_high": a["ci95"][1], "n": a["n"],
+           "ci95_low": ci_bounds(a["ci95"])[0], "ci95_high": ci_bounds(a["ci95"])[1], "n": a["n"],
            "dac_clip_rate": a["dac_clip_rate"], "adc_saturation_rate": a["adc_saturation_rate"],
            "weight_clip_rate": a["weight_clip_rate"], "prog_clamp_rate": a["prog_clamp_rate"],
            "effective_eta": a["effective_eta"], "seed": seed, "point_key": spec.point_key(point)}
     if spec.baseline or any(p.startswith("baseline.") for p in point):
         b = evaluate_baseline(model, test, cfg.baseline.first_level(), cfg.repeats, seed, progress=False)[0]
         row.update(baseline_level=b["sigma"], baseline_accuracy_mean=b["accuracy_mean"],
-                   baseline_ci95_low=b["ci95"][0], baseline_ci95_high=b["ci95"][1])
+                   baseline_ci95_low=ci_bounds(b["ci95"])[0], baseline_ci95_high=ci_bounds(b["ci95"])[1])
     row["elapsed_s"] = time.perf_counter() - start
     return row
 

@@ -163,15 +163,25 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
     for name in POINT_FIELDS:
         _check_point_value(base, name, settings[name], source)
     spec = SweepSpec(base=base, points=tuple(points), swept=tuple(swept), canonical="", **settings)
-    # every point must build before any work starts
+    # every point must build before any work starts, and no two may be the same
+    # experiment (counted twice, one point would narrow its own CI in the plots)
+    resolved = {}
     for i, p in enumerate(points):
         where = f"{source}: point {i} ({spec.point_key(p)})"
         for path, value in p.items():
             _check_point_value(base, path, value, where)
         try:
-            spec.point_config(p)
+            cfg = spec.point_config(p)
         except ValueError as err:
             _fail(f"{where}: {err}")
+        # the config holds the time (as a float); model and batch norm sit beside it
+        same = json.dumps([cfg.to_dict(), spec.setting(p, "model"), bool(spec.setting(p, "batchnorm"))],
+                          sort_keys=True)
+        if same in resolved:
+            j = resolved[same]
+            _fail(f"{where} is the same experiment as point {j} ({spec.point_key(points[j])}); "
+                  f"list each point once")
+        resolved[same] = i
     canonical = json.dumps({**settings, "base": base.to_dict(), "points": points, "swept": swept}, sort_keys=True)
     return SweepSpec(base=base, points=tuple(points), swept=tuple(swept), canonical=canonical, **settings)
 

@@ -1,6 +1,15 @@
-"""Training on CPU with a progress bar, and checkpoints that record what they hold."""
+"""Training on CPU with a progress bar, and checkpoints that record what they hold.
+
+Training is a pure function of (data, model, batch norm, epochs, seed, recipe): the
+initial weights and the sample order both come from the seed, on generators of their
+own, so the same command gives bitwise the same weights and the caller's global torch
+RNG is left as it was. The model cache is keyed on all of these and on a fingerprint
+of the data, so other files under the same data set name never reuse a model.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,19 +18,39 @@ from torch import nn
 from tqdm import tqdm
 
 import crossbar
+from mapping.inputs import call_model
 
 from .datasets import Dataset
 from .models import build_model
 
 DEFAULT_EPOCHS = {"digits": 40, "mnist": 3, "cifar10": 15, "cifar100": 15}
+# The training recipe: everything besides data, model, epochs and seed that decides
+# the trained weights. A change here must change RECIPE["version"] so that cached
+# models trained the old way are not reused.
+RECIPE = {"version": 2, "optimizer": "adam", "schedule": "cosine", "lr": 2e-3, "batch_size": 64}
+_CHECKPOINT_KEYS = ("model", "batchnorm", "dataset", "input_shape", "num_classes", "state_dict")
 
 
-def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float = 2e-3,
-          batch_size: int = 64, progress: bool = True) -> list:
-    """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch."""
+def _check_epochs(epochs) -> int:
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs = {epochs!r} is invalid: expected an integer >= 1")
-    torch.manual_seed(seed)
+    return epochs
+
+
+def seeded_model(name: str, data: Dataset, batchnorm: bool, seed: int) -> nn.Module:
+    """build_model with initial weights drawn from ``seed`` (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, data.input_shape, data.num_classes, batchnorm)
+
+
+def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float = RECIPE["lr"],
+          batch_size: int = RECIPE["batch_size"], progress: bool = True) -> list:
+    """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch.
+
+    The sample order and any randomness inside the model (dropout) come from ``seed``;
+    the global torch RNG is restored afterwards."""
+    _check_epochs(epochs)
     order_rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(data.train_x) + batch_size - 1) // batch_size)
@@ -29,86 +58,123 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     bar = tqdm(total=steps, desc=f"training on {data.name}", unit="step", disable=not progress, leave=False)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(data.train_x), generator=order_rng)
-        total, count = 0.0, 0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:  # batch norm cannot train on a single sample
-                continue
-            loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(total / max(count, 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            model.train()
+            perm = torch.randperm(len(data.train_x), generator=order_rng)
+            total, count = 0.0, 0
+            for i in range(0, len(perm), batch_size):
+                idx = perm[i:i + batch_size]
+                if len(idx) < 2:  # batch norm cannot train on a single sample
+                    continue
+                loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(total / max(count, 1))
     bar.close()
     model.eval()
     return losses
 
 
 def accuracy(model: nn.Module, batches) -> float:
-    """Top-1 accuracy, a fraction in [0, 1], over (x, y) batches."""
+    """Top-1 accuracy, a fraction in [0, 1], over (inputs, labels) batches (inputs as in
+    :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict)."""
     correct = total = 0
     with torch.no_grad():
-        for x, y in batches:
-            correct += (model(x).argmax(1) == y).sum().item()
+        for inputs, y in batches:
+            correct += (call_model(model, inputs).argmax(-1) == y).sum().item()
             total += len(y)
     if total == 0:
         raise ValueError("accuracy: the batches held no samples")
     return correct / total
 
 
-def save_checkpoint(path, model: nn.Module, model_name: str, batchnorm: bool, data: Dataset,
-                    epochs: int, seed: int, test_accuracy: float) -> None:
+def training_record(data: Dataset, model_name: str, batchnorm: bool, epochs: int, seed: int) -> dict:
+    """Everything that decides a trained model's weights."""
+    return {"dataset": data.name, "data_fingerprint": data.fingerprint(), "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "model": model_name, "batchnorm": batchnorm, "epochs": epochs,
+            "seed": seed, "recipe": dict(RECIPE)}
+
+
+def training_key(record: dict) -> str:
+    return hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def check_checkpoint_path(path) -> Path:
+    """A checkpoint path that can be written: not a directory, its folder creatable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path}: is a directory; give the checkpoint's file name (e.g. {path / 'model.pt'})")
+    from .outputs import check_writable_dir
+
+    check_writable_dir(path.parent, f"--out {path}")
+    return path
+
+
+def save_checkpoint(path, model: nn.Module, record: dict, test_accuracy: float) -> None:
+    """Write the model, how it was trained (``training_record``) and its test accuracy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model_name, "batchnorm": batchnorm, "dataset": data.name,
-                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                "epochs": epochs, "seed": seed, "test_accuracy": test_accuracy,
-                "xbarsim_version": crossbar.__version__, "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {**record, "test_accuracy": test_accuracy, "xbarsim_version": crossbar.__version__,
+               "state_dict": model.state_dict()}
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, data: Optional[Dataset] = None, model_name: Optional[str] = None,
                     batchnorm: Optional[bool] = None) -> tuple:
-    """(model, metadata). Given data/model/batchnorm, a checkpoint of something else is refused."""
+    """(model, metadata). Given data/model/batchnorm, a checkpoint of something else is
+    refused; every unreadable file is a ValueError naming the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--checkpoint {path}: no such file")
+        raise ValueError(f"checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu")
-        meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-        expected = {"dataset": data.name if data else None, "model": model_name, "batchnorm": batchnorm}
-        for key, want in expected.items():
-            if want is not None and meta[key] != want:
-                raise ValueError(f"checkpoint {path} holds {key} {meta[key]!r}, but {want!r} was asked for")
-        model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], meta["batchnorm"])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types on garbage
+        raise ValueError(f"checkpoint {path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ValueError(f"checkpoint {path}: not an xbarsim checkpoint (missing {', '.join(missing)}); "
+                         f"a plain state_dict cannot say which model it holds: write one with 'xbarsim train'")
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    expected = {"dataset": data.name if data else None, "model": model_name, "batchnorm": batchnorm}
+    for key, want in expected.items():
+        if want is not None and meta[key] != want:
+            raise ValueError(f"checkpoint {path} holds {key} {meta[key]!r}, but {want!r} was asked for")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: spare the caller's RNG
+            model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], meta["batchnorm"])
         model.load_state_dict(ckpt["state_dict"])
-    except ValueError:
-        raise
-    except Exception as err:
-        raise ValueError(f"checkpoint {path}: not a readable xbarsim checkpoint: {type(err).__name__}: {err}") from None
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path}: its weights do not fit model {meta['model']!r}: {first}") from None
     return model.eval(), meta
 
 
 def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Path, epochs: Optional[int] = None,
                   seed: int = 0, progress: bool = True) -> tuple:
-    """The cached checkpoint for (data, model, batchnorm, epochs, seed), trained if missing."""
-    epochs = epochs if epochs is not None else DEFAULT_EPOCHS[data.name]
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs = {epochs!r} is invalid: expected an integer >= 1")
-    path = Path(cache_dir) / "checkpoints" / f"{data.name}-{model_name}-{'bn' if batchnorm else 'nobn'}-e{epochs}-s{seed}.pt"
-    if path.is_file():
-        return load_checkpoint(path, data, model_name, batchnorm) + (path,)
-    model = build_model(model_name, data.input_shape, data.num_classes, batchnorm)
-    train(model, data, epochs, seed=seed, progress=progress)
-    acc = accuracy(model, data.batches("test"))
-    save_checkpoint(path, model, model_name, batchnorm, data, epochs, seed, acc)
-    return load_checkpoint(path) + (path,)
+    """(model, metadata, path): the cached checkpoint for this data (by fingerprint),
+    model, batch norm, epochs, seed and recipe, trained and cached if missing."""
+    epochs = _check_epochs(epochs if epochs is not None else DEFAULT_EPOCHS[data.name])
+    record = training_record(data, model_name, batchnorm, epochs, seed)
+    name = f"{data.name}-{model_name}-{'bn' if batchnorm else 'nobn'}-e{epochs}-s{seed}-{training_key(record)}.pt"
+    path = Path(cache_dir) / "checkpoints" / name
+    if not path.is_file():
+        model = seeded_model(model_name, data, batchnorm, seed)
+        train(model, data, epochs, seed=seed, progress=progress)
+        save_checkpoint(path, model, record, accuracy(model, data.batches("test")))
+    model, meta = load_checkpoint(path, data, model_name, batchnorm)
+    if meta.get("data_fingerprint") != record["data_fingerprint"]:
+        raise ValueError(f"cached checkpoint {path} was trained on other data; remove it")
+    return model, meta, path

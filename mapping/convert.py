@@ -3,28 +3,45 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 from typing import Iterable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from crossbar import TileConfig
-from crossbar.tile import SeedLike, as_seed_sequence
+from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
-from .layers import AnalogConv2d, AnalogLayer, AnalogLinear
+from .inputs import batch_inputs, call_model
+from .layers import NOT_CALLED_WHY, AnalogConv2d, AnalogLayer, AnalogLinear
 
 # torch layer type -> analog wrapper; everything else stays digital
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d}
+
+
+@contextmanager
+def fused_fast_paths_off():
+    """torch's fused transformer and attention kernels (the 'fast path' that
+    nn.TransformerEncoderLayer and nn.MultiheadAttention take in eval mode) read layer
+    weights directly and never call the analog layers, so converted models run with
+    them off. The switch is torch's own and is restored on exit."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 class AnalogModel(nn.Module):
     """A converted model: the copy of the original with its matrix layers on tiles.
 
     ``report`` lists what went where; ``digital_layers`` the layers with parameters that
-    stayed digital."""
+    stayed digital. Every forward pass checks that each analog layer was called: a layer
+    reported as analog that the model bypassed is an error, never a silent digital result.
+    Call the AnalogModel (not ``.module``) to get these guarantees."""
 
     def __init__(self, module: nn.Module, report: list, digital_layers: list) -> None:
         super().__init__()
@@ -34,8 +51,21 @@ class AnalogModel(nn.Module):
         self.time = 0.0
 
     def forward(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+        return self._run(lambda: self.module(*args, **kwargs), "forward pass")
+
+    def _run(self, fn, what: str):
+        """fn() with fast paths off, then the check that every analog layer ran."""
+        layers = self.analog_layers()
+        for _, layer in layers:
+            layer.called = False
+        with torch.no_grad(), fused_fast_paths_off():
+            out = fn()
+        skipped = [name or type(layer).__name__ for name, layer in layers if not layer.called]
+        if skipped:
+            raise RuntimeError(f"analog layer{'s' if len(skipped) > 1 else ''} {', '.join(map(repr, skipped))} "
+                               f"{'were' if len(skipped) > 1 else 'was'} not called during the {what}: "
+                               f"{NOT_CALLED_WHY}")
+        return out
 
     def analog_layers(self) -> list:
         return [(name, m) for name, m in self.module.named_modules() if isinstance(m, AnalogLayer)]
@@ -50,19 +80,21 @@ class AnalogModel(nn.Module):
     def calibrate(self, batches: Iterable, seed: int = 0) -> "AnalogModel":
         """Calibrate DAC/ADC ranges on sample inputs, layer by layer, right after programming.
 
-        ``batches`` yields model inputs (or (input, target) pairs). Float activations are
-        propagated to collect each layer's inputs; each layer then calibrates at t = 0,
-        and the model returns to its current time."""
+        ``batches`` yields model inputs or (inputs, labels) pairs, by the convention of
+        :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict of keyword
+        inputs (a model of two inputs takes ``((x1, x2), y)`` or ``{"src": ..., "mask": ...}``).
+        Float activations are propagated to collect each layer's inputs; each layer then
+        calibrates at t = 0, and the model returns to its current time. The report gains
+        each layer's calibration fallbacks (tiles that saw no signal)."""
         layers = self.analog_layers()
         for i, (_, layer) in enumerate(layers):
             layer.begin_calibration(seed + i)
         seen = 0
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    self.module(x)
-                    seen += 1
+            for batch in batches:
+                inputs = batch_inputs(batch)
+                self._run(lambda: call_model(self.module, inputs), "calibration")
+                seen += 1
         except BaseException:
             for _, layer in layers:
                 layer._calibration = None
@@ -73,7 +105,28 @@ class AnalogModel(nn.Module):
             raise ValueError("calibrate(batches): batches yielded nothing")
         for _, layer in layers:
             layer.end_calibration()
+        self._report_calibration()
         return self
+
+    def _report_calibration(self) -> None:
+        """Per analog layer in ``report``: tiles whose ADC range came from their
+        conductances, and whether the DAC range did, because the sample gave no signal."""
+        entries = {entry["layer"]: entry for entry in self.report if entry["where"] == "analog"}
+        for name, layer in self.analog_layers():
+            counts = layer.counts()
+            entry = entries.get(name or layer.layer_name)
+            if entry is not None:
+                entry["adc_range_fallback_tiles"] = counts["adc_range_fallback"]
+                entry["dac_range_fallback"] = counts["dac_range_fallback"]
+
+    def calibration_fallbacks(self) -> dict:
+        """{layer: (tiles calibrated without signal, tiles)} for layers that had any."""
+        out = {}
+        for name, layer in self.analog_layers():
+            c = layer.counts()
+            if c["adc_range_fallback"] or c["dac_range_fallback"]:
+                out[name or layer.layer_name] = (c["adc_range_fallback"], c["tiles"])
+        return out
 
     def counts(self) -> dict:
         """Per analog layer: clipped weights and inputs, saturated outputs, clamped devices."""
@@ -110,7 +163,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     if type(module) in ANALOG_LAYERS:
         targets = [("", module)]
     for index, (name, layer) in enumerate(targets):
-        layer_seed = np.random.SeedSequence(root_seed.entropy, spawn_key=tuple(root_seed.spawn_key) + (index,))
+        layer_seed = derive(root_seed, index)
         label = name or type(layer).__name__
         analog = ANALOG_LAYERS[type(layer)].from_torch(layer, tile_config, layer_seed, mapping, label)
         if name:
@@ -126,6 +179,9 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             "clipped_weights": sum(m.clipped_weights for m in analog.matrices),
         })
     analog_names = {name for name, _ in targets}
+    for m in module.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False  # its nested-tensor fast path would bypass the analog layers
     for name, m in module.named_modules():
         if isinstance(m, AnalogLayer) or any(name == a or name.startswith(a + ".") for a in analog_names if a):
             continue

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossbar.seeding import derive
+
 from .matrix import AnalogMatrix
 
 
@@ -41,6 +43,13 @@ def _arrays(obj):
     return obj
 
 
+# Why a layer reported as analog can go uncalled, for the errors that say so.
+NOT_CALLED_WHY = ("the model computed without it, either through a fused fast path that reads its weight "
+                  "directly (such paths are switched off for converted models; a custom module may still "
+                  "have one) or because its forward never uses this layer. Its output would not come from "
+                  "the tiles, so it is refused; remove unused layers before converting")
+
+
 class AnalogLayer(nn.Module):
     """Base analog layer: ``groups`` weight matrices on tiles plus a digital bias.
 
@@ -55,19 +64,26 @@ class AnalogLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._calibration: Optional[list] = None  # per group: sampled input rows
         self._calibration_rng: Optional[np.random.Generator] = None
+        self.called = False  # set by every product: AnalogModel checks that no layer was bypassed
 
     # each group's (out/groups, in/groups) weight matrix, from the float weight
     def _group_weight(self, g: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """The dtypes the float layer accepts: its own (a converted model is float32)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"layer {self.layer_name!r}: input is a {type(x).__name__}: expected a torch.Tensor")
+        if x.dtype != self.weight.dtype:
+            raise ValueError(f"layer {self.layer_name!r}: input has dtype {x.dtype}: expected {self.weight.dtype}, "
+                             f"as the float layer would (it refuses other dtypes too)")
+
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
+        self.called = True
         if self._calibration is not None:
             self._sample_for_calibration(g, vectors)
             return vectors @ self._group_weight(g).t().to(vectors.dtype)
-        try:
-            y = self.matrices[g].matmul(_to_numpy(vectors))
-        except (ValueError, RuntimeError) as err:
-            raise type(err)(f"layer {self.layer_name!r}: {err}") from None
+        y = self.matrices[g].matmul(_to_numpy(vectors))  # its errors name the layer and the tile
         return torch.from_numpy(y).to(vectors.dtype)
 
     def _add_bias(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -100,7 +116,8 @@ class AnalogLayer(nn.Module):
         samples, self._calibration = self._calibration, None
         for m, parts in zip(self.matrices, samples):
             if not parts:
-                raise RuntimeError(f"layer {self.layer_name!r} saw no input during calibration")
+                raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: "
+                                   f"{NOT_CALLED_WHY}")
             m.calibrate(np.concatenate(parts))
 
     def weight_pairs(self) -> list:
@@ -148,6 +165,7 @@ class AnalogLinear(AnalogLayer):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         with torch.no_grad():
             n_in = self.weight.shape[1]
             if x.shape[-1] != n_in:
@@ -182,10 +200,9 @@ class AnalogConv2d(AnalogLayer):
             weight = weight.unsqueeze(2)  # (out, in/g, 1, k)
         groups = layer.groups
         per_group = weight.shape[0] // groups
-        children = seed.spawn(groups)
         matrices = [
             AnalogMatrix(cls._matrix(weight[g * per_group:(g + 1) * per_group]).double().numpy(),
-                         tile_config, children[g], mapping, f"{name}[group {g}]" if groups > 1 else name)
+                         tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
             for g in range(groups)
         ]
         # F.pad order, last dimension first: (left, right, top, bottom)
@@ -202,6 +219,7 @@ class AnalogConv2d(AnalogLayer):
         return self._matrix(self.weight[g * per_group:(g + 1) * per_group])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         with torch.no_grad():
             if self.one_d:
                 x = x.unsqueeze(2)

@@ -1,12 +1,13 @@
 """A weight matrix on a grid of crossbar tiles that behaves like a matrix."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
 
 from crossbar import Tile, TileConfig
-from crossbar.tile import SeedLike, as_seed_sequence
+from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .conductance import reference_weight, weights_to_conductances
 from .config import MappingConfig
@@ -53,6 +54,7 @@ class AnalogMatrix:
         self.col_blocks = _blocks(w.shape[0], tile_config.cols)
         self.time = 0.0
         self.alpha = 1.0
+        self.dac_range_fallback = False  # the calibration sample was all zero (see calibrate)
         self._r0: Optional[float] = None
         self._compensation_x: Optional[np.ndarray] = None  # stored calibration inputs
         self._program(w.T, as_seed_sequence(seed))
@@ -63,11 +65,10 @@ class AnalogMatrix:
     def _program(self, wt: np.ndarray, seed: np.random.SeedSequence) -> None:
         dev, m = self.tile_config.device, self.mapping
         layer_ref = reference_weight(wt, m.clip, m.clip_value) if m.scale == "layer" else None
-        children = iter(seed.spawn(len(self.row_blocks) * len(self.col_blocks)))
         self.tiles, self.scales, self.clipped_weights = [], [], 0
-        for r0, r1 in self.row_blocks:
+        for i, (r0, r1) in enumerate(self.row_blocks):
             tile_row, scale_row = [], []
-            for c0, c1 in self.col_blocks:
+            for j, (c0, c1) in enumerate(self.col_blocks):
                 block = wt[r0:r1, c0:c1]
                 if m.scale == "layer":
                     w_ref = layer_ref
@@ -75,7 +76,8 @@ class AnalogMatrix:
                     w_ref = reference_weight(block, m.clip, m.clip_value, axis=0 if m.scale == "column" else None)
                 g_plus, g_minus, scale, clipped = weights_to_conductances(block, dev.g_min, dev.g_max, w_ref)
                 self.clipped_weights += clipped
-                tile_row.append(Tile(self.tile_config).program(g_plus, g_minus, seed=next(children)))
+                tile_row.append(Tile(self.tile_config).program(g_plus, g_minus,
+                                                                 seed=derive(seed, i * len(self.col_blocks) + j)))
                 scale_row.append(np.broadcast_to(np.asarray(scale, np.float32), (c1 - c0,)).copy())
             self.tiles.append(tile_row)
             self.scales.append(scale_row)
@@ -102,12 +104,22 @@ class AnalogMatrix:
             return self._matmul(x, count=True)
         return np.concatenate([self._matmul(x[i:i + chunk], count=True) for i in range(0, x.shape[0], chunk)])
 
+    @contextmanager
+    def _naming(self, i: int, j: int):
+        """Errors from tile (i, j) name this layer and the tile."""
+        try:
+            yield
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"layer {self.name!r}, tile ({i}, {j}) of {len(self.row_blocks)} x "
+                            f"{len(self.col_blocks)}: {err}") from None
+
     def _matmul(self, x: np.ndarray, count: bool, scale_output: bool = True) -> np.ndarray:
         y = np.zeros((x.shape[0], self.shape[0]), dtype=np.float32)
-        for (r0, r1), tile_row, scale_row in zip(self.row_blocks, self.tiles, self.scales):
+        for i, ((r0, r1), tile_row, scale_row) in enumerate(zip(self.row_blocks, self.tiles, self.scales)):
             xr = np.ascontiguousarray(x[:, r0:r1])
-            for (c0, c1), tile, scale in zip(self.col_blocks, tile_row, scale_row):
-                y[:, c0:c1] += tile.mvm(xr, count=count) / scale
+            for j, ((c0, c1), tile, scale) in enumerate(zip(self.col_blocks, tile_row, scale_row)):
+                with self._naming(i, j):
+                    y[:, c0:c1] += tile.mvm(xr, count=count) / scale
         if scale_output and self.alpha != 1.0:
             y *= np.float32(self.alpha)
         return y
@@ -115,40 +127,52 @@ class AnalogMatrix:
     # -- time, calibration, drift compensation ------------------------------------------------
     def at(self, t: float) -> "AnalogMatrix":
         """Set the inference time (s since programming) of every tile; re-measure alpha."""
-        for tile in self.all_tiles():
-            tile.at(t)
+        for i, tile_row in enumerate(self.tiles):
+            for j, tile in enumerate(tile_row):
+                with self._naming(i, j):
+                    tile.at(t)
         self.time = self.tiles[0][0].time
         if self.mapping.drift_compensation and self._r0 is not None:
             r_t = self._readout()
             if not r_t > 0:
-                raise RuntimeError(f"{self.name}: drift compensation read back 0 at t = {t} s; "
+                raise RuntimeError(f"layer {self.name!r}: drift compensation read back 0 at t = {t} s; "
                                    f"the array no longer conducts (check stuck-at and clamp counts)")
             self.alpha = self._r0 / r_t
         return self
 
     def calibrate(self, x) -> "AnalogMatrix":
         """Calibrate DAC (one range per layer) and ADC (one per tile) ranges on sample
-        inputs X (batch, in), right after programming (t = 0), then measure r0."""
+        inputs X (batch, in), right after programming (t = 0), then measure r0.
+
+        A sample too sparse for the percentile takes its maximum. A layer whose sample is
+        all zero keeps a DAC range of 1 (normalised volts) and ``dac_range_fallback``;
+        a tile whose inputs are all zero takes its ADC range from its conductances
+        (``Tile.calibrate_output``); both are counted, and the run goes on."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.shape[1] or x.shape[0] == 0:
-            raise ValueError(f"{self.name}: calibration input has shape {x.shape}: expected (batch > 0, {self.shape[1]})")
+            raise ValueError(f"layer {self.name!r}: calibration input has shape {x.shape}: "
+                             f"expected (batch > 0, {self.shape[1]})")
         t = self.time
         for tile in self.all_tiles():
             tile.at(0.0)
         cfg = self.tile_config
+        self.dac_range_fallback = cfg.dac.range_mode == "calibrated" and not np.any(x)
         if cfg.dac.range_mode == "calibrated":
-            r = float(np.percentile(np.abs(x), cfg.dac.percentile))
-            if not r > 0:
-                raise ValueError(f"{self.name}: cannot calibrate the DAC range: the {cfg.dac.percentile}th "
-                                 f"percentile of |input| over the sample is {r}")
+            magnitudes = np.abs(x)
+            r = float(np.percentile(magnitudes, cfg.dac.percentile)) or float(magnitudes.max()) or 1.0
             for tile in self.all_tiles():
                 tile.input_range = r
         if cfg.adc.range_mode == "calibrated":
-            for (r0, r1), tile_row in zip(self.row_blocks, self.tiles):
+            for i, ((r0, r1), tile_row) in enumerate(zip(self.row_blocks, self.tiles)):
                 xr = np.ascontiguousarray(x[:, r0:r1])
-                for tile in tile_row:
-                    tile.calibrate_output(xr)
-        self._compensation_x = np.ascontiguousarray(x[:COMPENSATION_ROWS])
+                for j, tile in enumerate(tile_row):
+                    with self._naming(i, j):
+                        tile.calibrate_output(xr)
+        compensation_x = x[:COMPENSATION_ROWS]
+        if not np.any(compensation_x):
+            # all-zero inputs read zero at every time; every line at full scale reads the array
+            compensation_x = np.full((1, self.shape[1]), self.tiles[0][0].input_range or 1.0, np.float32)
+        self._compensation_x = np.ascontiguousarray(compensation_x)
         self._measure_r0()
         self.at(t)
         return self
@@ -158,7 +182,9 @@ class AnalogMatrix:
         if self.mapping.drift_compensation:
             self._r0 = self._readout()
             if not self._r0 > 0:
-                raise RuntimeError(f"{self.name}: drift compensation reference read is 0: all weights map to zero")
+                raise RuntimeError(f"layer {self.name!r}: drift compensation reference read is 0: every output "
+                                   f"of the reference input rounds to zero (all weights zero, or an ADC too "
+                                   f"coarse for them); set mapping.drift_compensation = false for this model")
 
     def _readout(self) -> float:
         """Mean |output|, in weight units, for the fixed compensation input."""
@@ -187,7 +213,7 @@ class AnalogMatrix:
 
     def _require_ready(self) -> None:
         if not self._ranges_ready():
-            raise RuntimeError(f"{self.name}: DAC/ADC ranges are not calibrated: call calibrate() "
+            raise RuntimeError(f"layer {self.name!r}: DAC/ADC ranges are not calibrated: call calibrate() "
                                f"with sample inputs first (calibrated range modes)")
 
     # -- reporting and persistence ------------------------------------------------------------
@@ -200,6 +226,7 @@ class AnalogMatrix:
         total["weights"] = self.shape[0] * self.shape[1]
         total["clipped_weights"] = self.clipped_weights
         total["tiles"] = self.n_tiles
+        total["dac_range_fallback"] = int(self.dac_range_fallback)
         return total
 
     def reset_counts(self) -> None:
@@ -221,6 +248,7 @@ class AnalogMatrix:
             "scales": [s for row in self.scales for s in row],
             "clipped_weights": self.clipped_weights,
             "r0": self._r0,
+            "dac_range_fallback": self.dac_range_fallback,
             "compensation_x": self._compensation_x,
             "time": self.time,
         }
@@ -234,6 +262,7 @@ class AnalogMatrix:
         self.scales = [[np.asarray(next(flat), np.float32) for _ in row] for row in self.tiles]
         self.clipped_weights = int(state["clipped_weights"])
         self._r0 = state["r0"]
+        self.dac_range_fallback = bool(state.get("dac_range_fallback", False))
         cx = state["compensation_x"]
         self._compensation_x = None if cx is None else np.asarray(cx, np.float32)
         self.alpha = 1.0

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 from eval.datasets import default_cache_dir, load_dataset
+from eval.stats import ci_bounds
 from eval.train import train_or_load
 
 
@@ -26,7 +28,8 @@ def data_and_models(args, pairs):
     data = load_dataset(args.dataset, args.data_dir)
     models = {}
     for name, bn in pairs:
-        models[(name, bn)], _, _ = train_or_load(data, name, bn, default_cache_dir(), args.epochs, seed=args.seed)
+        models[(name, bn)], _, _ = train_or_load(data, name, bn, default_cache_dir(), args.epochs, seed=args.seed,
+                                               progress=sys.stderr.isatty())
     return data, models
 
 
@@ -42,12 +45,20 @@ def loss_points(ideal: float, accuracy: float) -> float:
     return 100.0 * (ideal - accuracy)
 
 
+def summary(row: dict) -> dict:
+    """The mean and 95% CI columns of an evaluated row (CI bounds None where n/a)."""
+    low, high = ci_bounds(row["ci95"])
+    return {"accuracy_mean": row["accuracy_mean"], "ci95_low": low, "ci95_high": high}
+
+
 def plot_band(ax, rows: list, label: str, color: str, style: str = "o-") -> None:
-    """Mean accuracy (%) against ``level`` with its 95% CI as a band."""
+    """Mean accuracy (%) against ``level`` with its 95% CI as a band (none where n/a)."""
     levels = [r["level"] for r in rows]
-    ax.plot(levels, [100 * r["accuracy_mean"] for r in rows], style, color=color, label=label)
-    ax.fill_between(levels, [100 * r["ci95_low"] for r in rows], [100 * r["ci95_high"] for r in rows],
-                    color=color, alpha=0.12)
+    mean = [100 * r["accuracy_mean"] for r in rows]
+    ax.plot(levels, mean, style, color=color, label=label)
+    low = [100 * r["ci95_low"] if r["ci95_low"] is not None else m for r, m in zip(rows, mean)]
+    high = [100 * r["ci95_high"] if r["ci95_high"] is not None else m for r, m in zip(rows, mean)]
+    ax.fill_between(levels, low, high, color=color, alpha=0.12)
 
 
 def write_findings(path: Path, lines: list) -> None:

@@ -14,13 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, plot_band, write_csv, write_findings  # noqa: E402
+from _common import data_and_models, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
 
 from crossbar import presets  # noqa: E402
 from eval.config import BaselineConfig  # noqa: E402
@@ -44,17 +41,18 @@ def main() -> None:
         ideal = accuracy(model, test)
         for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False):
             rows.append(dict(model=name, batchnorm=bn, kind="baseline", level=b["sigma"], ideal=ideal,
-                             accuracy_mean=b["accuracy_mean"], ci95_low=b["ci95"][0], ci95_high=b["ci95"][1]))
+                             **summary(b)))
         for scale in NOISE_SCALES:
             tile = presets.pcm(prog_noise_scale=scale)
             a = evaluate_analog(model, tile, MappingConfig(), test, calibration, (86400.0,), args.repeats,
                                 args.seed, fold_batchnorm=bn, progress=False)["rows"][0]
             rows.append(dict(model=name, batchnorm=bn, kind="crossbar", level=scale, ideal=ideal,
-                             accuracy_mean=a["accuracy_mean"], ci95_low=a["ci95"][0], ci95_high=a["ci95"][1]))
+                             **summary(a)))
         print(f"{name} batchnorm={bn}: done", flush=True)
     write_csv(out / "batchnorm_robustness.csv", rows)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, kind, xlabel in ((axes[0], "baseline", "additive noise eta (sigma / std(W) per layer)"),
                              (axes[1], "crossbar", "PCM programming-noise scale (x the fit)")):
         for i, name in enumerate(MODELS):
@@ -68,7 +66,6 @@ def main() -> None:
     axes[1].set_xscale("log", base=2)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"batch norm and noise robustness ({data.name}, {args.repeats} repeats, 95% CI)")
-    fig.tight_layout()
     fig.savefig(out / "batchnorm_robustness.png", dpi=110)
 
     lines = [f"Batch norm and noise robustness on {data.name} ({args.repeats} repeats per point).",

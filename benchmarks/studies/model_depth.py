@@ -12,13 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, plot_band, write_csv, write_findings  # noqa: E402
+from _common import data_and_models, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
 
 from eval.config import BaselineConfig  # noqa: E402
 from eval.experiment import evaluate_baseline  # noqa: E402
@@ -42,11 +39,12 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False):
             rows.append(dict(model=name, parameters=params, level=b["sigma"], ideal=ideal,
-                             accuracy_mean=b["accuracy_mean"], ci95_low=b["ci95"][0], ci95_high=b["ci95"][1]))
+                             **summary(b)))
         print(f"{name}: done", flush=True)
     write_csv(out / "model_depth.csv", rows)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
     for i, name in enumerate(MODELS):
         plot_band(ax, [r for r in rows if r["model"] == name], name, f"C{i}")
     ax.set_xlabel("additive noise eta (sigma / std(W) per layer)")
@@ -54,7 +52,6 @@ def main() -> None:
     ax.set_title(f"model family and depth ({data.name}, batch norm {'on' if args.batchnorm else 'off'})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(out / "model_depth.png", dpi=110)
 
     worst = ETAS[-2]

@@ -97,3 +97,31 @@ def test_digits_and_dataset_errors():
         load_dataset("imagenet")
     with pytest.raises(ValueError, match="--data-dir"):
         load_dataset("mnist")
+
+
+def test_truncated_and_corrupted_gzip_name_the_file(tmp_path):
+    make_mnist(tmp_path, compress=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz: truncated gzip file"):
+        load_mnist(str(tmp_path))
+    corrupted = bytearray(whole)
+    corrupted[20:60] = b"\xff" * 40  # inside the deflate stream
+    path.write_bytes(bytes(corrupted))
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz: cannot read"):
+        load_mnist(str(tmp_path))
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    make_mnist(tmp_path)
+    labels = np.zeros(10, np.uint8)
+    labels[4] = 12  # would crash training, or quietly count as a wrong answer
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: 1 labels outside \[0, 10\) .*index 4.* is 12"):
+        load_mnist(str(tmp_path))
+    write_cifar(tmp_path, 10)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}, f)
+    with pytest.raises(DatasetError, match=r"test_batch: 1 labels outside \[0, 10\)"):
+        load_cifar(str(tmp_path), 10)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # a cluster of worker processes per test
 
 from eval.sweep import run_sweep  # noqa: E402
 from eval.sweep_spec import SpecError, parse_spec  # noqa: E402

@@ -9,7 +9,7 @@ from eval.datasets import load_digits
 from eval.experiment import validation_check, validation_tile_config
 from eval.models import build_model
 from eval.stats import difference_ci, summarize
-from eval.train import load_checkpoint, save_checkpoint, train
+from eval.train import load_checkpoint, save_checkpoint, seeded_model, train, training_record
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained_mlp(digits):
-    model = build_model("mlp", digits.input_shape, 10, False)
+    model = seeded_model("mlp", digits, False, seed=0)  # the same weights whatever ran before
     train(model, digits, 8, seed=0, progress=False)
     return model
 
@@ -30,9 +30,10 @@ def test_summary_statistics_on_known_values():
     assert s["accuracy_std"] == pytest.approx(np.std([0.9, 0.8, 0.7, 0.6], ddof=1))
     half = 3.182446305284263 * s["accuracy_std"] / 2  # t(0.975, 3) * s / sqrt(4)
     assert s["ci95"] == pytest.approx([0.75 - half, 0.75 + half])
-    assert summarize([0.5])["ci95"] == [0.5, 0.5]
+    # no spread to estimate: the CI is not available, never a zero-width interval
+    assert summarize([0.5])["ci95"] is None and summarize([0.7, 0.7, 0.7])["ci95"] is None
     diff, ci = difference_ci([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
-    assert diff == 0.5 and ci == [0.5, 0.5]
+    assert diff == 0.5 and ci is None
 
 
 def test_ci_covers_the_true_mean_at_the_nominal_rate():
@@ -85,16 +86,25 @@ def test_validation_passes_for_gaussian_and_fails_with_a_3_bit_adc(digits, train
     calibration = digits.batches("train", limit=256)
     tile = validation_tile_config(TileConfig(rows=64, cols=64), cfg)
     good = validation_check(trained_mlp, test, calibration, cfg, tile, repeats=6, seed=0, progress=False)
-    assert good["passed"], good
+    assert good["verdict"] == "PASSED" and good["passed"], good
+    assert -cfg.tolerance <= good["ci95"][0] and good["ci95"][1] <= cfg.tolerance
     coarse = tile.with_path("adc.bits", 3).with_path("adc.range_mode", "calibrated")
     bad = validation_check(trained_mlp, test, calibration, cfg, coarse, repeats=6, seed=0, progress=False)
-    assert not bad["passed"], bad
-    assert bad["difference"] < -cfg.tolerance
+    assert bad["verdict"] == "FAILED" and not bad["passed"], bad
+    assert bad["ci95"][1] < -cfg.tolerance
+
+
+def test_validation_with_one_repeat_cannot_decide(digits, trained_mlp):
+    cfg = ValidationConfig()
+    tile = validation_tile_config(TileConfig(rows=64, cols=64), cfg)
+    one = validation_check(trained_mlp, digits.batches("test"), digits.batches("train", limit=256), cfg, tile,
+                           repeats=1, seed=0, progress=False)
+    assert one["verdict"] == "INCONCLUSIVE" and one["passed"] is False and one["ci95"] is None
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path, digits, trained_mlp):
     path = tmp_path / "m.pt"
-    save_checkpoint(path, trained_mlp, "mlp", False, digits, 8, 0, 0.9)
+    save_checkpoint(path, trained_mlp, training_record(digits, "mlp", False, 8, 0), 0.9)
     model, meta = load_checkpoint(path, digits, "mlp", False)
     assert meta["test_accuracy"] == 0.9
     x = digits.test_x[:5]
@@ -102,7 +112,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path, digits, trained_mlp):
     with pytest.raises(ValueError, match="holds model 'mlp'"):
         load_checkpoint(path, digits, "cnn")
     path.write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable xbarsim checkpoint"):
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(path)
 
 

@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "numpy>=1.24",
         "numba>=0.58",
-        "torch>=2.0",
+        "torch>=2.3",  # torch.backends.mha (fused fast paths switched off in converted models)
         "scipy>=1.10",
         "matplotlib>=3.6",
         "scikit-learn>=1.2",

@@ -8,12 +8,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-def _package_version() -> str:
-    from crossbar import __version__
-
-    return __version__
-
-
 _UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "y": 31536000.0}
 
 
@@ -28,6 +22,12 @@ def parse_time(text: str) -> float:
 
 def parse_times(text: str) -> tuple:
     return tuple(parse_time(part) for part in text.split(",") if part.strip())
+
+
+def _package_version() -> str:
+    from crossbar import __version__
+
+    return __version__
 
 
 def _add_data_model_options(p: argparse.ArgumentParser) -> None:
@@ -95,11 +95,10 @@ def _run(args) -> int:
     from .config import RunConfig, load_run_config
     from .datasets import default_cache_dir, load_dataset
     from .experiment import run_experiment
+    from .outputs import check_writable_dir
     from .plots import plot_accuracy_vs_time, plot_histograms
     from .results import table, versions, write_results
     from .train import load_checkpoint, train_or_load
-
-    from .outputs import check_writable_dir
 
     start = time.perf_counter()
     config = load_run_config(args.config) if args.config else RunConfig()

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 import mapping
 from crossbar import ADCConfig, DACConfig, DeviceConfig, TileConfig
-from mapping.inputs import slice_inputs
 from crossbar.seeding import derive
+from mapping.inputs import slice_inputs
 
 from .baseline import noised_tensors, noisy_copy
 from .config import BaselineConfig, RunConfig, ValidationConfig
@@ -174,8 +174,8 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
         rng = np.random.default_rng(derive(seed, _VALIDATION_BASELINE, r))
         accs.append(accuracy(noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0], test))
     baseline = summarize(accs)
-    test = equivalence(crossbar["accuracies"], accs, cfg.tolerance)
-    return {**test, "passed": test["verdict"] == "PASSED", "tolerance": cfg.tolerance, "repeats": repeats,
+    decision = equivalence(crossbar["accuracies"], accs, cfg.tolerance)
+    return {**decision, "passed": decision["verdict"] == "PASSED", "tolerance": cfg.tolerance, "repeats": repeats,
             "prog_sigma_abs": tile.device.prog_sigma_abs, "equivalent_sigmas": sigmas,
             "crossbar": {k: crossbar[k] for k in ("accuracy_mean", "accuracy_std", "ci95", "accuracies")},
             "baseline": {**baseline, "accuracies": accs}}

@@ -1,7 +1,7 @@
 """A slow, obvious float64 implementation of the tile's matrix-vector product.
 
 It shares the tile's programmed state (programming, drift and 1/f are numpy code in the
-device models already) and re-implements everything on the hot path in plain numpy:
+device models already, run by the tile grid) and re-implements everything on the hot path in plain numpy:
 DAC, products, per-read noise and ADC. Per-read noise is sampled the slow way that the
 fast path avoids: a fresh noisy copy of both conductance matrices for every input row.
 """
@@ -64,5 +64,9 @@ class ReferenceTile(Tile):
             y = xq @ (g_plus - g_minus)
         y, saturated = quantize_reference(y, r_out if r_out is not None else 1.0, cfg.adc.bits)
         y = y * scales[:, None]
-        self.counts.record(x.size, clipped, y.size, saturated)
+        counts = self.grid.counts  # the 1 x 1 grid's (0, 0) entries are this tile's
+        counts["dac_converted"][0, 0] += x.size
+        counts["dac_clipped"][0, 0] += clipped
+        counts["adc_converted"][0, 0] += y.size
+        counts["adc_saturated"][0, 0] += saturated
         return y

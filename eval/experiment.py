@@ -67,8 +67,7 @@ def _histograms(analog) -> dict:
     g, err = [], []
     for _, layer in analog.analog_layers():
         for m in layer.matrices:
-            for tile in m.all_tiles():
-                g.extend(tile.conductances())
+            g.append(m.grid.conductances())
         for w, w_read in layer.weight_pairs():
             err.append(((w_read - w) / (np.abs(w).max() or 1.0)).ravel())
     g = np.concatenate([a.ravel() for a in g])

@@ -3,7 +3,8 @@ from .batchnorm import fold_batchnorm
 from .conductance import conductances_to_weights, reference_weight, weights_to_conductances
 from .config import MappingConfig
 from .convert import ANALOG_LAYERS, AnalogModel, convert
-from .layers import AnalogConv2d, AnalogLayer, AnalogLinear
+from .conv import AnalogConv2d
+from .layers import AnalogLayer, AnalogLinear
 from .matrix import AnalogMatrix
 
 __all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "MappingConfig",

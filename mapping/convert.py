@@ -15,7 +15,8 @@ from crossbar.seeding import SeedLike, as_seed_sequence, derive
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
 from .inputs import batch_inputs, call_model
-from .layers import NOT_CALLED_WHY, AnalogConv2d, AnalogLayer, AnalogLinear
+from .conv import AnalogConv2d
+from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
 
 # torch layer type -> analog wrapper; everything else stays digital
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d}

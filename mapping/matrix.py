@@ -1,33 +1,35 @@
 """A weight matrix on a grid of crossbar tiles that behaves like a matrix."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
+import torch
+from torch import nn
 
-from crossbar import Tile, TileConfig
+from crossbar import TileConfig
+from crossbar.grid import TileGrid
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .conductance import reference_weight, weights_to_conductances
 from .config import MappingConfig
 
-
 # calibration inputs kept for drift compensation's reference read: enough for a stable
 # mean |y|, few enough to read at every at(t) for free
 COMPENSATION_ROWS = 128
+# one-hot reference vectors read at a time (each is a full product over the grid)
+_ONE_HOT_CHUNK = 256
 
 
-def _blocks(n: int, size: int) -> list:
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+class AnalogMatrix(nn.Module):
+    """W (out, in) on a :class:`crossbar.grid.TileGrid`: inputs along tile rows, outputs
+    along tile columns, edge tiles partly used.
 
-
-class AnalogMatrix:
-    """W (out, in) split over tiles: inputs along tile rows, outputs along tile columns.
-
-    Edge tiles are partly used. Each tile converts its own columns with its own ADC; the
-    partial sums are added digitally, scaled back to weight units and, with drift
-    compensation on, multiplied by alpha = r0 / r(t) (PHYSICS.md sections 5-6).
+    Each tile converts its own columns with its own ADC; the partial sums are scaled back
+    to weight units (``divisor``: uS per unit weight of each row block and column) and
+    added digitally, and with drift compensation on multiplied by alpha = r0 / r(t)
+    (PHYSICS.md sections 5-6). The programmed chip, its ranges and the compensation
+    reference are buffers: ``state_dict()`` saves the chip bitwise.
 
         A = AnalogMatrix(W, presets.pcm(), seed=0)
         A.calibrate(X_sample)       # calibrated DAC/ADC ranges, at t = 0
@@ -36,6 +38,7 @@ class AnalogMatrix:
 
     def __init__(self, weight, tile_config: TileConfig, seed: SeedLike = None,
                  mapping: Optional[MappingConfig] = None, name: str = "matrix") -> None:
+        super().__init__()
         self.name = name
         self.mapping = mapping if mapping is not None else MappingConfig()
         if not isinstance(self.mapping, MappingConfig):
@@ -50,94 +53,74 @@ class AnalogMatrix:
             raise ValueError(f"layer {name!r}: weight contains {n_bad} NaN or Inf values")
         self.tile_config = tile_config
         self.shape = w.shape
-        self.row_blocks = _blocks(w.shape[1], tile_config.rows)
-        self.col_blocks = _blocks(w.shape[0], tile_config.cols)
-        self.time = 0.0
+        self.grid = TileGrid(tile_config, w.shape[1], w.shape[0], name=f"layer {name!r}")
         self.alpha = 1.0
         self.dac_range_fallback = False  # the calibration sample was all zero (see calibrate)
-        self._r0: Optional[float] = None
-        self._compensation_x: Optional[np.ndarray] = None  # stored calibration inputs
+        self.register_buffer("divisor", torch.zeros(0))                 # (R, out) uS per unit weight
+        self.register_buffer("r0", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("compensation_x", torch.zeros(0))          # the reference read's inputs
+        self.register_load_state_dict_post_hook(_after_load)
         self._program(w.T, as_seed_sequence(seed))
         if self._ranges_ready():
             self._measure_r0()
 
     # -- construction ----------------------------------------------------------------------
     def _program(self, wt: np.ndarray, seed: np.random.SeedSequence) -> None:
-        dev, m = self.tile_config.device, self.mapping
+        """Targets and the digital scale of every tile from W^T (in, out); tile k draws
+        from sub-stream k of ``seed``."""
+        dev, m, grid = self.tile_config.device, self.mapping, self.grid
+        g_plus, g_minus = np.empty(wt.shape), np.empty(wt.shape)
+        divisor = np.empty((grid.grid_shape[0], wt.shape[1]), np.float32)
         layer_ref = reference_weight(wt, m.clip, m.clip_value) if m.scale == "layer" else None
-        self.tiles, self.scales, self.clipped_weights = [], [], 0
-        for i, (r0, r1) in enumerate(self.row_blocks):
-            tile_row, scale_row = [], []
-            for j, (c0, c1) in enumerate(self.col_blocks):
-                block = wt[r0:r1, c0:c1]
-                if m.scale == "layer":
-                    w_ref = layer_ref
-                else:
-                    w_ref = reference_weight(block, m.clip, m.clip_value, axis=0 if m.scale == "column" else None)
-                g_plus, g_minus, scale, clipped = weights_to_conductances(block, dev.g_min, dev.g_max, w_ref)
-                self.clipped_weights += clipped
-                tile_row.append(Tile(self.tile_config).program(g_plus, g_minus,
-                                                                 seed=derive(seed, i * len(self.col_blocks) + j)))
-                scale_row.append(np.broadcast_to(np.asarray(scale, np.float32), (c1 - c0,)).copy())
-            self.tiles.append(tile_row)
-            self.scales.append(scale_row)
+        self.clipped_weights = 0
+        for r, _, rs, cs in grid.tiles():
+            block = wt[rs, cs]
+            w_ref = layer_ref if m.scale == "layer" else \
+                reference_weight(block, m.clip, m.clip_value, axis=0 if m.scale == "column" else None)
+            g_plus[rs, cs], g_minus[rs, cs], scale, clipped = weights_to_conductances(block, dev.g_min, dev.g_max,
+                                                                                     w_ref)
+            self.clipped_weights += clipped
+            divisor[r, cs] = np.asarray(scale, np.float32)
+        self.divisor = torch.from_numpy(divisor)
+        n_tiles = grid.grid_shape[0] * grid.grid_shape[1]
+        grid.program(g_plus, g_minus, [derive(seed, k) for k in range(n_tiles)])
 
     @property
     def n_tiles(self) -> int:
-        return len(self.row_blocks) * len(self.col_blocks)
+        return self.grid.grid_shape[0] * self.grid.grid_shape[1]
 
-    def all_tiles(self):
-        for row in self.tiles:
-            yield from row
+    @property
+    def time(self) -> float:
+        return self.grid.time
 
     # -- the product --------------------------------------------------------------------------
     def matmul(self, x) -> np.ndarray:
         """X (batch, in) -> (batch, out) in weight units, float32."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.shape[1]:
-            raise ValueError(f"{self.name}: input has shape {x.shape}: expected (batch, {self.shape[1]})")
+            raise ValueError(f"layer {self.name!r}: input has shape {x.shape}: expected (batch, {self.shape[1]})")
         if x.dtype not in (np.float32, np.float64):
-            raise ValueError(f"{self.name}: input has dtype {x.dtype}: expected float32 or float64")
+            raise ValueError(f"layer {self.name!r}: input has dtype {x.dtype}: expected float32 or float64")
         self._require_ready()
         chunk = self.mapping.max_rows_per_chunk
         if x.shape[0] <= chunk:
-            return self._matmul(x, count=True)
-        return np.concatenate([self._matmul(x[i:i + chunk], count=True) for i in range(0, x.shape[0], chunk)])
+            return self._product(x, count=True)
+        return np.concatenate([self._product(x[i:i + chunk], count=True) for i in range(0, x.shape[0], chunk)])
 
-    @contextmanager
-    def _naming(self, i: int, j: int):
-        """Errors from tile (i, j) name this layer and the tile."""
-        try:
-            yield
-        except (ValueError, RuntimeError) as err:
-            raise type(err)(f"layer {self.name!r}, tile ({i}, {j}) of {len(self.row_blocks)} x "
-                            f"{len(self.col_blocks)}: {err}") from None
-
-    def _matmul(self, x: np.ndarray, count: bool, scale_output: bool = True) -> np.ndarray:
-        y = np.zeros((x.shape[0], self.shape[0]), dtype=np.float32)
-        for i, ((r0, r1), tile_row, scale_row) in enumerate(zip(self.row_blocks, self.tiles, self.scales)):
-            xr = np.ascontiguousarray(x[:, r0:r1])
-            for j, ((c0, c1), tile, scale) in enumerate(zip(self.col_blocks, tile_row, scale_row)):
-                with self._naming(i, j):
-                    y[:, c0:c1] += tile.mvm(xr, count=count) / scale
-        if scale_output and self.alpha != 1.0:
-            y *= np.float32(self.alpha)
-        return y
+    def _product(self, x: np.ndarray, count: bool, compensated: bool = True) -> np.ndarray:
+        return self.grid.product(x, count=count, divisor=self.divisor.numpy(),
+                                 alpha=self.alpha if compensated else 1.0)
 
     # -- time, calibration, drift compensation ------------------------------------------------
     def at(self, t: float) -> "AnalogMatrix":
         """Set the inference time (s since programming) of every tile; re-measure alpha."""
-        for i, tile_row in enumerate(self.tiles):
-            for j, tile in enumerate(tile_row):
-                with self._naming(i, j):
-                    tile.at(t)
-        self.time = self.tiles[0][0].time
-        if self.mapping.drift_compensation and self._r0 is not None:
+        self.grid.at(t)
+        if self.mapping.drift_compensation and not torch.isnan(self.r0):
             r_t = self._readout()
             if not r_t > 0:
                 raise RuntimeError(f"layer {self.name!r}: drift compensation read back 0 at t = {t} s; "
                                    f"the array no longer conducts (check stuck-at and clamp counts)")
-            self.alpha = self._r0 / r_t
+            self.alpha = float(self.r0) / r_t
         return self
 
     def calibrate(self, x) -> "AnalogMatrix":
@@ -147,32 +130,26 @@ class AnalogMatrix:
         A sample too sparse for the percentile takes its maximum. A layer whose sample is
         all zero keeps a DAC range of 1 (normalised volts) and ``dac_range_fallback``;
         a tile whose inputs are all zero takes its ADC range from its conductances
-        (``Tile.calibrate_output``); both are counted, and the run goes on."""
+        (``TileGrid.calibrate_output``); both are counted, and the run goes on."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.shape[1] or x.shape[0] == 0:
             raise ValueError(f"layer {self.name!r}: calibration input has shape {x.shape}: "
                              f"expected (batch > 0, {self.shape[1]})")
         t = self.time
-        for tile in self.all_tiles():
-            tile.at(0.0)
+        self.grid.at(0.0)
         cfg = self.tile_config
         self.dac_range_fallback = cfg.dac.range_mode == "calibrated" and not np.any(x)
         if cfg.dac.range_mode == "calibrated":
             magnitudes = np.abs(x)
-            r = float(np.percentile(magnitudes, cfg.dac.percentile)) or float(magnitudes.max()) or 1.0
-            for tile in self.all_tiles():
-                tile.input_range = r
+            self.grid.set_input_range(float(np.percentile(magnitudes, cfg.dac.percentile))
+                                      or float(magnitudes.max()) or 1.0)
         if cfg.adc.range_mode == "calibrated":
-            for i, ((r0, r1), tile_row) in enumerate(zip(self.row_blocks, self.tiles)):
-                xr = np.ascontiguousarray(x[:, r0:r1])
-                for j, tile in enumerate(tile_row):
-                    with self._naming(i, j):
-                        tile.calibrate_output(xr)
+            self.grid.calibrate_output(x)
         compensation_x = x[:COMPENSATION_ROWS]
         if not np.any(compensation_x):
             # all-zero inputs read zero at every time; every line at full scale reads the array
-            compensation_x = np.full((1, self.shape[1]), self.tiles[0][0].input_range or 1.0, np.float32)
-        self._compensation_x = np.ascontiguousarray(compensation_x)
+            compensation_x = np.full((1, self.shape[1]), self.grid.input_range or 1.0, np.float32)
+        self.compensation_x = torch.from_numpy(np.ascontiguousarray(compensation_x))
         self._measure_r0()
         self.at(t)
         return self
@@ -180,36 +157,36 @@ class AnalogMatrix:
     def _measure_r0(self) -> None:
         self.alpha = 1.0
         if self.mapping.drift_compensation:
-            self._r0 = self._readout()
-            if not self._r0 > 0:
+            r0 = self._readout()
+            if not r0 > 0:
                 raise RuntimeError(f"layer {self.name!r}: drift compensation reference read is 0: every output "
                                    f"of the reference input rounds to zero (all weights zero, or an ADC too "
                                    f"coarse for them); set mapping.drift_compensation = false for this model")
+            self.r0.fill_(r0)
 
     def _readout(self) -> float:
         """Mean |output|, in weight units, for the fixed compensation input."""
-        r_in = self.tiles[0][0].input_range or 1.0
+        r_in = self.grid.input_range or 1.0
         n_out, n_in = self.shape
-        if self.mapping.compensation_input == "calibration" and self._compensation_x is not None:
-            y = self._matmul(self._compensation_x, count=False, scale_output=False)
+        if self.mapping.compensation_input == "calibration" and self.compensation_x.numel():
+            y = self._product(self.compensation_x.numpy(), count=False, compensated=False)
             return float(np.abs(y).mean(dtype=np.float64))
         if self.mapping.compensation_input == "ones":
-            y = self._matmul(np.full((1, n_in), r_in, dtype=np.float32), count=False, scale_output=False)
+            y = self._product(np.full((1, n_in), r_in, dtype=np.float32), count=False, compensated=False)
             return float(np.abs(y).mean())
-        # one-hot: a line's input reaches only its own row of tiles; the other tiles
-        # see zero input and return exactly zero, so each row of tiles is read alone
+        # one-hot: each input line alone at full scale; the other row blocks see zero
+        # input and return exactly zero, so the sum over the grid is each line's read
         total = 0.0
-        for (r0, r1), tile_row, scale_row in zip(self.row_blocks, self.tiles, self.scales):
-            eye = np.eye(r1 - r0, dtype=np.float32) * np.float32(r_in)
-            for tile, scale in zip(tile_row, scale_row):
-                total += float(np.abs(tile.mvm(eye, count=False) / scale).sum(dtype=np.float64))
+        for start in range(0, n_in, _ONE_HOT_CHUNK):
+            eye = np.zeros((min(_ONE_HOT_CHUNK, n_in - start), n_in), np.float32)
+            eye[np.arange(eye.shape[0]), start + np.arange(eye.shape[0])] = r_in
+            total += float(np.abs(self._product(eye, count=False, compensated=False)).sum(dtype=np.float64))
         return total / (n_in * n_out)
 
     def _ranges_ready(self) -> bool:
         cfg = self.tile_config
-        tile = self.tiles[0][0]
-        return not ((cfg.dac.bits is not None and tile.input_range is None)
-                    or (cfg.adc.bits is not None and tile.output_range is None))
+        return not ((cfg.dac.bits is not None and self.grid.input_range is None)
+                    or (cfg.adc.bits is not None and self.grid.output_ranges() is None))
 
     def _require_ready(self) -> None:
         if not self._ranges_ready():
@@ -219,10 +196,7 @@ class AnalogMatrix:
     # -- reporting and persistence ------------------------------------------------------------
     def counts(self) -> dict:
         """Summed tile counts plus the weights clipped by the mapping."""
-        total = {}
-        for tile in self.all_tiles():
-            for k, v in tile.counts.as_dict().items():
-                total[k] = total.get(k, 0) + v
+        total = self.grid.count_totals()
         total["weights"] = self.shape[0] * self.shape[1]
         total["clipped_weights"] = self.clipped_weights
         total["tiles"] = self.n_tiles
@@ -230,40 +204,35 @@ class AnalogMatrix:
         return total
 
     def reset_counts(self) -> None:
-        for tile in self.all_tiles():
-            tile.reset_counts()
+        self.grid.reset_counts()
 
     def weight_read(self) -> np.ndarray:
         """The weights the tiles hold now, (G+ - G-) / scale at the current time, (out, in)."""
-        w = np.zeros((self.shape[1], self.shape[0]))
-        for (r0, r1), tile_row, scale_row in zip(self.row_blocks, self.tiles, self.scales):
-            for (c0, c1), tile, scale in zip(self.col_blocks, tile_row, scale_row):
-                g_plus, g_minus = tile.conductances()
-                w[r0:r1, c0:c1] = (g_plus.astype(np.float64) - g_minus) / scale
-        return w.T * self.alpha
+        g = self.grid.conductances()
+        per_row = np.repeat(self.divisor.numpy(), np.diff(self.grid.row_starts), axis=0)
+        return ((g[0].astype(np.float64) - g[1]) / per_row).T * self.alpha
 
-    def state(self) -> dict:
-        return {
-            "tiles": [tile.state_dict() for tile in self.all_tiles()],
-            "scales": [s for row in self.scales for s in row],
-            "clipped_weights": self.clipped_weights,
-            "r0": self._r0,
-            "dac_range_fallback": self.dac_range_fallback,
-            "compensation_x": self._compensation_x,
-            "time": self.time,
-        }
+    def get_extra_state(self):
+        return {"clipped_weights": self.clipped_weights, "dac_range_fallback": self.dac_range_fallback}
 
-    def load_state(self, state: dict) -> "AnalogMatrix":
-        if len(state["tiles"]) != self.n_tiles:
-            raise ValueError(f"{self.name}: saved state has {len(state['tiles'])} tiles, this layer {self.n_tiles}")
-        for tile, tile_state in zip(self.all_tiles(), state["tiles"]):
-            tile.load_state_dict(tile_state)
-        flat = iter(state["scales"])
-        self.scales = [[np.asarray(next(flat), np.float32) for _ in row] for row in self.tiles]
+    def set_extra_state(self, state) -> None:
         self.clipped_weights = int(state["clipped_weights"])
-        self._r0 = state["r0"]
-        self.dac_range_fallback = bool(state.get("dac_range_fallback", False))
-        cx = state["compensation_x"]
-        self._compensation_x = None if cx is None else np.asarray(cx, np.float32)
-        self.alpha = 1.0
-        return self.at(state["time"])
+        self.dac_range_fallback = bool(state["dac_range_fallback"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("divisor", "compensation_x"):  # sized at programming and calibration
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        r, c = self.grid.grid_shape
+        return (f"name={self.name!r}, shape={self.shape}, tiles={r} x {c} of "
+                f"{self.tile_config.rows}x{self.tile_config.cols}")
+
+
+def _after_load(matrix: AnalogMatrix, _incompatible) -> None:
+    """Once the grid has loaded its chip: alpha at the loaded time."""
+    if matrix.grid.programmed:
+        matrix.alpha = 1.0
+        matrix.at(matrix.grid.time)

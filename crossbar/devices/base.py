@@ -1,8 +1,9 @@
 """The device interface: program, drift exponents, conductance at time t, read noise.
 
 A device model works on arrays of conductances in uS and never sees weights: mapping
-weights to conductances lives in ``mapping/``. Randomness comes in as numpy Generators
-so that a tile decides which stream feeds which physical effect.
+weights to conductances lives in ``mapping/``. Randomness comes in from the caller
+(numpy Generators, or the normals of the 1/f sample) so that the tile grid decides which
+stream feeds which physical effect of which tile.
 
 Generic programming effects that every model shares (finite levels, stuck-at faults,
 the clamp of negative conductances at 0) are implemented once here; a model supplies
@@ -110,10 +111,11 @@ class Device:
             n_min, n_max = int(at_min.sum()), int(at_max.sum())
         return Programmed(g=g, stuck=stuck, clamped=clamped, stuck_min=n_min, stuck_max=n_max)
 
-    def conductance_at(self, g_prog: np.ndarray, nu: np.ndarray, t: float,
-                       rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def conductance_at(self, g_prog: np.ndarray, nu: np.ndarray, t: float, normals) -> tuple:
         """Conductance read at time t (s) after programming: drift, then one frozen
-        1/f sample, clamped at 0. Returns (g, number of devices clamped at 0)."""
+        1/f sample, clamped at 0. ``normals()`` returns the standard normals of the 1/f
+        sample, shaped like g_prog (called only where the model has 1/f noise). Returns
+        (g, mask of the devices clamped at 0, or None where nothing can be clamped)."""
         cfg = self.config
         g_prog = np.asarray(g_prog, dtype=np.float64)
         g = g_prog
@@ -121,10 +123,10 @@ class Device:
             g = g_prog * ((t + cfg.t0) / cfg.t0) ** (-np.asarray(nu, dtype=np.float64))
         if cfg.read_noise_1f:
             sigma = self.slow_noise_sigma(g_prog, g, t) * cfg.read_noise_1f_scale
-            g = g + sigma * rng.standard_normal(g.shape)
+            g = g + sigma * normals()
             below = g < 0.0
-            return np.where(below, 0.0, g), int(below.sum())
-        return g, 0
+            return np.where(below, 0.0, g), below
+        return g, None
 
     def read_variance(self, g: np.ndarray) -> np.ndarray:
         """Variance of the fast (white) noise of one read of each device, uS^2."""

@@ -112,12 +112,13 @@ def test_uniform_and_general_variance_paths_agree(rng):
     cfg = presets.gaussian(rows=32, cols=16, dac_bits=6, adc_bits=None, dac_range_mode="fixed", read_sigma_abs=0.3)
     g_plus, g_minus = random_pair(rng, 32, 16)
     tile = Tile(cfg).program(g_plus, g_minus, seed=4)
-    assert tile._var_uniform is not None
+    grid = tile.grid
+    assert grid._var_uniform is not None
     x = rng.uniform(-1, 1, (20, 32))
     fast = tile.at(5.0).mvm(x)
     tile.at(5.0)  # same read stream from its start
-    tile._var = torch.from_numpy(tile.read_variance())  # force the general product
-    tile._var_uniform = None
+    grid._var = torch.from_numpy(tile.read_variance())  # force the general product
+    grid._var_uniform = None
     general = tile.mvm(x)
     assert not np.array_equal(fast, x @ (g_plus - g_minus))
     assert np.allclose(fast, general, rtol=1e-5, atol=1e-4)

@@ -20,10 +20,11 @@ def test_tile_and_column_scales_map_their_own_max_to_the_full_range(rng, scale):
     cfg = presets.ideal(rows=32, cols=16, g_min=0.0, g_max=20.0)
     a = AnalogMatrix(w, cfg, seed=0, mapping=MappingConfig(scale=scale))
     wt = w.T
-    for (r0, r1), tile_row in zip(blocks(70, 32), a.tiles):
-        for (c0, c1), tile in zip(blocks(50, 16), tile_row):
-            g_plus, g_minus = tile.programmed_conductances()
-            span = np.abs(g_plus.astype(np.float64) - g_minus)
+    g_plus, g_minus = a.grid.g_prog.numpy().astype(np.float64)
+    assert a.grid.grid_shape == (3, 4)
+    for (r0, r1) in blocks(70, 32):
+        for (c0, c1) in blocks(50, 16):
+            span = np.abs(g_plus[r0:r1, c0:c1] - g_minus[r0:r1, c0:c1])
             block = np.abs(wt[r0:r1, c0:c1])
             if scale == "tile":  # the block's largest weight takes the whole range
                 assert span.max() == pytest.approx(20.0, rel=1e-6)
@@ -53,9 +54,9 @@ def test_ones_input_reads_every_line_at_full_scale(rng):
     x = rng.uniform(0, 2, (50, 20)).astype(np.float32)
     cfg = presets.ideal(rows=8, cols=8)  # three row blocks, one column block
     a = AnalogMatrix(w, cfg, seed=0, mapping=MappingConfig(compensation_input="ones")).calibrate(x)
-    r_in = a.tiles[0][0].input_range
+    r_in = a.grid.input_range
     expected = np.abs(np.full(20, r_in) @ w.T).mean()
-    assert a._r0 == pytest.approx(expected, rel=1e-5)
+    assert float(a.r0) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("config", [presets.pcm(rows=32, cols=32), presets.ideal(rows=32, cols=32, adc_bits=6)])
@@ -86,7 +87,7 @@ def test_weight_error_is_the_baselines_sigma(rng):
     n = err.size
     assert abs(err.std(ddof=1) / expected - 1) < 5 / np.sqrt(2 * (n - 1))
     assert abs(err.mean()) < 5 * expected / np.sqrt(n)
-    assert sum(t.counts.prog_clamped for t in a.all_tiles()) == 0
+    assert a.counts()["prog_clamped"] == 0
 
 
 def test_tiles_without_signal_get_a_range_from_their_conductances(rng):
@@ -95,13 +96,11 @@ def test_tiles_without_signal_get_a_range_from_their_conductances(rng):
     x[:, 64:128] = 0.0  # the second row of tiles never sees a signal (ReLU and pooling do this)
     cfg = presets.pcm(rows=64, cols=64)
     a = AnalogMatrix(w, cfg, seed=2).calibrate(x)
-    silent = a.tiles[1][0]
-    assert silent.counts.adc_range_fallback == 1
-    assert [t.counts.adc_range_fallback for t in a.all_tiles()] == [0, 1, 0, 0]
-    g_plus, g_minus = silent.conductances()  # read at t = 0, where calibration happens
-    a.at(0.0)
-    expected = silent.input_range * np.abs(g_plus.astype(np.float64) - g_minus).sum(axis=0).max()
-    assert silent.output_range == pytest.approx(expected, rel=1e-6)
+    assert a.grid.counts["adc_range_fallback"].tolist() == [[0], [1], [0], [0]]
+    a.at(0.0)  # calibration reads at t = 0
+    g_plus, g_minus = a.grid.conductances()[:, 64:128].astype(np.float64)
+    expected = a.grid.input_range * np.abs(g_plus - g_minus).sum(axis=0).max()
+    assert a.grid.output_ranges()[1, 0] == pytest.approx(expected, rel=1e-6)
     counts = a.counts()
     assert counts["adc_range_fallback"] == 1 and counts["dac_range_fallback"] == 0
     y = a.at(86400.0).matmul(x)
@@ -117,7 +116,7 @@ def test_sparse_samples_take_their_maximum(rng):
     x = np.zeros((20000, 16), np.float32)
     x[0, 3] = 2.5  # one value in 320000: the 99.99th percentile of |x| is 0
     a = AnalogMatrix(w, presets.ideal(rows=16, cols=8, dac_bits=8, adc_bits=8), seed=0).calibrate(x)
-    assert a.tiles[0][0].input_range == pytest.approx(2.5)
+    assert a.grid.input_range == pytest.approx(2.5)
     assert a.counts()["adc_range_fallback"] == 0
 
 
@@ -125,7 +124,8 @@ def test_errors_inside_a_layer_name_the_layer_and_the_tile(rng):
     a = AnalogMatrix(rng.normal(size=(10, 40)), presets.ideal(rows=16, cols=16), seed=0, name="fc1")
     x = rng.normal(size=(3, 40)).astype(np.float32)
     x[1, 20] = np.nan
-    with pytest.raises(ValueError, match=r"layer 'fc1', tile \(1, 0\) of 3 x 1: x contains 1 NaN"):
+    with pytest.raises(ValueError, match=r"layer 'fc1': x contains 1 NaN or Inf values \(the first at input 20, "
+                                         r"tile row 1 of 3\)"):
         a.matmul(x)
 
 

@@ -1,0 +1,451 @@
+"""A tile grid: every crossbar tile of one weight matrix as one batched computation.
+
+A matrix of n_in inputs and n_out outputs is cut into R row blocks of ``config.rows``
+inputs and C column blocks of ``config.cols`` outputs; tile (r, c) holds the conductance
+pairs of row block r and column block c (edge tiles are partly used). The grid keeps
+the state of all its tiles as stacked arrays: conductances as (2, n_in, n_out) arrays
+of which each tile owns a block, and per-tile quantities (ADC ranges, read-noise stream
+keys, counts) as (R, C) arrays. Programming, ``at(t)``, calibration and the product run
+over the whole grid at once; a product is
+
+    DAC (once per layer input) -> one analog product per row block (all its tiles)
+    -> one read-out/ADC kernel over every tile's outputs, with per-tile ranges and
+    keys, that also forms the digital sum over row blocks.
+
+Each tile keeps its own random streams, derived from its own seed by the tags below,
+so tile (r, c) of a grid programs, drifts and reads exactly as a lone ``crossbar.Tile``
+from the same seed would: ``Tile`` is the 1 x 1 grid.
+
+The arrays that define a programmed chip (programmed conductances, drift exponents,
+converter ranges) are torch buffers, so ``state_dict()``/``load_state_dict()`` carry
+them; what ``at(t)`` derives from them is not saved.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TileConfig
+from .devices import make_device
+from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
+from .rng import stream_key
+from .seeding import as_seed_sequence, derive
+
+# Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
+# switching one effect on or off leaves the samples of the others unchanged.
+_PROGRAM, _FAULTS, _DRIFT, _SLOW_NOISE, _READS, _CALIBRATION_READS = range(6)
+# Targets a hair outside [g_min, g_max] from float rounding in the weight mapping are
+# accepted and pulled in; anything further out is an error.
+_RANGE_TOLERANCE = 1e-6
+_EMPTY_3D = np.empty((0, 0, 0), dtype=np.float32)
+_EMPTY_2D = np.empty((0, 0), dtype=np.float64)
+_EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
+
+PROGRAM_COUNTS = ("devices", "prog_clamped", "stuck_min", "stuck_max", "read_clamped", "adc_range_fallback")
+CONVERSION_COUNTS = ("dac_converted", "dac_clipped", "adc_converted", "adc_saturated")
+
+
+def block_starts(n: int, size: int) -> np.ndarray:
+    """[0, size, 2 size, ..., n]: where each block of ``size`` starts, and the end."""
+    return np.append(np.arange(0, n, size), n).astype(np.int64)
+
+
+def time_bits(t: float) -> int:
+    """The float64 bits of t: the tag that makes every random draw at time t its own."""
+    return int(np.float64(t).view(np.uint64))
+
+
+class TileGrid(nn.Module):
+    """The tiles of one (n_in x n_out) conductance matrix, programmed and read together.
+
+    Typical use (``mapping.AnalogMatrix`` does this for a weight matrix)::
+
+        grid = TileGrid(config, n_in, n_out).program(g_plus, g_minus, seeds)
+        grid.calibrate(x_sample)          # calibrated DAC/ADC ranges only
+        grid.at(86400.0)                  # one day after programming
+        y = grid.product(x)               # (batch, n_out) ~ x @ (G+ - G-), after the ADCs
+    """
+
+    def __init__(self, config: TileConfig, n_in: int, n_out: int, name: str = "grid") -> None:
+        super().__init__()
+        if not isinstance(config, TileConfig):
+            raise ValueError(f"config = {config!r} is invalid: expected a crossbar.TileConfig")
+        for label, n in (("n_in", n_in), ("n_out", n_out)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{label} = {n!r} is invalid: expected an integer >= 1")
+        self.config, self.name = config, name
+        self.device = make_device(config.device)
+        self.shape = (int(n_in), int(n_out))
+        self.row_starts = block_starts(n_in, config.rows)
+        self.col_starts = block_starts(n_out, config.cols)
+        self.grid_shape = (len(self.row_starts) - 1, len(self.col_starts) - 1)
+        self._dac_half = levels_per_side(config.dac.bits)
+        self._adc_half = levels_per_side(config.adc.bits)
+        rows, cols = self.grid_shape
+        self.register_buffer("g_prog", torch.zeros(0))           # (2, n_in, n_out) uS at t = 0
+        self.register_buffer("nu", torch.zeros(0))               # drift exponents, same shape
+        self.register_buffer("dac_range", torch.tensor(float(config.dac.range) if config.dac.range_mode == "fixed"
+                                                       else float("nan"), dtype=torch.float64))
+        fixed_adc = config.adc.range if config.adc.range_mode == "fixed" else float("nan")
+        self.register_buffer("adc_ranges", torch.full((rows, cols), fixed_adc, dtype=torch.float64))
+        self.seeds: list = []
+        self.time = 0.0
+        self.counts = {name: np.zeros((rows, cols), np.int64) for name in PROGRAM_COUNTS + CONVERSION_COUNTS}
+        self._g_read: Optional[np.ndarray] = None
+        self._gdiff: Optional[torch.Tensor] = None
+        self._var: Optional[torch.Tensor] = None
+        self._var_uniform: Optional[float] = None
+        self._keys = np.zeros((rows, cols), np.uint64)
+        self._vectors_read = 0
+
+    # -- programming and time --------------------------------------------------------------
+    @property
+    def programmed(self) -> bool:
+        return self.g_prog.numel() > 0
+
+    def tiles(self):
+        """(r, c, row slice, column slice) of every tile, row-major."""
+        for r in range(self.grid_shape[0]):
+            for c in range(self.grid_shape[1]):
+                yield (r, c, slice(self.row_starts[r], self.row_starts[r + 1]),
+                       slice(self.col_starts[c], self.col_starts[c + 1]))
+
+    def program(self, g_plus, g_minus, seeds: Sequence) -> "TileGrid":
+        """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
+        from ``seeds[k]`` (an int or SeedSequence per tile)."""
+        targets = self._check_targets(g_plus, g_minus)
+        n_tiles = self.grid_shape[0] * self.grid_shape[1]
+        if len(seeds) != n_tiles:
+            raise ValueError(f"{self.name}: {len(seeds)} seeds for {n_tiles} tiles")
+        self.seeds = [as_seed_sequence(s) for s in seeds]
+        g = np.empty(targets.shape, np.float32)
+        nu = np.zeros(targets.shape, np.float32) if self.config.device.drift else None
+        for name in PROGRAM_COUNTS:
+            self.counts[name][:] = 0
+        for k, (r, c, rs, cs) in enumerate(self.tiles()):
+            block = targets[:, rs, cs]
+            prog = self.device.program(block, self._rng(k, _PROGRAM), self._rng(k, _FAULTS))
+            g[:, rs, cs] = prog.g
+            if nu is not None:
+                exps = self.device.drift_exponents(block, self._rng(k, _DRIFT))
+                exps[prog.stuck] = 0.0  # a stuck device keeps its conductance
+                nu[:, rs, cs] = exps
+            self.counts["devices"][r, c] = block.size
+            self.counts["prog_clamped"][r, c] = prog.clamped
+            self.counts["stuck_min"][r, c] = prog.stuck_min
+            self.counts["stuck_max"][r, c] = prog.stuck_max
+        self.g_prog = torch.from_numpy(g)
+        self.nu = torch.zeros(0) if nu is None else torch.from_numpy(nu)
+        self.reset_counts()
+        return self.at(0.0)
+
+    def at(self, t: float) -> "TileGrid":
+        """Set the inference time, s since programming: drift, and the 1/f sample frozen
+        for every read at this time (the same t always gives the same sample)."""
+        self._require_programmed("at")
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) or t < 0:
+            raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s")
+        t = float(t)
+        bits = time_bits(t)
+        g_prog = self.g_prog.numpy()
+        nu = self.nu.numpy() if self.nu.numel() else None
+        g, below = self.device.conductance_at(g_prog, nu, t, lambda: self._slow_normals(bits))
+        for r, c, rs, cs in self.tiles():
+            self.counts["read_clamped"][r, c] = 0 if below is None else int(below[:, rs, cs].sum())
+        self.time = t
+        self._g_read = g.astype(np.float32)
+        self._gdiff = torch.from_numpy(np.ascontiguousarray(g[0] - g[1], dtype=np.float32))
+        self._var, self._var_uniform = None, None
+        if self.device.has_fast_noise:
+            var = self.device.read_variance(g[0]) + self.device.read_variance(g[1])
+            if np.all(var == var.flat[0]):
+                # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
+                self._var_uniform = float(var.flat[0])
+            else:
+                self._var = torch.from_numpy(np.ascontiguousarray(var, dtype=np.float32))
+        self._keys = self._stream_keys(_READS, bits)
+        self._vectors_read = 0
+        return self
+
+    def _slow_normals(self, bits: int) -> np.ndarray:
+        """The 1/f sample's standard normals, each tile's block from its own stream."""
+        z = np.empty((2, *self.shape))
+        for k, (_, _, rs, cs) in enumerate(self.tiles()):
+            z[:, rs, cs] = self._rng(k, _SLOW_NOISE, bits).standard_normal((2, rs.stop - rs.start, cs.stop - cs.start))
+        return z
+
+    # -- ranges ------------------------------------------------------------------------------
+    @property
+    def input_range(self) -> Optional[float]:
+        """DAC full scale of every tile, normalised volts (1 for per-vector scaling; None
+        until calibrated)."""
+        if self.config.dac.range_mode == "per_vector":
+            return 1.0
+        r = float(self.dac_range)
+        return None if np.isnan(r) else r
+
+    def set_input_range(self, value: float) -> None:
+        self.dac_range.fill_(check_range("input_range", value))
+
+    def output_ranges(self) -> Optional[np.ndarray]:
+        """(R, C) ADC full scales, uS x normalised volts (None until calibrated)."""
+        mode = self.config.adc.range_mode
+        if mode == "worst_case":
+            r_in = self.input_range
+            if r_in is None:
+                return None
+            dev = self.config.device
+            return np.full(self.grid_shape, self.config.rows * (dev.g_max - dev.g_min) * r_in)
+        ranges = self.adc_ranges.numpy()
+        return None if np.isnan(ranges).any() else ranges
+
+    def set_output_range(self, value: float, tile: Optional[tuple] = None) -> None:
+        """Set the ADC full scale of one tile (r, c), or of all."""
+        value = check_range("output_range", value)
+        if tile is None:
+            self.adc_ranges.fill_(value)
+        else:
+            self.adc_ranges[tile] = value
+
+    def calibrate(self, x) -> "TileGrid":
+        """Calibrated DAC (one range for the grid) and ADC (one per tile) ranges from
+        sample inputs x (batch, n_in), read now."""
+        if self.config.dac.range_mode == "calibrated":
+            self.calibrate_input(x)
+        if self.config.adc.range_mode == "calibrated":
+            self.calibrate_output(x)
+        return self
+
+    def calibrate_input(self, x) -> "TileGrid":
+        """Set the DAC range to the configured percentile of |x| (its maximum if the
+        sample is so sparse that the percentile is 0)."""
+        x = self.check_input(x)
+        r = percentile_range(np.abs(x), self.config.dac.percentile)
+        if r is None:
+            raise ValueError(f"{self.name}: cannot calibrate the input range: the sample is all zero; "
+                             f"give non-zero sample data")
+        self.set_input_range(r)
+        return self
+
+    def calibrate_output(self, x) -> "TileGrid":
+        """Set each tile's ADC range to the configured percentile of its column outputs
+        for inputs x, as read now (noise included) through the DAC and an unclipped ADC.
+
+        A tile whose sample gives no output at all (all its inputs zero, as some tiles of
+        a layer see after ReLU and pooling) takes the largest output that inputs within
+        the DAC range can produce on its conductances, r_in * max_j sum_i |G+_ij - G-_ij|
+        (nothing saturates); ``counts["adc_range_fallback"]`` marks it."""
+        x = self.check_input(x)
+        xq, scales, _ = self._convert_inputs(x)
+        partial, var, var_rows = self._products(xq)
+        keys = self._stream_keys(_CALIBRATION_READS, time_bits(self.time))
+        percentile = self.config.adc.percentile
+        for r in range(self.grid_shape[0]):
+            y = np.empty((x.shape[0], self.shape[1]), np.float32)
+            grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
+                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
+                         np.zeros((1, 1, self.grid_shape[1]), np.int64))
+            for c in range(self.grid_shape[1]):
+                cs = slice(self.col_starts[c], self.col_starts[c + 1])
+                found = percentile_range(np.abs(y[:, cs]), percentile)
+                self.counts["adc_range_fallback"][r, c] = int(found is None)
+                self.adc_ranges[r, c] = found if found is not None else self._largest_output(r, c)
+        return self
+
+    def _largest_output(self, r: int, c: int) -> float:
+        rs = slice(self.row_starts[r], self.row_starts[r + 1])
+        cs = slice(self.col_starts[c], self.col_starts[c + 1])
+        r_in = self.input_range or 1.0
+        gdiff = self._g_read[0, rs, cs].astype(np.float64) - self._g_read[1, rs, cs]
+        largest = float(np.abs(gdiff).sum(axis=0).max()) * r_in
+        if largest > 0:
+            return largest
+        dev = self.config.device  # the tile holds zeros: the whole conductance range
+        return (rs.stop - rs.start) * (dev.g_max - dev.g_min) * r_in
+
+    # -- the product -----------------------------------------------------------------------
+    def product(self, x, count: bool = True, divisor: Optional[np.ndarray] = None, alpha: float = 1.0) -> np.ndarray:
+        """Outputs (batch, n_out) for inputs x (batch, n_in), after every tile's ADC:
+        the sum over row blocks of each tile's converted output, divided by
+        ``divisor[r, j]`` (R, n_out; digital scaling to weight units) where given, times
+        ``alpha``. count=False leaves the conversion counts alone (reads that are not
+        inference, such as drift compensation's reference read)."""
+        x = self.check_input(x)
+        ranges = self._require_ranges()
+        xq, scales, clip = self._convert_inputs(x)
+        partial, var, var_rows = self._products(xq)
+        return self.read_out(partial, var, var_rows, scales, ranges, count, clip, divisor, alpha)
+
+    def read_out(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
+                 divisor=None, alpha: float = 1.0) -> np.ndarray:
+        """The read-out/ADC kernel over products already formed (``partial``: R x vectors
+        x n_out), for callers that form the products their own way (convolutions).
+        ``clipped_per_block`` (R,): DAC values clipped in each row block's inputs; every
+        tile of that row converted all rows x vectors of them."""
+        batch = partial.shape[1]
+        out = np.empty((batch, self.shape[1]), np.float32)
+        n_chunks = (batch + 63) // 64
+        saturated = np.zeros((n_chunks, *self.grid_shape), np.int64)
+        grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
+                     ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,
+                     float(alpha), out, saturated)
+        self._vectors_read += batch
+        if count:
+            rows = np.diff(self.row_starts)[:, None]
+            cols = np.diff(self.col_starts)[None, :]
+            self.counts["dac_converted"] += rows * batch
+            self.counts["dac_clipped"] += np.asarray(clipped_per_block, np.int64)[:, None]
+            self.counts["adc_converted"] += cols * batch
+            self.counts["adc_saturated"] += saturated.sum(axis=0)
+        return out
+
+    def _convert_inputs(self, x: np.ndarray) -> tuple:
+        """(quantized inputs (batch, n_in) float32, per-vector scales (R, batch) or empty,
+        values clipped per row block (R,))."""
+        r_in = self.input_range
+        if self._dac_half != IDEAL and r_in is None:
+            raise RuntimeError(f"{self.name}: DAC range is not calibrated: call calibrate(x_sample), set the "
+                               f"input range, or use dac.range_mode 'fixed' or 'per_vector'")
+        batch = x.shape[0]
+        per_vector = self.config.dac.range_mode == "per_vector"
+        xq = np.empty(x.shape, np.float32)
+        scales = np.empty((self.grid_shape[0], batch) if per_vector else (0, 0))
+        clip = np.empty((batch, self.grid_shape[0]), np.int64)
+        bad = np.empty(batch, np.int64)
+        grid_dac_convert(x, xq, 1.0 if r_in is None else r_in, self._dac_half, per_vector, self.row_starts,
+                         scales, clip, bad)
+        n_bad = int(bad.sum())
+        if n_bad:
+            first = int(np.argwhere(~np.isfinite(x))[0, 1])
+            r = int(np.searchsorted(self.row_starts, first, side="right")) - 1
+            raise ValueError(f"{self.name}: x contains {n_bad} NaN or Inf values (the first at input {first}, "
+                             f"tile row {r} of {self.grid_shape[0]}); inputs must be finite")
+        return xq, scales, clip.sum(axis=0)
+
+    def _products(self, xq: np.ndarray) -> tuple:
+        """Per row block: the analog product, and the per-read noise variance terms."""
+        n_blocks, batch = self.grid_shape[0], xq.shape[0]
+        xq_t = torch.from_numpy(xq)
+        partial = torch.empty((n_blocks, batch, self.shape[1]), dtype=torch.float32)
+        for r in range(n_blocks):  # all column blocks of a row block in one product
+            a, b = self.row_starts[r], self.row_starts[r + 1]
+            torch.mm(xq_t[:, a:b], self._gdiff[a:b], out=partial[r])
+        var, var_rows = _EMPTY_3D, _EMPTY_2D
+        if self._var is not None:
+            sq = xq_t * xq_t
+            var_t = torch.empty_like(partial)
+            for r in range(n_blocks):
+                a, b = self.row_starts[r], self.row_starts[r + 1]
+                torch.mm(sq[:, a:b], self._var[a:b], out=var_t[r])
+            var = var_t.numpy()
+        elif self._var_uniform is not None:
+            var_rows = np.empty((n_blocks, batch))
+            grid_row_sum_squares(xq, self.row_starts, var_rows)
+            var_rows *= self._var_uniform
+        return partial.numpy(), var, var_rows
+
+    # -- inspection, counts, persistence -----------------------------------------------------
+    def conductances(self) -> np.ndarray:
+        """(2, n_in, n_out): G+ and G- as read at the current time, uS, float32."""
+        self._require_programmed("conductances")
+        return self._g_read
+
+    def read_variance(self) -> Optional[np.ndarray]:
+        """Per-read noise variance of each pair, sigma+^2 + sigma-^2 in uS^2 (None: none)."""
+        self._require_programmed("read_variance")
+        if self._var_uniform is not None:
+            return np.full(self.shape, self._var_uniform, dtype=np.float32)
+        return None if self._var is None else self._var.numpy()
+
+    def reset_counts(self) -> None:
+        """Zero the conversion counts (programming and calibration counts are kept)."""
+        for name in CONVERSION_COUNTS:
+            self.counts[name][:] = 0
+
+    def count_totals(self) -> dict:
+        return {name: int(v.sum()) for name, v in self.counts.items()}
+
+    def get_extra_state(self):
+        return {"seeds": [(s.entropy, tuple(s.spawn_key), s.pool_size) for s in self.seeds], "time": self.time,
+                "counts": {k: torch.from_numpy(v.copy()) for k, v in self.counts.items()}}
+
+    def set_extra_state(self, state) -> None:
+        self.seeds = [np.random.SeedSequence(e, spawn_key=tuple(k), pool_size=p) for e, k, p in state["seeds"]]
+        for k, v in state["counts"].items():
+            self.counts[k] = np.asarray(v, np.int64).copy()
+        self._pending_time = float(state["time"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("g_prog", "nu"):  # sized at programming: take the saved chip's size
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.programmed and getattr(self, "_pending_time", None) is not None:
+            t, self._pending_time = self._pending_time, None
+            self.at(t)  # derive the read state from the loaded chip
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _rng(self, k: int, *tags: int) -> np.random.Generator:
+        return np.random.default_rng(derive(self.seeds[k], *tags))
+
+    def _stream_keys(self, *tags: int) -> np.ndarray:
+        keys = np.empty(self.grid_shape, np.uint64)
+        for k, (r, c, _, _) in enumerate(self.tiles()):
+            keys[r, c] = stream_key(derive(self.seeds[k], *tags))
+        return keys
+
+    def _require_programmed(self, what: str) -> None:
+        if not self.programmed:
+            raise RuntimeError(f"{self.name}.{what}() needs a programmed grid: call program(g_plus, g_minus) first")
+
+    def _require_ranges(self) -> np.ndarray:
+        ranges = self.output_ranges()
+        if self._adc_half != IDEAL and ranges is None:
+            raise RuntimeError(f"{self.name}: ADC range is not calibrated: call calibrate(x_sample), set the "
+                               f"output range, or use adc.range_mode 'fixed' or 'worst_case'")
+        return np.ones(self.grid_shape) if ranges is None else ranges
+
+    def check_input(self, x) -> np.ndarray:
+        self._require_programmed("product")
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):
+            raise ValueError(f"x has dtype {x.dtype}: expected float32 or float64")
+        if x.ndim != 2 or x.shape[1] != self.shape[0]:
+            raise ValueError(f"x has shape {x.shape}: expected (batch, {self.shape[0]})")
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    def _check_targets(self, g_plus, g_minus) -> np.ndarray:
+        dev = self.config.device
+        arrays = []
+        for label, g in (("g_plus", g_plus), ("g_minus", g_minus)):
+            g = np.asarray(g, dtype=np.float64)
+            if g.shape != self.shape:
+                raise ValueError(f"{label} has shape {g.shape}: expected {self.shape}")
+            if not np.all(np.isfinite(g)):
+                raise ValueError(f"{label} contains {int((~np.isfinite(g)).sum())} NaN or Inf values")
+            tol = _RANGE_TOLERANCE * dev.g_max
+            lo, hi = float(g.min()), float(g.max())
+            if lo < dev.g_min - tol or hi > dev.g_max + tol:
+                raise ValueError(f"{label} spans [{lo:g}, {hi:g}] uS: targets must lie in "
+                                 f"[g_min, g_max] = [{dev.g_min:g}, {dev.g_max:g}] uS")
+            arrays.append(np.clip(g, dev.g_min, dev.g_max))
+        return np.stack(arrays)
+
+
+def check_range(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} = {value!r} is invalid: expected a finite number > 0")
+    return float(value)
+
+
+def percentile_range(magnitudes: np.ndarray, percentile: float) -> Optional[float]:
+    """The percentile of the magnitudes; their maximum where the sample is so sparse that
+    the percentile is 0; None where the sample is all zero."""
+    r = float(np.percentile(magnitudes, percentile))
+    if r > 0:
+        return r
+    largest = float(magnitudes.max()) if magnitudes.size else 0.0
+    return largest if largest > 0 else None

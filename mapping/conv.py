@@ -1,0 +1,210 @@
+"""``nn.Conv2d`` (and ``nn.Conv1d``, through a unit height) on tiles.
+
+Each output position reads one input vector: its receptive field in (channel, kh, kw)
+order, torch's own weight layout, so that row block r of a group's tile grid holds a
+contiguous range of input channels (the channels at a block's edges split between
+blocks tap by tap). Two ways compute the same analog products:
+
+- Convolution per row block (one DAC range per layer: fixed or calibrated). The DAC is
+  then element-wise, so it converts the padded layer input once, before any unrolling;
+  each row block's product is a convolution of its channel range with its conductance
+  kernel (taps outside the block zeroed). No unrolled copy of the input exists.
+- Unrolled (per-vector DAC ranges, which depend on each unrolled vector, and
+  calibration, which samples vectors): one copy into (positions, C kh kw) rows, then the
+  tile grid's matrix product.
+
+Both hand their products to the same read-out kernel with the same noise numbering
+(vector = output position, in image, row, column order), and the tests hold them
+against each other. Counts are those of the hardware: every unrolled copy of an input
+is a conversion by the DACs of its tile row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossbar.kernels import grid_dac_convert
+from crossbar.seeding import derive
+
+from .layers import AnalogLayer
+from .matrix import AnalogMatrix
+
+_ONE_BLOCK = np.array([0, 0], np.int64)  # row_starts of a single block, end filled per call
+
+
+class AnalogConv2d(AnalogLayer):
+    """``nn.Conv2d`` / ``nn.Conv1d`` on tiles, one matrix per group (see the module
+    docstring). The output is returned in channels-last memory layout. ``unrolled =
+    True`` forces the unrolled path (the tests' reference for the convolution path)."""
+
+    def __init__(self, matrices, weight, bias, name, stride, dilation, padding, padding_mode, groups, one_d):
+        super().__init__(matrices, weight, bias, name)
+        self.stride, self.dilation = stride, dilation
+        self.pad, self.padding_mode, self.groups, self.one_d = padding, padding_mode, groups, one_d
+        self.unrolled = False
+        self._kernels = {}  # group -> (conductances they were cut from, per-block kernels)
+
+    @staticmethod
+    def _matrix(weight: torch.Tensor) -> torch.Tensor:
+        """(out, c, kh, kw) -> (out, c * kh * kw), the unrolled vectors' order."""
+        return weight.reshape(weight.shape[0], -1)
+
+    @classmethod
+    def from_torch(cls, layer, tile_config, seed, mapping, name: str) -> "AnalogConv2d":
+        one_d = isinstance(layer, nn.Conv1d)
+        weight = layer.weight.detach()
+        if one_d:
+            weight = weight.unsqueeze(2)  # (out, in/g, 1, k)
+        groups = layer.groups
+        per_group = weight.shape[0] // groups
+        matrices = [
+            AnalogMatrix(cls._matrix(weight[g * per_group:(g + 1) * per_group]).double().numpy(),
+                         tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
+            for g in range(groups)
+        ]
+        # F.pad order, last dimension first: (left, right, top, bottom)
+        pad = tuple(layer._reversed_padding_repeated_twice)
+        if one_d:
+            pad = pad + (0, 0)
+        stride, dilation = layer.stride, layer.dilation
+        if one_d:
+            stride, dilation = (1, stride[0]), (1, dilation[0])
+        return cls(matrices, weight, layer.bias, name, stride, dilation, pad, layer.padding_mode, groups, one_d)
+
+    def _group_weight(self, g: int) -> torch.Tensor:
+        per_group = self.weight.shape[0] // self.groups
+        return self._matrix(self.weight[g * per_group:(g + 1) * per_group])
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        with torch.no_grad():
+            if self.one_d:
+                x = x.unsqueeze(2)
+            c_in = self.weight.shape[1] * self.groups
+            if x.dim() != 4 or x.shape[1] != c_in:
+                raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
+                                 f"expected (batch, {c_in}, ...)")
+            if any(self.pad):
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, self.pad, mode=mode)
+            x = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
+            kh, kw = self.weight.shape[2:]
+            h_out = (x.shape[1] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            w_out = (x.shape[2] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            if h_out < 1 or w_out < 1:
+                raise ValueError(f"layer {self.layer_name!r}: input of {tuple(x.shape[1:3])} after padding "
+                                 f"is smaller than the kernel")
+            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype)
+            # a few images at a time: products and unrolled inputs grow with the positions
+            chunk = max(1, self.matrices[0].mapping.max_rows_per_chunk // (h_out * w_out))
+            per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
+            convolve = not (self.unrolled or self._calibration is not None
+                            or self.matrices[0].tile_config.dac.range_mode == "per_vector")
+            for i in range(0, x.shape[0], chunk):
+                for g in range(self.groups):
+                    xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
+                    if convolve:
+                        y = self._convolved(g, xg, h_out, w_out)
+                    else:
+                        y = self._product(g, self._unroll(xg, h_out, w_out))
+                    out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out, per_out)
+            out = self._add_bias(out, 3).permute(0, 3, 1, 2)
+            return out.squeeze(2) if self.one_d else out
+
+    def _unroll(self, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
+        """(positions, C kh kw) input vectors of an NHWC group input: one copy."""
+        kh, kw = self.weight.shape[2:]
+        s_b, s_h, s_w, s_c = xg.stride()
+        patches = xg.as_strided((xg.shape[0], h_out, w_out, xg.shape[3], kh, kw),
+                                (s_b, s_h * self.stride[0], s_w * self.stride[1], s_c,
+                                 s_h * self.dilation[0], s_w * self.dilation[1]), xg.storage_offset())
+        return patches.reshape(-1, xg.shape[3] * kh * kw)
+
+    def _convolved(self, g: int, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
+        """The analog product of group g by convolutions per row block, read out."""
+        self.called = True
+        matrix = self.matrices[g]
+        grid = matrix.grid
+        matrix._require_ready()
+        ranges = grid._require_ranges()
+        xq, clip_mask = self._convert(matrix, xg)
+        kernels = self._block_kernels(g)
+        conv = dict(stride=self.stride, dilation=self.dilation)
+        partial = torch.stack([self._positions(F.conv2d(xq[:, lo:hi], w, **conv)) for lo, hi, w, _, _ in kernels])
+        var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
+        if grid._var is not None or grid._var_uniform is not None:
+            sq = xq * xq
+            if grid._var is not None:
+                var = torch.stack([self._positions(F.conv2d(sq[:, lo:hi], v, **conv))
+                                   for lo, hi, _, _, v in kernels]).numpy()
+            else:
+                var_rows = torch.stack([F.conv2d(sq[:, lo:hi], ind, **conv).reshape(-1)
+                                        for lo, hi, _, ind, _ in kernels]).double().numpy() * grid._var_uniform
+        clipped = np.zeros(len(kernels), np.int64)
+        if clip_mask is not None:  # every unrolled copy of a clipped input is a clipped conversion
+            clipped = np.array([int(F.conv2d(clip_mask[:, lo:hi], ind, **conv).double().sum())
+                                for lo, hi, _, ind, _ in kernels], np.int64)
+        y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
+                          matrix.divisor.numpy(), matrix.alpha)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def _positions(y: torch.Tensor) -> torch.Tensor:
+        """(N, out, H, W) -> (N H W, out): output positions in the read-out's vector order."""
+        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor) -> tuple:
+        """The group's padded NHWC input through the layer's DAC, element-wise:
+        (quantized input as NCHW in channels-last memory, mask of clipped inputs or None)."""
+        grid = matrix.grid
+        flat = xg.reshape(-1, xg.shape[3]).numpy()
+        if not flat.flags.c_contiguous:
+            flat = np.ascontiguousarray(flat)
+        r_in = grid.input_range
+        xq = np.empty(flat.shape, np.float32)
+        clip = np.empty((flat.shape[0], 1), np.int64)
+        bad = np.empty(flat.shape[0], np.int64)
+        starts = _ONE_BLOCK.copy()
+        starts[1] = flat.shape[1]
+        grid_dac_convert(flat, xq, 1.0 if r_in is None else r_in, grid._dac_half, False, starts,
+                         np.empty((0, 0)), clip, bad)
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise ValueError(f"layer {matrix.name!r}: x contains {n_bad} NaN or Inf values; inputs must be finite")
+        nchw = lambda a: torch.from_numpy(a).view(xg.shape).permute(0, 3, 1, 2)  # noqa: E731
+        mask = None
+        if clip.any():
+            mask = nchw((np.abs(flat) > r_in).astype(np.float32))
+        return nchw(xq), mask
+
+    def _block_kernels(self, g: int) -> list:
+        """Per row block of group g: (first channel, end channel, conductance kernel,
+        indicator kernel, read-variance kernel or None), cut from the conductances read
+        now and cached until the next at(t)."""
+        grid = self.matrices[g].grid
+        cached = self._kernels.get(g)
+        if cached is not None and cached[0] is grid._gdiff:
+            return cached[1]
+        kh, kw = self.weight.shape[2:]
+        taps = kh * kw
+        out_g = grid.shape[1]
+        kernels = []
+        for r in range(grid.grid_shape[0]):
+            a, b = int(grid.row_starts[r]), int(grid.row_starts[r + 1])
+            lo, hi = a // taps, (b - 1) // taps + 1
+            keep = torch.zeros((hi - lo) * taps, 1)
+            keep[a - lo * taps:b - lo * taps] = 1.0  # the taps of edge channels that are this block's
+            shape = (hi - lo, kh, kw)
+
+            def kernel(m: torch.Tensor) -> torch.Tensor:
+                rows = m[lo * taps:hi * taps] * keep
+                return rows.t().reshape(out_g, *shape).contiguous(memory_format=torch.channels_last)
+
+            var = kernel(grid._var) if grid._var is not None else None
+            indicator = keep.t().reshape(1, *shape).contiguous(memory_format=torch.channels_last)
+            kernels.append((lo, hi, kernel(grid._gdiff), indicator, var))
+        self._kernels[g] = (grid._gdiff, kernels)
+        return kernels

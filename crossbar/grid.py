@@ -287,8 +287,7 @@ class TileGrid(nn.Module):
         tile of that row converted all rows x vectors of them."""
         batch = partial.shape[1]
         out = np.empty((batch, self.shape[1]), np.float32)
-        n_chunks = (batch + 63) // 64
-        saturated = np.zeros((n_chunks, *self.grid_shape), np.int64)
+        saturated = np.zeros((1, *self.grid_shape), np.int64)
         grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
                      ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,
                      float(alpha), out, saturated)

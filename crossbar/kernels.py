@@ -2,8 +2,9 @@
 
 The products themselves go through BLAS (torch's sgemm: on the 2-core machine it matched
 numpy's OpenBLAS alone, and unlike OpenBLAS it does not fight torch's own thread pool
-when a network alternates torch layers and tiles); these kernels are the stages around
-them.
+when a network alternates torch layers and tiles) or torch's convolutions; these
+kernels are the stages around them, each run once over a whole tile grid
+(``crossbar/grid.py``).
 
 Quantizer semantics, shared with ``reference.py``: ``half`` is the number of levels on
 each side of zero (2^(b-1) - 1 for b >= 2 bits), step = range / half and
@@ -50,108 +51,7 @@ def quantize(v, full_scale, step, inv_step, half):
     return (q if v >= 0 else -q), clipped
 
 
-@njit(parallel=True, cache=True)
-def dac_convert(x, out, full_scale, half, per_vector, scales, clip_rows, bad_rows):
-    """Convert inputs x (batch, rows) into ``out`` (float32).
-
-    per_vector: each row is divided by its abs-max first (kept in ``scales``, 0 for an
-    all-zero row) so that the converter sees [-1, 1]. Per row, the number clipped and
-    the number not finite go to ``clip_rows``/``bad_rows``: per-row slots keep the
-    parallel reduction deterministic. Each loop is kept simple enough to vectorize.
-    """
-    batch, rows = x.shape
-    step, inv_step = steps(full_scale, half)
-    for i in prange(batch):
-        bad = 0
-        for j in range(rows):
-            bad += not math.isfinite(x[i, j])
-        bad_rows[i] = bad
-        m = 1.0
-        if per_vector:
-            m = 0.0
-            for j in range(rows):
-                m = max(m, abs(float(x[i, j])))
-            scales[i] = m
-        inv_m = 1.0 / m if m > 0.0 else 0.0
-        clipped = 0
-        if half >= 0:
-            for j in range(rows):
-                v = float(x[i, j]) * inv_m if per_vector else float(x[i, j])
-                q, c = quantize(v, full_scale, step, inv_step, half)
-                out[i, j] = q
-                clipped += c
-        else:
-            for j in range(rows):
-                out[i, j] = float(x[i, j]) * inv_m if per_vector else x[i, j]
-        clip_rows[i] = clipped
-
-
-@njit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, cache=True)
-def row_sum_squares(x, out):
-    """out[i] = sum_j x[i, j]^2 in float64 (the order of the sum is free; per row, so
-    the result does not depend on the thread count)."""
-    for i in prange(x.shape[0]):
-        acc = 0.0
-        for j in range(x.shape[1]):
-            acc += float(x[i, j]) * float(x[i, j])
-        out[i] = acc
-
-
-_ROWS_PER_CHUNK = 64  # rows sharing one scratch buffer: allocation per row costs more than the work
-
-
-@njit(parallel=True, cache=True)
-def readout_convert(y, var, var_rows, key, offset, full_scale, half, scales, sat_rows):
-    """In place on y (batch, cols): add per-read noise, convert, undo per-vector scaling.
-
-    The noise variance of y[i, j] is var[i, j] (a matrix), else var_rows[i] (one value a
-    row, when every device has the same read variance), else there is none (both
-    empty). Its normal is number offset + i * cols + j of stream ``key``. ``scales``
-    (empty: none) multiplies each converted row.
-    """
-    batch, cols = y.shape
-    by_element = var.shape[0] > 0
-    noisy = by_element or var_rows.shape[0] > 0
-    rescale = scales.shape[0] > 0
-    step, inv_step = steps(full_scale, half)
-    n_chunks = (batch + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
-    for chunk in prange(n_chunks):
-        z = np.empty(cols)
-        for i in range(chunk * _ROWS_PER_CHUNK, min(batch, (chunk + 1) * _ROWS_PER_CHUNK)):
-            if noisy:
-                # rng.normal_from_hash split in two passes so that the first vectorizes:
-                # the fast path everywhere (NaN marks a rejection), then the rare rejections
-                base = uint64(offset) + uint64(i) * uint64(cols)
-                rejected = 0
-                for j in range(cols):
-                    x, accepted = ziggurat_fast(counter_hash(key, base + uint64(j)))
-                    z[j] = x if accepted else np.nan
-                    rejected += not accepted
-                if rejected:
-                    for j in range(cols):
-                        if np.isnan(z[j]):
-                            z[j] = normal_rejected(counter_hash(key, base + uint64(j)))
-                if by_element:
-                    for j in range(cols):
-                        z[j] = y[i, j] + math.sqrt(var[i, j]) * z[j]
-                else:
-                    sd = math.sqrt(var_rows[i])
-                    for j in range(cols):
-                        z[j] = y[i, j] + sd * z[j]
-            else:
-                for j in range(cols):
-                    z[j] = y[i, j]
-            s = scales[i] if rescale else 1.0
-            saturated = 0
-            if half >= 0:
-                for j in range(cols):
-                    q, c = quantize(z[j], full_scale, step, inv_step, half)
-                    saturated += c
-                    y[i, j] = q * s
-            else:
-                for j in range(cols):
-                    y[i, j] = z[j] * s
-            sat_rows[i] = saturated
+_OUTPUTS_PER_ITEM = 4096  # outputs a parallel work item converts: scratch buffers stay in cache
 
 
 # -- the tile grid: every tile of one weight matrix at once ------------------------------
@@ -205,6 +105,22 @@ def grid_row_sum_squares(x, row_starts, out):
             out[r, i] = acc
 
 
+@njit(inline="always", cache=True)
+def _normals(key, first, n, z):
+    """z[k] = normal number first + k of stream ``key``, k < n: rng.normal_from_hash in two
+    passes so that the first vectorizes (the fast path everywhere, NaN marking a
+    rejection), then the rare rejections."""
+    rejected = 0
+    for k in range(n):
+        x, accepted = ziggurat_fast(counter_hash(key, first + uint64(k)))
+        z[k] = x if accepted else np.nan
+        rejected += not accepted
+    if rejected:
+        for k in range(n):
+            if np.isnan(z[k]):
+                z[k] = normal_rejected(counter_hash(key, first + uint64(k)))
+
+
 @njit(parallel=True, cache=True)
 def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges, half, scales, divisor,
                  alpha, out, saturated):
@@ -219,7 +135,11 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     stream per tile. ranges[r, c] is the tile's ADC full scale; scales[r, i] (empty:
     none) undoes per-vector DAC scaling. Each converted value is divided by divisor[r, j]
     (empty: not) and summed over r in float32, in order; the sum is multiplied by alpha.
-    saturated[k, r, c] counts outputs beyond the range for the k-th chunk of vectors.
+    saturated[0, r, c] gains the outputs of tile (r, c) beyond its range.
+
+    Work items are runs of whole rows of about _OUTPUTS_PER_ITEM outputs; where a grid
+    has one column block, a tile's counters run on across rows, so its normals are drawn
+    in one flat loop (long loops vectorize; conv layers have short rows).
     """
     n_blocks, batch, n_out = partial.shape
     n_cols = col_starts.shape[0] - 1
@@ -227,63 +147,69 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     noisy = by_element or var_rows.shape[0] > 0
     rescale = scales.shape[0] > 0
     divide = divisor.shape[0] > 0
-    step = np.empty((n_blocks, n_cols))
-    inv_step = np.empty((n_blocks, n_cols))
-    for r in range(n_blocks):
-        for c in range(n_cols):
-            step[r, c], inv_step[r, c] = steps(ranges[r, c], half)
-    n_chunks = (batch + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
-    for chunk in prange(n_chunks):
-        z = np.empty(n_out)
-        acc = np.empty(n_out, dtype=np.float32)
-        for i in range(chunk * _ROWS_PER_CHUNK, min(batch, (chunk + 1) * _ROWS_PER_CHUNK)):
-            for j in range(n_out):
-                acc[j] = 0.0
-            for r in range(n_blocks):
-                for c in range(n_cols):
-                    a, b = col_starts[c], col_starts[c + 1]
+    rows_per_item = max(1, _OUTPUTS_PER_ITEM // n_out)
+    n_items = (batch + rows_per_item - 1) // rows_per_item
+    saturated_items = np.zeros((n_items, n_blocks, n_cols), np.int64)
+    for item in prange(n_items):
+        i0 = item * rows_per_item
+        i1 = min(batch, i0 + rows_per_item)
+        m = i1 - i0
+        z = np.empty(m * n_out)
+        acc = np.zeros(m * n_out, dtype=np.float32)
+        for r in range(n_blocks):
+            for c in range(n_cols):
+                a, b = col_starts[c], col_starts[c + 1]
+                w = b - a
+                if noisy:
+                    key = keys[r, c]
+                    if n_cols == 1:  # the block's counters run on across rows: one flat range
+                        _normals(key, (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z)
+                    else:
+                        for ii in range(m):
+                            _normals(key, (uint64(first_vector) + uint64(i0 + ii)) * uint64(w), w, z[ii * n_out + a:])
+                # z[ii * n_out + j] for j in [a, b): noise, then analog value, quantized
+                fs = ranges[r, c]
+                st, inv = steps(fs, half)
+                sat = 0
+                for ii in range(m):
+                    i = i0 + ii
+                    base = ii * n_out
                     if noisy:
-                        # rng.normal_from_hash in two passes so that the first vectorizes:
-                        # the fast path everywhere (NaN marks a rejection), then the rare rest
-                        base = (uint64(first_vector) + uint64(i)) * uint64(b - a)
-                        key = keys[r, c]
-                        rejected = 0
-                        for j in range(a, b):
-                            x, accepted = ziggurat_fast(counter_hash(key, base + uint64(j - a)))
-                            z[j] = x if accepted else np.nan
-                            rejected += not accepted
-                        if rejected:
-                            for j in range(a, b):
-                                if np.isnan(z[j]):
-                                    z[j] = normal_rejected(counter_hash(key, base + uint64(j - a)))
                         if by_element:
                             for j in range(a, b):
-                                z[j] = partial[r, i, j] + math.sqrt(var[r, i, j]) * z[j]
+                                z[base + j] = partial[r, i, j] + math.sqrt(var[r, i, j]) * z[base + j]
                         else:
                             sd = math.sqrt(var_rows[r, i])
                             for j in range(a, b):
-                                z[j] = partial[r, i, j] + sd * z[j]
+                                z[base + j] = partial[r, i, j] + sd * z[base + j]
                     else:
                         for j in range(a, b):
-                            z[j] = partial[r, i, j]
-                    s = scales[r, i] if rescale else 1.0
-                    if half >= 0:
-                        sat = 0
-                        fs, st, inv = ranges[r, c], step[r, c], inv_step[r, c]
+                            z[base + j] = partial[r, i, j]
+                    if half > 0:
                         for j in range(a, b):
-                            q, hit = quantize(z[j], fs, st, inv, half)
-                            sat += hit
-                            z[j] = q
-                        saturated[chunk, r, c] += sat
-                    for j in range(a, b):
-                        v = np.float32(z[j] * s)
-                        if divide:
-                            v = np.float32(v / divisor[r, j])
-                        acc[j] = np.float32(acc[j] + v)
-            if alpha != 1.0:
-                f = np.float32(alpha)
-                for j in range(n_out):
-                    out[i, j] = np.float32(acc[j] * f)
-            else:
-                for j in range(n_out):
-                    out[i, j] = acc[j]
+                            v = z[base + j]
+                            mag = abs(v)
+                            sat += mag > fs
+                            q = min(math.floor(mag * inv + 0.5), half) * st
+                            z[base + j] = q if v >= 0 else -q
+                    elif half == 0:
+                        for j in range(a, b):
+                            v = z[base + j]
+                            sat += abs(v) > fs
+                            z[base + j] = fs if v >= 0 else -fs
+                    s = scales[r, i] if rescale else 1.0
+                    if divide:
+                        for j in range(a, b):
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(z[base + j] * s) / divisor[r, j]))
+                    else:
+                        for j in range(a, b):
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(z[base + j] * s))
+                saturated_items[item, r, c] += sat
+        f = np.float32(alpha)
+        for ii in range(m):
+            for j in range(n_out):
+                out[i0 + ii, j] = np.float32(acc[ii * n_out + j] * f) if alpha != 1.0 else acc[ii * n_out + j]
+    for item in range(n_items):
+        for r in range(n_blocks):
+            for c in range(n_cols):
+                saturated[0, r, c] += saturated_items[item, r, c]

@@ -20,6 +20,9 @@ is a conversion by the DACs of its tile row.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,11 +101,17 @@ class AnalogConv2d(AnalogLayer):
                 raise ValueError(f"layer {self.layer_name!r}: input of {tuple(x.shape[1:3])} after padding "
                                  f"is smaller than the kernel")
             out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype)
-            # a few images at a time: products and unrolled inputs grow with the positions
-            chunk = max(1, self.matrices[0].mapping.max_rows_per_chunk // (h_out * w_out))
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
             convolve = not (self.unrolled or self._calibration is not None
                             or self.matrices[0].tile_config.dac.range_mode == "per_vector")
+            # a few images at a time, within the memory that max_rows_per_chunk unrolled
+            # vectors take: the convolution path holds only each row block's products
+            matrix = self.matrices[0]
+            vectors = matrix.mapping.max_rows_per_chunk
+            if convolve:
+                per_vector = matrix.grid.grid_shape[0] * per_out * (2 if matrix.grid._var is not None else 1) + per_out
+                vectors = max(vectors, vectors * matrix.shape[1] // per_vector)
+            chunk = max(1, vectors // (h_out * w_out))
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):
                     xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
@@ -131,25 +140,36 @@ class AnalogConv2d(AnalogLayer):
         matrix._require_ready()
         ranges = grid._require_ranges()
         xq, clip_mask = self._convert(matrix, xg)
-        kernels = self._block_kernels(g)
+        blocks = self._block_kernels(g)
         conv = dict(stride=self.stride, dilation=self.dilation)
-        partial = torch.stack([self._positions(F.conv2d(xq[:, lo:hi], w, **conv)) for lo, hi, w, _, _ in kernels])
+        partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
         if grid._var is not None or grid._var_uniform is not None:
             sq = xq * xq
             if grid._var is not None:
-                var = torch.stack([self._positions(F.conv2d(sq[:, lo:hi], v, **conv))
-                                   for lo, hi, _, _, v in kernels]).numpy()
+                var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks]).numpy()
             else:
-                var_rows = torch.stack([F.conv2d(sq[:, lo:hi], ind, **conv).reshape(-1)
-                                        for lo, hi, _, ind, _ in kernels]).double().numpy() * grid._var_uniform
-        clipped = np.zeros(len(kernels), np.int64)
+                var_rows = _stack([self._block_sums(sq, b, conv).reshape(-1) for b in blocks]).double().numpy()
+                var_rows *= grid._var_uniform
+        clipped = np.zeros(len(blocks), np.int64)
         if clip_mask is not None:  # every unrolled copy of a clipped input is a clipped conversion
-            clipped = np.array([int(F.conv2d(clip_mask[:, lo:hi], ind, **conv).double().sum())
-                                for lo, hi, _, ind, _ in kernels], np.int64)
+            clipped = np.array([int(self._block_sums(clip_mask, b, conv).double().sum()) for b in blocks], np.int64)
         y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
                           matrix.divisor.numpy(), matrix.alpha)
         return torch.from_numpy(y)
+
+    def _block_sums(self, values: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
+        """Per output position: the sum of ``values`` over the block's part of its
+        receptive field. Channels whose every tap is the block's are summed first and
+        box-filtered once; edge channels split between blocks take their own taps."""
+        total = None
+        if block.full_hi > block.full_lo:
+            summed = values[:, block.full_lo:block.full_hi].sum(1, keepdim=True)
+            total = F.conv2d(summed, block.box, **conv)
+        for channel, taps in block.edges:
+            part = F.conv2d(values[:, channel:channel + 1], taps, **conv)
+            total = part if total is None else total + part
+        return total
 
     @staticmethod
     def _positions(y: torch.Tensor) -> torch.Tensor:
@@ -160,7 +180,8 @@ class AnalogConv2d(AnalogLayer):
         """The group's padded NHWC input through the layer's DAC, element-wise:
         (quantized input as NCHW in channels-last memory, mask of clipped inputs or None)."""
         grid = matrix.grid
-        flat = xg.reshape(-1, xg.shape[3]).numpy()
+        # one long row per image: the converter is element-wise at one range per layer
+        flat = xg.reshape(xg.shape[0], -1).numpy()
         if not flat.flags.c_contiguous:
             flat = np.ascontiguousarray(flat)
         r_in = grid.input_range
@@ -181,9 +202,8 @@ class AnalogConv2d(AnalogLayer):
         return nchw(xq), mask
 
     def _block_kernels(self, g: int) -> list:
-        """Per row block of group g: (first channel, end channel, conductance kernel,
-        indicator kernel, read-variance kernel or None), cut from the conductances read
-        now and cached until the next at(t)."""
+        """The row blocks of group g (:class:`_Block`), their kernels cut from the
+        conductances read now and cached until the next at(t)."""
         grid = self.matrices[g].grid
         cached = self._kernels.get(g)
         if cached is not None and cached[0] is grid._gdiff:
@@ -191,7 +211,8 @@ class AnalogConv2d(AnalogLayer):
         kh, kw = self.weight.shape[2:]
         taps = kh * kw
         out_g = grid.shape[1]
-        kernels = []
+        box = torch.ones(1, 1, kh, kw)
+        blocks = []
         for r in range(grid.grid_shape[0]):
             a, b = int(grid.row_starts[r]), int(grid.row_starts[r + 1])
             lo, hi = a // taps, (b - 1) // taps + 1
@@ -203,8 +224,33 @@ class AnalogConv2d(AnalogLayer):
                 rows = m[lo * taps:hi * taps] * keep
                 return rows.t().reshape(out_g, *shape).contiguous(memory_format=torch.channels_last)
 
-            var = kernel(grid._var) if grid._var is not None else None
-            indicator = keep.t().reshape(1, *shape).contiguous(memory_format=torch.channels_last)
-            kernels.append((lo, hi, kernel(grid._gdiff), indicator, var))
-        self._kernels[g] = (grid._gdiff, kernels)
-        return kernels
+            full_lo = lo if a == lo * taps else lo + 1
+            full_hi = hi if b == hi * taps else hi - 1
+            edges = [(c, keep[(c - lo) * taps:(c - lo + 1) * taps].reshape(1, 1, kh, kw))
+                     for c in sorted({lo, hi - 1}) if not full_lo <= c < full_hi]
+            blocks.append(_Block(lo, hi, kernel(grid._gdiff), kernel(grid._var) if grid._var is not None else None,
+                                 full_lo, max(full_hi, full_lo), box, edges))
+        self._kernels[g] = (grid._gdiff, blocks)
+        return blocks
+
+
+@dataclass
+class _Block:
+    """A row block of a convolution's tile grid: input channels lo .. hi (the edge
+    channels possibly in part), the conductance and read-variance kernels on them, and
+    how to sum over its taps: channels full_lo .. full_hi whole (a box filter), then
+    each (edge channel, tap mask)."""
+
+    lo: int
+    hi: int
+    weight: torch.Tensor
+    variance: Optional[torch.Tensor]
+    full_lo: int
+    full_hi: int
+    box: torch.Tensor
+    edges: list
+
+
+def _stack(parts: list) -> torch.Tensor:
+    """(R, vectors, out): one block needs no copy."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)

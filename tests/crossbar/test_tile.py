@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crossbar import ReferenceTile, Tile, presets
-from crossbar.kernels import dac_convert, levels_per_side, steps
+from crossbar.kernels import grid_dac_convert, levels_per_side, steps
 from crossbar.reference import quantize_reference
 
 
@@ -35,11 +35,22 @@ def test_dac_kernel_equals_reference_exactly(rng, bits, full_scale):
     step, _ = steps(full_scale, half)
     x[0, :5] = [0.0, full_scale, -full_scale, 0.5 * step, -1.5 * step]
     out = np.empty(x.shape, np.float32)
-    clip_rows = np.empty(64, np.int64)
-    dac_convert(x, out, full_scale, half, False, np.empty(0), clip_rows, np.empty(64, np.int64))
+    starts = np.array([0, 40, 80, 97])  # three row blocks of a grid, the last partly used
+    clip = np.empty((64, 3), np.int64)
+    grid_dac_convert(x, out, full_scale, half, False, starts, np.empty((0, 0)), clip, np.empty(64, np.int64))
     expected, clipped = quantize_reference(x, full_scale, bits)
     assert np.array_equal(out, expected.astype(np.float32))
-    assert clip_rows.sum() == clipped == np.count_nonzero(np.abs(x) > full_scale)
+    assert clip.sum() == clipped == np.count_nonzero(np.abs(x) > full_scale)
+    for r in range(3):
+        assert clip[:, r].sum() == np.count_nonzero(np.abs(x[:, starts[r]:starts[r + 1]]) > full_scale)
+    # per-vector: each block of each row scaled by its own abs-max, as each tile row sees it
+    scales = np.empty((3, 64))
+    grid_dac_convert(x, out, full_scale, half, True, starts, scales, clip, np.empty(64, np.int64))
+    for r in range(3):
+        block = x[:, starts[r]:starts[r + 1]]
+        assert np.array_equal(scales[r], np.abs(block).max(axis=1))
+        want, _ = quantize_reference(block / scales[r][:, None], full_scale, bits)
+        assert np.array_equal(out[:, starts[r]:starts[r + 1]], want.astype(np.float32))
 
 
 def noiseless(rows, cols, dac_bits, adc_bits, dac_mode, adc_mode):

@@ -1,0 +1,134 @@
+"""The tile-grid engine against independent float64 reference tiles: several grid shapes,
+edge tiles and per-tile ranges; noise off equal, noise on by its statistics."""
+import numpy as np
+import pytest
+
+from crossbar import ReferenceTile, Tile, presets
+from crossbar.grid import TileGrid
+from crossbar.seeding import derive
+
+
+def programmed_grid(config, n_in, n_out, seed=0, g_max=25.0):
+    rng = np.random.default_rng(seed)
+    g_plus, g_minus = rng.uniform(0, g_max, (n_in, n_out)), rng.uniform(0, g_max, (n_in, n_out))
+    grid = TileGrid(config, n_in, n_out)
+    seeds = [derive(seed, k) for k in range(grid.grid_shape[0] * grid.grid_shape[1])]
+    return grid.program(g_plus, g_minus, seeds), g_plus, g_minus, seeds
+
+
+def reference_tiles(grid, g_plus, g_minus, seeds):
+    """Tile (r, c) as an independent float64 ReferenceTile with the grid's ranges."""
+    tiles = {}
+    for k, (r, c, rs, cs) in enumerate(grid.tiles()):
+        ref = ReferenceTile(grid.config, read_seed=k).program(g_plus[rs, cs], g_minus[rs, cs], seed=seeds[k])
+        ref.at(grid.time)
+        if grid.config.dac.range_mode != "per_vector" and grid.input_range is not None:
+            ref.input_range = grid.input_range
+        ranges = grid.output_ranges()
+        if grid.config.adc.range_mode != "worst_case" and ranges is not None:
+            ref.output_range = float(ranges[r, c])
+        tiles[r, c] = (ref, rs, cs)
+    return tiles
+
+
+def reference_product(tiles, x, n_out):
+    y = np.zeros((x.shape[0], n_out))
+    for (ref, rs, cs) in tiles.values():
+        y[:, cs] += ref.mvm(x[:, rs])
+    return y
+
+
+GRIDS = [(70, 50, 32, 16), (300, 40, 64, 64), (128, 200, 128, 64), (17, 9, 256, 256)]
+CONVERTERS = [(8, 8, "calibrated", "calibrated"), (6, 4, "fixed", "calibrated"), (5, 7, "per_vector", "calibrated"),
+              (4, 6, "calibrated", "worst_case"), (None, None, "calibrated", "calibrated")]
+
+
+@pytest.mark.parametrize("n_in,n_out,rows,cols", GRIDS)
+@pytest.mark.parametrize("dac_bits,adc_bits,dac_mode,adc_mode", CONVERTERS)
+def test_grid_equals_reference_tiles_noise_off(n_in, n_out, rows, cols, dac_bits, adc_bits, dac_mode, adc_mode):
+    config = presets.ideal(rows=rows, cols=cols, dac_bits=dac_bits, adc_bits=adc_bits, dac_range_mode=dac_mode,
+                           adc_range_mode=adc_mode)
+    grid, g_plus, g_minus, seeds = programmed_grid(config, n_in, n_out)
+    x = np.random.default_rng(1).uniform(-1.2, 1.2, (90, n_in))
+    grid.calibrate(x[:60])
+    ranges = grid.output_ranges()
+    if adc_mode == "calibrated" and adc_bits is not None and grid.grid_shape[0] * grid.grid_shape[1] > 1:
+        assert len(np.unique(ranges)) > 1  # per-tile ranges really differ
+    tiles = reference_tiles(grid, g_plus, g_minus, seeds)
+    got = grid.product(x).astype(np.float64)
+    want = reference_product(tiles, x, n_out)
+    # float32 products may put a value on the other side of an ADC step: at most one step
+    # per tile of the column's row, on few outputs
+    step = np.zeros(n_out)
+    if adc_bits is not None:
+        half = 2 ** (adc_bits - 1) - 1 if adc_bits > 1 else 1
+        for (r, c), (_, rs, cs) in tiles.items():
+            step[cs] += ranges[r, c] / half
+    tol = 1e-4 * (np.abs(x) @ np.abs(g_plus - g_minus)).max() + 1e-9
+    off = np.abs(got - want) > tol
+    assert np.all(np.abs(got - want) <= step + tol)
+    assert off.mean() < 0.01
+    counts = grid.count_totals()
+    reference_counts = {k: sum(getattr(ref.counts, k) for ref, _, _ in tiles.values())
+                        for k in ("dac_converted", "dac_clipped", "adc_converted")}
+    assert {k: counts[k] for k in reference_counts} == reference_counts
+
+
+@pytest.mark.parametrize("sigma_rel", [0.0, 0.03])
+def test_grid_read_noise_statistics_match_reference_tiles(sigma_rel):
+    """Per-read noise over a 3 x 2 grid: mean and variance of each output against the
+    formula, for the grid and for the reference tiles, with bounds from the sample size."""
+    n_in, n_out, n = 90, 30, 4000
+    config = presets.gaussian(rows=32, cols=16, dac_bits=None, adc_bits=None, prog_sigma_abs=0.0,
+                              read_sigma_abs=0.4, read_sigma_rel=sigma_rel)
+    grid, g_plus, g_minus, seeds = programmed_grid(config, n_in, n_out, seed=3)
+    assert grid.grid_shape == (3, 2)
+    x = np.repeat(np.random.default_rng(4).uniform(-1, 1, (1, n_in)), n, axis=0)
+    mean = x[0] @ (g_plus - g_minus)
+    var = (x[0] ** 2) @ ((0.4 + sigma_rel * g_plus) ** 2 + (0.4 + sigma_rel * g_minus) ** 2)
+    tiles = reference_tiles(grid, g_plus, g_minus, seeds)
+    for y in (grid.product(x), reference_product(tiles, x, n_out)):
+        assert np.all(np.abs(y.mean(0) - mean) < 5 * np.sqrt(var / n))
+        assert np.all(np.abs(y.var(0, ddof=1) - var) < 5 * var * np.sqrt(2 / (n - 1)))
+    # every tile draws its own stream: columns of different tiles are uncorrelated
+    y = grid.product(x)
+    assert abs(np.corrcoef(y[:, 0], y[:, 20])[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_each_tile_of_a_grid_is_the_lone_tile_of_its_seed():
+    config = presets.pcm(rows=32, cols=16, stuck_min_fraction=0.02)
+    grid, g_plus, g_minus, seeds = programmed_grid(config, 70, 40, seed=9)
+    grid.at(86400.0)
+    x = np.random.default_rng(2).uniform(-1, 1, (50, 70))
+    grid.calibrate(x)
+    for k, (r, c, rs, cs) in enumerate(grid.tiles()):
+        tile = Tile(config).program(g_plus[rs, cs], g_minus[rs, cs], seed=seeds[k]).at(86400.0)
+        assert np.array_equal(tile.programmed_conductances()[0], grid.g_prog.numpy()[0, rs, cs])
+        assert np.array_equal(tile.conductances()[1], grid.conductances()[1, rs, cs])  # drift and 1/f too
+        assert tile.counts.stuck_min == grid.counts["stuck_min"][r, c]
+
+
+def test_grid_state_round_trips_through_state_dict():
+    config = presets.pcm(rows=32, cols=16)
+    grid, *_ = programmed_grid(config, 70, 40, seed=5)
+    x = np.random.default_rng(6).uniform(-1, 1, (40, 70)).astype(np.float32)
+    grid.calibrate(x).at(3600.0)
+    first = grid.product(x)
+    copy = TileGrid(config, 70, 40)
+    copy.load_state_dict(grid.state_dict())
+    assert copy.time == 3600.0 and np.array_equal(copy.output_ranges(), grid.output_ranges())
+    assert np.array_equal(copy.product(x), first)
+    assert set(grid.state_dict()) >= {"g_prog", "nu", "dac_range", "adc_ranges"}
+
+
+def test_grid_errors_name_the_problem():
+    config = presets.ideal(rows=16, cols=16)
+    with pytest.raises(ValueError, match="n_in = 0"):
+        TileGrid(config, 0, 4)
+    grid = TileGrid(config, 20, 4)
+    with pytest.raises(RuntimeError, match="programmed grid"):
+        grid.product(np.zeros((1, 20)))
+    with pytest.raises(ValueError, match="1 seeds for 2 tiles"):
+        grid.program(np.ones((20, 4)), np.ones((20, 4)), [0])
+    with pytest.raises(ValueError, match=r"g_plus has shape \(20, 5\)"):
+        grid.program(np.ones((20, 5)), np.ones((20, 4)), [0, 1])

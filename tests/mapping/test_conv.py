@@ -1,0 +1,106 @@
+"""Convolutions: the per-row-block convolution path against the unrolled path on the
+same chip (the same noise numbering, so they agree even with noise on), and DAC counts
+that are exact for what the hardware converts."""
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossbar import presets
+from mapping import convert
+
+LAYERS = [
+    lambda: nn.Conv2d(5, 7, 3, padding=1),
+    lambda: nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect"),
+    lambda: nn.Conv2d(9, 4, (5, 3), stride=(1, 2), padding=(2, 0), padding_mode="circular"),
+    lambda: nn.Conv1d(12, 6, 5, stride=2, padding=2),
+]
+
+
+def analog_layer(make, config, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(make()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, convert(model, config, seed=seed)
+
+
+def inputs(layer, batch=6, size=11, scale=1.0):
+    shape = (batch, layer.in_channels, size) if isinstance(layer, nn.Conv1d) else (batch, layer.in_channels, size, size)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * scale
+
+
+def both_paths(analog, x, t=3600.0):
+    layer = analog.module[0]
+    results = {}
+    for unrolled in (False, True):
+        layer.unrolled = unrolled
+        analog.at(t)  # the same read streams from their start
+        analog.reset_counts()
+        results[unrolled] = (analog(x), analog.counts()["0"])
+    layer.unrolled = False
+    return results
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("config", [presets.pcm(rows=16, cols=8, adc_bits=None),
+                                    presets.gaussian(rows=40, cols=4, adc_bits=None, read_sigma_rel=0.05)])
+def test_convolution_path_equals_unrolled_path_with_noise_on(make, config):
+    model, analog = analog_layer(make, config)
+    x = inputs(model[0])
+    analog.calibrate([x])
+    paths = both_paths(analog, x)
+    (conv, conv_counts), (unrolled, unrolled_counts) = paths[False], paths[True]
+    scale = unrolled.abs().max().item()
+    assert torch.allclose(conv, unrolled, rtol=1e-4, atol=1e-4 * scale)
+    assert conv_counts == unrolled_counts
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_with_adcs_the_paths_differ_by_at_most_a_step_on_few_outputs(make):
+    model, analog = analog_layer(make, presets.pcm(rows=16, cols=8, adc_bits=6, dac_bits=5))
+    x = inputs(model[0])
+    analog.calibrate([x])
+    paths = both_paths(analog, x * 1.5)  # beyond the calibrated DAC range: clipping happens
+    (conv, conv_counts), (unrolled, unrolled_counts) = paths[False], paths[True]
+    assert conv_counts == unrolled_counts and conv_counts["dac_clipped"] > 0
+    layer = analog.module[0]
+    steps = sum(float(m.grid.output_ranges().max() / 31 / m.divisor.min()) for m in layer.matrices)
+    diff = (conv - unrolled).abs()
+    assert diff.max().item() <= steps * float(layer.matrices[0].alpha) * 1.01
+    assert (diff > 1e-5 * unrolled.abs().max()).float().mean().item() < 0.02
+
+
+def test_dac_counts_are_every_unrolled_copy():
+    model, analog = analog_layer(lambda: nn.Conv2d(4, 6, 3, padding=1), presets.ideal(rows=16, cols=4, dac_bits=4))
+    x = inputs(model[0], batch=3, size=7)
+    analog.calibrate([x])
+    analog.reset_counts()
+    analog(x * 2.0)
+    counts = analog.counts()["0"]
+    r_in = analog.module[0].matrices[0].grid.input_range
+    unrolled = torch.nn.functional.unfold(x * 2.0, 3, padding=1).transpose(1, 2).reshape(-1, 36)  # (c, kh, kw) order
+    col_blocks = 2  # 6 outputs on 4-column tiles
+    assert counts["dac_converted"] == unrolled.numel() * col_blocks
+    assert counts["dac_clipped"] == int((unrolled.abs() > r_in).sum()) * col_blocks
+
+
+def test_convolution_path_is_bitwise_reproducible_under_any_thread_count():
+    model, analog = analog_layer(LAYERS[1], presets.pcm(rows=16, cols=8))
+    x = inputs(model[0], batch=8, size=16)
+    analog.calibrate([x])
+    before = torch.get_num_threads(), numba.get_num_threads()
+    outs = []
+    try:
+        for torch_threads in (1, 2):
+            for numba_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+                torch.set_num_threads(torch_threads)
+                numba.set_num_threads(numba_threads)
+                outs.append(analog.at(86400.0)(x))
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -47,7 +47,9 @@ def quantize(v, full_scale, step, inv_step, half):
     clipped = 1 if a > full_scale else 0
     if half == 0:
         return (full_scale if v >= 0 else -full_scale), clipped
-    q = min(math.floor(a * inv_step + 0.5), half) * step
+    # np.floor (a float) rather than math.floor (an int in Numba): the same value, and the
+    # loop stays in floating point, so it vectorizes
+    q = min(np.floor(a * inv_step + 0.5), float(half)) * step
     return (q if v >= 0 else -q), clipped
 
 
@@ -190,7 +192,7 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                             v = z[base + j]
                             mag = abs(v)
                             sat += mag > fs
-                            q = min(math.floor(mag * inv + 0.5), half) * st
+                            q = min(np.floor(mag * inv + 0.5), float(half)) * st
                             z[base + j] = q if v >= 0 else -q
                     elif half == 0:
                         for j in range(a, b):

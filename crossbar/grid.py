@@ -280,13 +280,15 @@ class TileGrid(nn.Module):
         return self.read_out(partial, var, var_rows, scales, ranges, count, clip, divisor, alpha)
 
     def read_out(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
-                 divisor=None, alpha: float = 1.0) -> np.ndarray:
+                 divisor=None, alpha: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The read-out/ADC kernel over products already formed (``partial``: R x vectors
         x n_out), for callers that form the products their own way (convolutions).
         ``clipped_per_block`` (R,): DAC values clipped in each row block's inputs; every
-        tile of that row converted all rows x vectors of them."""
+        tile of that row converted all rows x vectors of them. ``out`` (vectors, n_out),
+        float32, C-contiguous: where to write (a new array if None)."""
         batch = partial.shape[1]
-        out = np.empty((batch, self.shape[1]), np.float32)
+        if out is None:
+            out = np.empty((batch, self.shape[1]), np.float32)
         saturated = np.zeros((1, *self.grid_shape), np.int64)
         grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
                      ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,

@@ -102,38 +102,69 @@ class AnalogConv2d(AnalogLayer):
                                  f"is smaller than the kernel")
             out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype)
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
-            convolve = not (self.unrolled or self._calibration is not None
-                            or self.matrices[0].tile_config.dac.range_mode == "per_vector")
+            calibrating = self._calibration is not None
+            convolve = not (self.unrolled or calibrating or self.matrices[0].tile_config.dac.range_mode == "per_vector")
             # a few images at a time, within the memory that max_rows_per_chunk unrolled
             # vectors take: the convolution path holds only each row block's products
             matrix = self.matrices[0]
             vectors = matrix.mapping.max_rows_per_chunk
-            if convolve:
+            if convolve or calibrating:
                 per_vector = matrix.grid.grid_shape[0] * per_out * (2 if matrix.grid._var is not None else 1) + per_out
                 vectors = max(vectors, vectors * matrix.shape[1] // per_vector)
             chunk = max(1, vectors // (h_out * w_out))
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):
                     xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
-                    if convolve:
-                        y = self._convolved(g, xg, h_out, w_out)
+                    target = out[i:i + chunk]  # one group writes its slice of the output in place
+                    target = target.view(-1, per_out) if self.groups == 1 else None
+                    if calibrating:
+                        y = self._calibration_product(g, xg, h_out, w_out)
+                    elif convolve:
+                        y = self._convolved(g, xg, h_out, w_out, target)
                     else:
                         y = self._product(g, self._unroll(xg, h_out, w_out))
-                    out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out, per_out)
+                    if y is not target:
+                        out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out,
+                                                                                       per_out)
             out = self._add_bias(out, 3).permute(0, 3, 1, 2)
             return out.squeeze(2) if self.one_d else out
 
-    def _unroll(self, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
-        """(positions, C kh kw) input vectors of an NHWC group input: one copy."""
+    @property
+    def _per_out(self) -> int:
+        return self.weight.shape[0] // self.groups
+
+    def _patches(self, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
+        """A (N, H', W', C, kh, kw) view of an NHWC group input: the receptive fields."""
         kh, kw = self.weight.shape[2:]
         s_b, s_h, s_w, s_c = xg.stride()
-        patches = xg.as_strided((xg.shape[0], h_out, w_out, xg.shape[3], kh, kw),
-                                (s_b, s_h * self.stride[0], s_w * self.stride[1], s_c,
-                                 s_h * self.dilation[0], s_w * self.dilation[1]), xg.storage_offset())
-        return patches.reshape(-1, xg.shape[3] * kh * kw)
+        return xg.as_strided((xg.shape[0], h_out, w_out, xg.shape[3], kh, kw),
+                             (s_b, s_h * self.stride[0], s_w * self.stride[1], s_c,
+                              s_h * self.dilation[0], s_w * self.dilation[1]), xg.storage_offset())
 
-    def _convolved(self, g: int, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
-        """The analog product of group g by convolutions per row block, read out."""
+    def _unroll(self, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
+        """(positions, C kh kw) input vectors of an NHWC group input: one copy."""
+        return self._patches(xg, h_out, w_out).reshape(-1, xg.shape[3] * self.weight.shape[2] * self.weight.shape[3])
+
+    def _calibration_product(self, g: int, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
+        """Calibration: the float product by convolution, and the sampled input vectors
+        unrolled alone (not every position)."""
+        self.called = True
+        patches = self._patches(xg, h_out, w_out)
+
+        def fetch(rows):
+            if rows is None:
+                return patches.reshape(-1, patches[0, 0, 0].numel()).numpy()
+            n, h, w = np.unravel_index(rows, patches.shape[:3])
+            return patches[torch.from_numpy(n), torch.from_numpy(h), torch.from_numpy(w)].reshape(len(rows), -1).numpy()
+
+        self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
+        y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out],
+                     stride=self.stride, dilation=self.dilation)
+        return self._positions(y)
+
+    def _convolved(self, g: int, xg: torch.Tensor, h_out: int, w_out: int, target=None) -> torch.Tensor:
+        """The analog product of group g by convolutions per row block, read out (into
+        ``target``, a (positions, out) float32 tensor, where given)."""
         self.called = True
         matrix = self.matrices[g]
         grid = matrix.grid
@@ -145,7 +176,7 @@ class AnalogConv2d(AnalogLayer):
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
         if grid._var is not None or grid._var_uniform is not None:
-            sq = xq * xq
+            sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
             if grid._var is not None:
                 var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks]).numpy()
             else:
@@ -155,8 +186,8 @@ class AnalogConv2d(AnalogLayer):
         if clip_mask is not None:  # every unrolled copy of a clipped input is a clipped conversion
             clipped = np.array([int(self._block_sums(clip_mask, b, conv).double().sum()) for b in blocks], np.int64)
         y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
-                          matrix.divisor.numpy(), matrix.alpha)
-        return torch.from_numpy(y)
+                          matrix.divisor.numpy(), matrix.alpha, None if target is None else target.numpy())
+        return target if target is not None else torch.from_numpy(y)
 
     def _block_sums(self, values: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
         """Per output position: the sum of ``values`` over the block's part of its

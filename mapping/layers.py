@@ -59,17 +59,19 @@ class AnalogLayer(nn.Module):
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
         self.called = True
         if self._calibration is not None:
-            self._sample_for_calibration(g, vectors)
+            self._sample_for_calibration(g, len(vectors), lambda rows: _to_numpy(vectors if rows is None
+                                                                                 else vectors[rows]))
             return vectors @ self._group_weight(g).t().to(vectors.dtype)
         y = self.matrices[g].matmul(_to_numpy(vectors))  # its errors name the layer and the tile
         return torch.from_numpy(y).to(vectors.dtype)
 
     def _add_bias(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """y + bias along ``channel_dim``, in place: y is the layer's own new output."""
         if self.bias is None:
             return y
         shape = [1] * y.dim()
         shape[channel_dim] = -1
-        return y + self.bias.view(shape).to(y.dtype)
+        return y.add_(self.bias.view(shape).to(y.dtype))
 
     # -- time, calibration, counts ------------------------------------------------------------
     def at(self, t: float) -> None:
@@ -80,19 +82,32 @@ class AnalogLayer(nn.Module):
         self._calibration = [[] for _ in self.matrices]
         self._calibration_rng = np.random.default_rng(seed)
 
-    def _sample_for_calibration(self, g: int, vectors: torch.Tensor) -> None:
-        keep = self.matrices[g].mapping.calibration_rows
-        have = sum(len(a) for a in self._calibration[g])
-        if have >= keep:
+    def _sample_for_calibration(self, g: int, n_vectors: int, fetch) -> None:
+        """Keep the first calibration_rows input vectors (a seeded subset of a batch that
+        overfills them); ``fetch(rows)`` returns the chosen vectors (rows None: all), so
+        that a convolution unrolls only those. A full sample is final, so the group
+        calibrates at once and its sample is freed: a deep network never holds every
+        layer's sample together."""
+        parts = self._calibration[g]
+        if parts is None:  # calibrated already
             return
-        x = _to_numpy(vectors)
-        if len(x) > keep - have:
-            x = x[np.sort(self._calibration_rng.choice(len(x), keep - have, replace=False))]
-        self._calibration[g].append(x.copy())
+        keep = self.matrices[g].mapping.calibration_rows
+        have = sum(len(a) for a in parts)
+        rows = None
+        if n_vectors > keep - have:
+            rows = np.sort(self._calibration_rng.choice(n_vectors, keep - have, replace=False))
+        x = fetch(rows)
+        parts.append(np.array(x, dtype=np.float32, copy=True))
+        if have + len(x) >= keep:
+            self._calibration[g] = None
+            self.matrices[g].calibrate(np.concatenate(parts))
 
     def end_calibration(self) -> None:
+        """Calibrate the groups whose sample did not fill (all the inputs they saw)."""
         samples, self._calibration = self._calibration, None
         for m, parts in zip(self.matrices, samples):
+            if parts is None:
+                continue
             if not parts:
                 raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: "
                                    f"{NOT_CALLED_WHY}")

@@ -149,7 +149,8 @@ class AnalogMatrix(nn.Module):
         if not np.any(compensation_x):
             # all-zero inputs read zero at every time; every line at full scale reads the array
             compensation_x = np.full((1, self.shape[1]), self.grid.input_range or 1.0, np.float32)
-        self.compensation_x = torch.from_numpy(np.ascontiguousarray(compensation_x))
+        # a copy: a view would keep the whole calibration sample alive with the layer
+        self.compensation_x = torch.from_numpy(np.array(compensation_x, dtype=np.float32, copy=True))
         self._measure_r0()
         self.at(t)
         return self

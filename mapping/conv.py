@@ -48,6 +48,7 @@ class AnalogConv2d(AnalogLayer):
         self.pad, self.padding_mode, self.groups, self.one_d = padding, padding_mode, groups, one_d
         self.unrolled = False
         self._kernels = {}  # group -> (conductances they were cut from, per-block kernels)
+        self._conv_padding = (0, 0)  # zero padding left to the convolutions of this forward
 
     @staticmethod
     def _matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -90,20 +91,28 @@ class AnalogConv2d(AnalogLayer):
             if x.dim() != 4 or x.shape[1] != c_in:
                 raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
                                  f"expected (batch, {c_in}, ...)")
-            if any(self.pad):
+            calibrating = self._calibration is not None
+            convolve = not (self.unrolled or calibrating or self.matrices[0].tile_config.dac.range_mode == "per_vector")
+            left, right, top, bottom = self.pad
+            # symmetric zero padding is the convolution's own (DAC(0) = 0): no padded copy
+            self._conv_padding = (0, 0)
+            pad = self.pad
+            if convolve and self.padding_mode == "zeros" and left == right and top == bottom:
+                self._conv_padding, pad = (top, left), (0, 0, 0, 0)
+            if any(pad):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-                x = F.pad(x, self.pad, mode=mode)
+                x = F.pad(x, pad, mode=mode)
             x = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
             kh, kw = self.weight.shape[2:]
-            h_out = (x.shape[1] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-            w_out = (x.shape[2] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            padded_h = x.shape[1] + 2 * self._conv_padding[0]
+            padded_w = x.shape[2] + 2 * self._conv_padding[1]
+            h_out = (padded_h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            w_out = (padded_w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             if h_out < 1 or w_out < 1:
-                raise ValueError(f"layer {self.layer_name!r}: input of {tuple(x.shape[1:3])} after padding "
+                raise ValueError(f"layer {self.layer_name!r}: input of {(padded_h, padded_w)} after padding "
                                  f"is smaller than the kernel")
             out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype)
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
-            calibrating = self._calibration is not None
-            convolve = not (self.unrolled or calibrating or self.matrices[0].tile_config.dac.range_mode == "per_vector")
             # a few images at a time, within the memory that max_rows_per_chunk unrolled
             # vectors take: the convolution path holds only each row block's products
             matrix = self.matrices[0]
@@ -172,7 +181,7 @@ class AnalogConv2d(AnalogLayer):
         ranges = grid._require_ranges()
         xq, clip_mask = self._convert(matrix, xg)
         blocks = self._block_kernels(g)
-        conv = dict(stride=self.stride, dilation=self.dilation)
+        conv = dict(stride=self.stride, dilation=self.dilation, padding=self._conv_padding)
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
         if grid._var is not None or grid._var_uniform is not None:

@@ -25,10 +25,13 @@ class MappingConfig(Config):
             GlobalDriftCompensation) or ``"ones"`` (all lines at once). One-hot reads a
             single device pair per column, which a coarse ADC calibrated for real sums
             rounds towards zero (alpha then overcompensates), hence the default.
-        calibration_rows: input vectors per layer kept for DAC/ADC range calibration
-            (a seeded random subset of what calibration batches provide), >= 16.
-        max_rows_per_chunk: input vectors per tiled product; bounds memory for unrolled
-            convolutions, >= 1.
+        calibration_rows: input vectors per layer kept for DAC/ADC range calibration: the
+            first ones the calibration batches provide (a seeded random subset of the
+            batch that overfills them), >= 16. A layer calibrates as soon as its sample
+            is full.
+        max_rows_per_chunk: input vectors per tiled product, >= 1; bounds memory: a
+            convolution that unrolls holds this many unrolled vectors at a time, and one
+            that convolves per row block spends the same memory on its products.
     """
 
     scale: str = "layer"

@@ -10,3 +10,22 @@ def z_bound(n: int, z: float = 5.0) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def under_thread_counts(fn) -> list:
+    """fn() under torch 1 and 2 threads x Numba 1 and all threads; the counts restored."""
+    import numba
+    import torch
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    outputs = []
+    try:
+        for torch_threads in (1, 2):
+            for numba_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+                torch.set_num_threads(torch_threads)
+                numba.set_num_threads(numba_threads)
+                outputs.append(fn())
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    return outputs

@@ -3,14 +3,13 @@ same chip (the same noise numbering, so they agree even with noise on), and DAC 
 that are exact for what the hardware converts."""
 import warnings
 
-import numba
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from crossbar import presets
 from mapping import convert
+from tests.conftest import under_thread_counts
 
 LAYERS = [
     lambda: nn.Conv2d(5, 7, 3, padding=1),
@@ -92,15 +91,5 @@ def test_convolution_path_is_bitwise_reproducible_under_any_thread_count():
     model, analog = analog_layer(LAYERS[1], presets.pcm(rows=16, cols=8))
     x = inputs(model[0], batch=8, size=16)
     analog.calibrate([x])
-    before = torch.get_num_threads(), numba.get_num_threads()
-    outs = []
-    try:
-        for torch_threads in (1, 2):
-            for numba_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-                torch.set_num_threads(torch_threads)
-                numba.set_num_threads(numba_threads)
-                outs.append(analog.at(86400.0)(x))
-    finally:
-        torch.set_num_threads(before[0])
-        numba.set_num_threads(before[1])
+    outs = under_thread_counts(lambda: analog.at(86400.0)(x))
     assert all(torch.equal(outs[0], o) for o in outs[1:])

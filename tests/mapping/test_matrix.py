@@ -1,13 +1,12 @@
 """AnalogMatrix: mapping scales, drift-compensation inputs, chunking, the weight-level
 form of PHYSICS.md section 7, calibration without signal, errors that name the tile,
 and bitwise determinism under any thread count."""
-import numba
 import numpy as np
 import pytest
-import torch
 
 from crossbar import presets
 from mapping import AnalogMatrix, MappingConfig
+from tests.conftest import under_thread_counts
 
 
 def blocks(n, size):
@@ -132,16 +131,6 @@ def test_errors_inside_a_layer_name_the_layer_and_the_tile(rng):
 def test_bitwise_equal_under_any_torch_and_numba_thread_count(rng):
     w = rng.normal(size=(300, 700))
     x = rng.normal(size=(257, 700)).astype(np.float32)
-    before = torch.get_num_threads(), numba.get_num_threads()
-    outs = []
-    try:
-        for torch_threads in (1, 2):
-            for numba_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-                torch.set_num_threads(torch_threads)
-                numba.set_num_threads(numba_threads)
-                a = AnalogMatrix(w, presets.pcm(rows=256, cols=256), seed=3).calibrate(x).at(86400.0)
-                outs.append(a.matmul(x))
-    finally:
-        torch.set_num_threads(before[0])
-        numba.set_num_threads(before[1])
+    outs = under_thread_counts(
+        lambda: AnalogMatrix(w, presets.pcm(rows=256, cols=256), seed=3).calibrate(x).at(86400.0).matmul(x))
     assert all(np.array_equal(outs[0], o) for o in outs[1:])

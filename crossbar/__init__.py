@@ -4,6 +4,7 @@ from importlib.metadata import version as _distribution_version
 
 from . import presets
 from .config import ADCConfig, DACConfig, DeviceConfig, TileConfig
+from .grid import TileGrid
 from .reference import ReferenceTile
 from .tile import Tile, TileCounts
 
@@ -12,5 +13,5 @@ try:  # one version, setup.py's, as installed
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Tile", "TileCounts", "ReferenceTile", "TileConfig", "DeviceConfig", "DACConfig",
+__all__ = ["Tile", "TileGrid", "TileCounts", "ReferenceTile", "TileConfig", "DeviceConfig", "DACConfig",
            "ADCConfig", "presets", "__version__"]

@@ -215,3 +215,36 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
         for r in range(n_blocks):
             for c in range(n_cols):
                 saturated[0, r, c] += saturated_items[item, r, c]
+
+
+@njit(parallel=True, cache=True)
+def pixel_dac_convert(x, out, full_scale, half, seg_starts, squares, clipped, bad):
+    """One DAC range for a layer's input x (pixels, channels), converted into ``out``;
+    per pixel p and channel segment s (channels seg_starts[s] .. seg_starts[s + 1]):
+    squares[p, s], the sum of the converted values squared (skipped if empty), and
+    clipped[p, s], the values beyond the range; bad[p] counts non-finite values. The
+    segment sums are what a convolution's read-noise variance and clip counts sum over
+    each tile row's receptive field, formed here while every value passes by once."""
+    n_segments = seg_starts.shape[0] - 1
+    want_squares = squares.shape[0] > 0
+    step, inv_step = steps(full_scale, half)
+    for p in prange(x.shape[0]):
+        n_bad = 0
+        for s in range(n_segments):
+            acc = 0.0
+            hits = 0
+            for c in range(seg_starts[s], seg_starts[s + 1]):
+                v = float(x[p, c])
+                n_bad += not math.isfinite(v)
+                if half >= 0:
+                    q, hit = quantize(v, full_scale, step, inv_step, half)
+                    hits += hit
+                else:
+                    q = v
+                qf = np.float32(q)
+                out[p, c] = qf
+                acc += float(qf) * float(qf)
+            if want_squares:
+                squares[p, s] = acc
+            clipped[p, s] = hits
+        bad[p] = n_bad

@@ -28,14 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossbar.kernels import grid_dac_convert
+from crossbar.kernels import pixel_dac_convert
 from crossbar.seeding import derive
 
 from .layers import AnalogLayer
 from .matrix import AnalogMatrix
-
-_ONE_BLOCK = np.array([0, 0], np.int64)  # row_starts of a single block, end filled per call
-
 
 class AnalogConv2d(AnalogLayer):
     """``nn.Conv2d`` / ``nn.Conv1d`` on tiles, one matrix per group (see the module
@@ -179,35 +176,37 @@ class AnalogConv2d(AnalogLayer):
         grid = matrix.grid
         matrix._require_ready()
         ranges = grid._require_ranges()
-        xq, clip_mask = self._convert(matrix, xg)
-        blocks = self._block_kernels(g)
+        blocks, segments = self._block_kernels(g)
+        xq, squares, clips = self._convert(matrix, xg, segments, grid._var_uniform is not None)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=self._conv_padding)
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
-        if grid._var is not None or grid._var_uniform is not None:
+        if grid._var is not None:
             sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            if grid._var is not None:
-                var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks]).numpy()
-            else:
-                var_rows = _stack([self._block_sums(sq, b, conv).reshape(-1) for b in blocks]).double().numpy()
-                var_rows *= grid._var_uniform
+            var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks]).numpy()
+        elif grid._var_uniform is not None:
+            var_rows = _stack([self._block_sums(squares, b, conv).reshape(-1) for b in blocks]).double().numpy()
+            var_rows *= grid._var_uniform
         clipped = np.zeros(len(blocks), np.int64)
-        if clip_mask is not None:  # every unrolled copy of a clipped input is a clipped conversion
-            clipped = np.array([int(self._block_sums(clip_mask, b, conv).double().sum()) for b in blocks], np.int64)
+        if clips is not None:  # every unrolled copy of a clipped input is a clipped conversion
+            clipped = np.array([round(float(self._block_sums(clips, b, conv).double().sum())) for b in blocks],
+                               np.int64)
         y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
                           matrix.divisor.numpy(), matrix.alpha, None if target is None else target.numpy())
         return target if target is not None else torch.from_numpy(y)
 
-    def _block_sums(self, values: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
-        """Per output position: the sum of ``values`` over the block's part of its
-        receptive field. Channels whose every tap is the block's are summed first and
-        box-filtered once; edge channels split between blocks take their own taps."""
+    def _block_sums(self, maps: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
+        """Per output position: the sum of a per-pixel quantity over the block's part of
+        its receptive field. ``maps`` (N, segments, H, W) hold the quantity summed over
+        each channel segment; the block's whole channels are box-filtered once, its
+        edge channels (split between blocks) take their own taps."""
         total = None
-        if block.full_hi > block.full_lo:
-            summed = values[:, block.full_lo:block.full_hi].sum(1, keepdim=True)
-            total = F.conv2d(summed, block.box, **conv)
-        for channel, taps in block.edges:
-            part = F.conv2d(values[:, channel:channel + 1], taps, **conv)
+        lo, hi = block.segments
+        if hi > lo:
+            whole = maps[:, lo:hi] if hi - lo == 1 else maps[:, lo:hi].sum(1, keepdim=True)
+            total = F.conv2d(whole, block.box, **conv)
+        for segment, taps in block.edges:
+            part = F.conv2d(maps[:, segment:segment + 1], taps, **conv)
             total = part if total is None else total + part
         return total
 
@@ -216,38 +215,39 @@ class AnalogConv2d(AnalogLayer):
         """(N, out, H, W) -> (N H W, out): output positions in the read-out's vector order."""
         return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
-    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor) -> tuple:
-        """The group's padded NHWC input through the layer's DAC, element-wise:
-        (quantized input as NCHW in channels-last memory, mask of clipped inputs or None)."""
+    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor, segments: np.ndarray, squares: bool) -> tuple:
+        """The group's NHWC input through the layer's DAC, element-wise: (quantized input
+        as NCHW in channels-last memory, per-pixel sums of its squares over each channel
+        segment if asked, per-pixel clipped counts per segment or None if nothing
+        clipped), the maps as (N, segments, H, W)."""
         grid = matrix.grid
-        # one long row per image: the converter is element-wise at one range per layer
-        flat = xg.reshape(xg.shape[0], -1).numpy()
-        if not flat.flags.c_contiguous:
-            flat = np.ascontiguousarray(flat)
+        pixels = xg.reshape(-1, xg.shape[3]).numpy()
+        if not pixels.flags.c_contiguous:
+            pixels = np.ascontiguousarray(pixels)
         r_in = grid.input_range
-        xq = np.empty(flat.shape, np.float32)
-        clip = np.empty((flat.shape[0], 1), np.int64)
-        bad = np.empty(flat.shape[0], np.int64)
-        starts = _ONE_BLOCK.copy()
-        starts[1] = flat.shape[1]
-        grid_dac_convert(flat, xq, 1.0 if r_in is None else r_in, grid._dac_half, False, starts,
-                         np.empty((0, 0)), clip, bad)
+        n_segments = len(segments) - 1
+        xq = np.empty(pixels.shape, np.float32)
+        sq = np.empty((len(pixels), n_segments) if squares else (0, 0), np.float32)
+        clips = np.empty((len(pixels), n_segments), np.float32)
+        bad = np.empty(len(pixels), np.int64)
+        pixel_dac_convert(pixels, xq, 1.0 if r_in is None else r_in, grid._dac_half, segments, sq, clips, bad)
         n_bad = int(bad.sum())
         if n_bad:
             raise ValueError(f"layer {matrix.name!r}: x contains {n_bad} NaN or Inf values; inputs must be finite")
-        nchw = lambda a: torch.from_numpy(a).view(xg.shape).permute(0, 3, 1, 2)  # noqa: E731
-        mask = None
-        if clip.any():
-            mask = nchw((np.abs(flat) > r_in).astype(np.float32))
-        return nchw(xq), mask
 
-    def _block_kernels(self, g: int) -> list:
+        def nchw(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).view(*xg.shape[:3], a.shape[1]).permute(0, 3, 1, 2)
+
+        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if clips.any() else None
+
+    def _block_kernels(self, g: int) -> tuple:
         """The row blocks of group g (:class:`_Block`), their kernels cut from the
-        conductances read now and cached until the next at(t)."""
+        conductances read now and cached until the next at(t), and the channel segments
+        (boundaries) that their per-pixel sums are formed over."""
         grid = self.matrices[g].grid
         cached = self._kernels.get(g)
         if cached is not None and cached[0] is grid._gdiff:
-            return cached[1]
+            return cached[1], cached[2]
         kh, kw = self.weight.shape[2:]
         taps = kh * kw
         out_g = grid.shape[1]
@@ -265,28 +265,36 @@ class AnalogConv2d(AnalogLayer):
                 return rows.t().reshape(out_g, *shape).contiguous(memory_format=torch.channels_last)
 
             full_lo = lo if a == lo * taps else lo + 1
-            full_hi = hi if b == hi * taps else hi - 1
+            full_hi = max(hi if b == hi * taps else hi - 1, full_lo)
             edges = [(c, keep[(c - lo) * taps:(c - lo + 1) * taps].reshape(1, 1, kh, kw))
                      for c in sorted({lo, hi - 1}) if not full_lo <= c < full_hi]
             blocks.append(_Block(lo, hi, kernel(grid._gdiff), kernel(grid._var) if grid._var is not None else None,
-                                 full_lo, max(full_hi, full_lo), box, edges))
-        self._kernels[g] = (grid._gdiff, blocks)
-        return blocks
+                                 (full_lo, full_hi), box, edges))
+        # segments: each block's whole channels, and every edge channel alone
+        bounds = {0, grid.shape[0] // taps}
+        for block in blocks:
+            bounds |= set(block.segments)
+            bounds |= {c for channel, _ in block.edges for c in (channel, channel + 1)}
+        segments = np.array(sorted(bounds), np.int64)
+        for block in blocks:  # channel ranges -> segment indices
+            block.segments = tuple(int(np.searchsorted(segments, c)) for c in block.segments)
+            block.edges = [(int(np.searchsorted(segments, c)), taps_) for c, taps_ in block.edges]
+        self._kernels[g] = (grid._gdiff, blocks, segments)
+        return blocks, segments
 
 
 @dataclass
 class _Block:
     """A row block of a convolution's tile grid: input channels lo .. hi (the edge
     channels possibly in part), the conductance and read-variance kernels on them, and
-    how to sum over its taps: channels full_lo .. full_hi whole (a box filter), then
-    each (edge channel, tap mask)."""
+    how per-pixel sums add up over its taps: the channel segments of its whole
+    channels (first, end), box-filtered, then each (edge channel's segment, tap mask)."""
 
     lo: int
     hi: int
     weight: torch.Tensor
     variance: Optional[torch.Tensor]
-    full_lo: int
-    full_hi: int
+    segments: tuple
     box: torch.Tensor
     edges: list
 

@@ -46,6 +46,7 @@ class AnalogConv2d(AnalogLayer):
         self.unrolled = False
         self._kernels = {}  # group -> (conductances they were cut from, per-block kernels)
         self._conv_padding = (0, 0)  # zero padding left to the convolutions of this forward
+        self._coverages = {}  # (kernel, input size, output size) -> coverage map of the clip counts
 
     @staticmethod
     def _matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -189,11 +190,40 @@ class AnalogConv2d(AnalogLayer):
             var_rows *= grid._var_uniform
         clipped = np.zeros(len(blocks), np.int64)
         if clips is not None:  # every unrolled copy of a clipped input is a clipped conversion
-            clipped = np.array([round(float(self._block_sums(clips, b, conv).double().sum())) for b in blocks],
-                               np.int64)
+            clipped = np.array([self._clip_count(clips, b, conv, (h_out, w_out)) for b in blocks], np.int64)
         y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
                           matrix.divisor.numpy(), matrix.alpha, None if target is None else target.numpy())
         return target if target is not None else torch.from_numpy(y)
+
+    def _clip_count(self, clips: torch.Tensor, block: "_Block", conv: dict, out_hw: tuple) -> int:
+        """Clipped conversions of a block: each clipped input counted once per receptive
+        field (of this block's taps) that holds it, i.e. weighted by a coverage map."""
+        total = 0.0
+        lo, hi = block.segments
+        if hi > lo:
+            total += float((clips[:, lo:hi].sum(1, keepdim=True) * self._coverage(block.box, clips, conv, out_hw))
+                           .double().sum())
+        for segment, taps in block.edges:
+            total += float((clips[:, segment:segment + 1] * self._coverage(taps, clips, conv, out_hw)).double().sum())
+        return round(total)
+
+    def _coverage(self, kernel: torch.Tensor, maps: torch.Tensor, conv: dict, out_hw: tuple) -> torch.Tensor:
+        """(1, 1, H, W): at each input pixel, how many receptive fields of the
+        convolution (its taps weighted by ``kernel``, 0/1) hold it."""
+        in_hw = tuple(maps.shape[2:])
+        key = (id(kernel), in_hw, out_hw)
+        found = self._coverages.get(key)
+        if found is not None and found[0] is kernel:
+            return found[1]
+        ones = torch.ones(1, 1, *out_hw)
+        size = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
+                zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], kernel.shape[2:])]
+        extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
+        coverage = F.conv_transpose2d(ones, kernel, stride=conv["stride"], padding=conv["padding"],
+                                      dilation=conv["dilation"])
+        coverage = F.pad(coverage, (0, extra[1], 0, extra[0]))
+        self._coverages[key] = (kernel, coverage)
+        return coverage
 
     def _block_sums(self, maps: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
         """Per output position: the sum of a per-pixel quantity over the block's part of

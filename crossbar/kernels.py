@@ -169,10 +169,27 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     else:
                         for ii in range(m):
                             _normals(key, (uint64(first_vector) + uint64(i0 + ii)) * uint64(w), w, z[ii * n_out + a:])
-                # z[ii * n_out + j] for j in [a, b): noise, then analog value, quantized
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
                 sat = 0
+                if noisy and not by_element and half > 0 and divide and not rescale:
+                    # the common case (uniform read noise, a finite ADC, digital scaling) in
+                    # one branch-free pass per row; the general passes below do the same
+                    fh = float(half)
+                    for ii in range(m):
+                        i = i0 + ii
+                        base = ii * n_out
+                        sd = math.sqrt(var_rows[r, i])
+                        for j in range(a, b):
+                            v = partial[r, i, j] + sd * z[base + j]
+                            mag = abs(v)
+                            sat += mag > fs
+                            q = min(np.floor(mag * inv + 0.5), fh) * st
+                            w32 = np.float32(q if v >= 0 else -q)
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(w32 / divisor[r, j]))
+                    saturated_items[item, r, c] += sat
+                    continue
+                # z[ii * n_out + j] for j in [a, b): noise, then analog value, quantized
                 for ii in range(m):
                     i = i0 + ii
                     base = ii * n_out

@@ -139,9 +139,9 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     (empty: not) and summed over r in float32, in order; the sum is multiplied by alpha.
     saturated[0, r, c] gains the outputs of tile (r, c) beyond its range.
 
-    Work items are runs of whole rows of about _OUTPUTS_PER_ITEM outputs; where a grid
-    has one column block, a tile's counters run on across rows, so its normals are drawn
-    in one flat loop (long loops vectorize; conv layers have short rows).
+    Work items are runs of whole rows of about _OUTPUTS_PER_ITEM outputs. A tile's
+    counters run on across rows, so each tile's normals for the item are drawn in one
+    flat loop (long loops vectorize; conv layers and small tiles have short rows).
     """
     n_blocks, batch, n_out = partial.shape
     n_cols = col_starts.shape[0] - 1
@@ -156,19 +156,14 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
         i0 = item * rows_per_item
         i1 = min(batch, i0 + rows_per_item)
         m = i1 - i0
-        z = np.empty(m * n_out)
+        z = np.empty(m * n_out)  # one tile's values at a time: row ii at ii * width
         acc = np.zeros(m * n_out, dtype=np.float32)
         for r in range(n_blocks):
             for c in range(n_cols):
                 a, b = col_starts[c], col_starts[c + 1]
                 w = b - a
-                if noisy:
-                    key = keys[r, c]
-                    if n_cols == 1:  # the block's counters run on across rows: one flat range
-                        _normals(key, (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z)
-                    else:
-                        for ii in range(m):
-                            _normals(key, (uint64(first_vector) + uint64(i0 + ii)) * uint64(w), w, z[ii * n_out + a:])
+                if noisy:  # a tile's counters run on across its rows: one flat range
+                    _normals(keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z)
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
                 sat = 0
@@ -179,9 +174,10 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     for ii in range(m):
                         i = i0 + ii
                         base = ii * n_out
+                        zb = ii * w - a
                         sd = math.sqrt(var_rows[r, i])
                         for j in range(a, b):
-                            v = partial[r, i, j] + sd * z[base + j]
+                            v = partial[r, i, j] + sd * z[zb + j]
                             mag = abs(v)
                             sat += mag > fs
                             q = min(np.floor(mag * inv + 0.5), fh) * st
@@ -189,40 +185,41 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                             acc[base + j] = np.float32(acc[base + j] + np.float32(w32 / divisor[r, j]))
                     saturated_items[item, r, c] += sat
                     continue
-                # z[ii * n_out + j] for j in [a, b): noise, then analog value, quantized
+                # z[ii * w + j - a], j in [a, b): the noise, then the analog value, quantized
                 for ii in range(m):
                     i = i0 + ii
                     base = ii * n_out
+                    zb = ii * w - a
                     if noisy:
                         if by_element:
                             for j in range(a, b):
-                                z[base + j] = partial[r, i, j] + math.sqrt(var[r, i, j]) * z[base + j]
+                                z[zb + j] = partial[r, i, j] + math.sqrt(var[r, i, j]) * z[zb + j]
                         else:
                             sd = math.sqrt(var_rows[r, i])
                             for j in range(a, b):
-                                z[base + j] = partial[r, i, j] + sd * z[base + j]
+                                z[zb + j] = partial[r, i, j] + sd * z[zb + j]
                     else:
                         for j in range(a, b):
-                            z[base + j] = partial[r, i, j]
+                            z[zb + j] = partial[r, i, j]
                     if half > 0:
                         for j in range(a, b):
-                            v = z[base + j]
+                            v = z[zb + j]
                             mag = abs(v)
                             sat += mag > fs
                             q = min(np.floor(mag * inv + 0.5), float(half)) * st
-                            z[base + j] = q if v >= 0 else -q
+                            z[zb + j] = q if v >= 0 else -q
                     elif half == 0:
                         for j in range(a, b):
-                            v = z[base + j]
+                            v = z[zb + j]
                             sat += abs(v) > fs
-                            z[base + j] = fs if v >= 0 else -fs
+                            z[zb + j] = fs if v >= 0 else -fs
                     s = scales[r, i] if rescale else 1.0
                     if divide:
                         for j in range(a, b):
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(z[base + j] * s) / divisor[r, j]))
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(z[zb + j] * s) / divisor[r, j]))
                     else:
                         for j in range(a, b):
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(z[base + j] * s))
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(z[zb + j] * s))
                 saturated_items[item, r, c] += sat
         f = np.float32(alpha)
         for ii in range(m):

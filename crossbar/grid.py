@@ -246,8 +246,7 @@ class TileGrid(nn.Module):
         for r in range(self.grid_shape[0]):
             y = np.empty((x.shape[0], self.shape[1]), np.float32)
             grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
-                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
-                         np.zeros((1, 1, self.grid_shape[1]), np.int64))
+                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y)
             for c in range(self.grid_shape[1]):
                 cs = slice(self.col_starts[c], self.col_starts[c + 1])
                 found = percentile_range(np.abs(y[:, cs]), percentile)
@@ -289,10 +288,9 @@ class TileGrid(nn.Module):
         batch = partial.shape[1]
         if out is None:
             out = np.empty((batch, self.shape[1]), np.float32)
-        saturated = np.zeros((1, *self.grid_shape), np.int64)
-        grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
-                     ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,
-                     float(alpha), out, saturated)
+        saturated = grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
+                                 ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,
+                                 float(alpha), out)
         self._vectors_read += batch
         if count:
             rows = np.diff(self.row_starts)[:, None]
@@ -300,7 +298,7 @@ class TileGrid(nn.Module):
             self.counts["dac_converted"] += rows * batch
             self.counts["dac_clipped"] += np.asarray(clipped_per_block, np.int64)[:, None]
             self.counts["adc_converted"] += cols * batch
-            self.counts["adc_saturated"] += saturated.sum(axis=0)
+            self.counts["adc_saturated"] += saturated
         return out
 
     def _convert_inputs(self, x: np.ndarray) -> tuple:

@@ -125,7 +125,7 @@ def _normals(key, first, n, z):
 
 @njit(parallel=True, cache=True)
 def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges, half, scales, divisor,
-                 alpha, out, saturated):
+                 alpha, out):
     """Every tile's read-out and ADC, then the digital sum over row blocks, in one pass.
 
     partial[r, i, j]: the analog product of row block r for input vector i and output
@@ -137,7 +137,7 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     stream per tile. ranges[r, c] is the tile's ADC full scale; scales[r, i] (empty:
     none) undoes per-vector DAC scaling. Each converted value is divided by divisor[r, j]
     (empty: not) and summed over r in float32, in order; the sum is multiplied by alpha.
-    saturated[0, r, c] gains the outputs of tile (r, c) beyond its range.
+    Returns the (R, C) counts of each tile's outputs beyond its range.
 
     Work items are runs of whole rows of about _OUTPUTS_PER_ITEM outputs. A tile's
     counters run on across rows, so each tile's normals for the item are drawn in one
@@ -151,8 +151,9 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     divide = divisor.shape[0] > 0
     rows_per_item = max(1, _OUTPUTS_PER_ITEM // n_out)
     n_items = (batch + rows_per_item - 1) // rows_per_item
-    saturated_items = np.zeros((n_items, n_blocks, n_cols), np.int64)
+    per_item = np.zeros((n_items, n_blocks, n_cols), np.int64)  # race-free parallel counts
     for item in prange(n_items):
+        saturated = per_item[item]
         i0 = item * rows_per_item
         i1 = min(batch, i0 + rows_per_item)
         m = i1 - i0
@@ -167,23 +168,19 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
                 sat = 0
-                if noisy and not by_element and half > 0 and divide and not rescale:
+                if noisy and not by_element and half >= 0 and divide and not rescale:
                     # the common case (uniform read noise, a finite ADC, digital scaling) in
-                    # one branch-free pass per row; the general passes below do the same
-                    fh = float(half)
+                    # one pass per row; the general passes below do the same in stages
                     for ii in range(m):
                         i = i0 + ii
                         base = ii * n_out
                         zb = ii * w - a
                         sd = math.sqrt(var_rows[r, i])
                         for j in range(a, b):
-                            v = partial[r, i, j] + sd * z[zb + j]
-                            mag = abs(v)
-                            sat += mag > fs
-                            q = min(np.floor(mag * inv + 0.5), fh) * st
-                            w32 = np.float32(q if v >= 0 else -q)
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(w32 / divisor[r, j]))
-                    saturated_items[item, r, c] += sat
+                            q, hit = quantize(partial[r, i, j] + sd * z[zb + j], fs, st, inv, half)
+                            sat += hit
+                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(q) / divisor[r, j]))
+                    saturated[r, c] += sat
                     continue
                 # z[ii * w + j - a], j in [a, b): the noise, then the analog value, quantized
                 for ii in range(m):
@@ -201,18 +198,10 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     else:
                         for j in range(a, b):
                             z[zb + j] = partial[r, i, j]
-                    if half > 0:
+                    if half >= 0:
                         for j in range(a, b):
-                            v = z[zb + j]
-                            mag = abs(v)
-                            sat += mag > fs
-                            q = min(np.floor(mag * inv + 0.5), float(half)) * st
-                            z[zb + j] = q if v >= 0 else -q
-                    elif half == 0:
-                        for j in range(a, b):
-                            v = z[zb + j]
-                            sat += abs(v) > fs
-                            z[zb + j] = fs if v >= 0 else -fs
+                            z[zb + j], hit = quantize(z[zb + j], fs, st, inv, half)
+                            sat += hit
                     s = scales[r, i] if rescale else 1.0
                     if divide:
                         for j in range(a, b):
@@ -220,15 +209,12 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     else:
                         for j in range(a, b):
                             acc[base + j] = np.float32(acc[base + j] + np.float32(z[zb + j] * s))
-                saturated_items[item, r, c] += sat
+                saturated[r, c] += sat
         f = np.float32(alpha)
         for ii in range(m):
             for j in range(n_out):
                 out[i0 + ii, j] = np.float32(acc[ii * n_out + j] * f) if alpha != 1.0 else acc[ii * n_out + j]
-    for item in range(n_items):
-        for r in range(n_blocks):
-            for c in range(n_cols):
-                saturated[0, r, c] += saturated_items[item, r, c]
+    return per_item.sum(axis=0)
 
 
 @njit(parallel=True, cache=True)

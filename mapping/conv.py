@@ -45,7 +45,6 @@ class AnalogConv2d(AnalogLayer):
         self.pad, self.padding_mode, self.groups, self.one_d = padding, padding_mode, groups, one_d
         self.unrolled = False
         self._kernels = {}  # group -> (conductances they were cut from, per-block kernels)
-        self._conv_padding = (0, 0)  # zero padding left to the convolutions of this forward
         self._coverages = {}  # (kernel, input size, output size) -> coverage map of the clip counts
 
     @staticmethod
@@ -93,17 +92,16 @@ class AnalogConv2d(AnalogLayer):
             convolve = not (self.unrolled or calibrating or self.matrices[0].tile_config.dac.range_mode == "per_vector")
             left, right, top, bottom = self.pad
             # symmetric zero padding is the convolution's own (DAC(0) = 0): no padded copy
-            self._conv_padding = (0, 0)
-            pad = self.pad
+            conv_padding, pad = (0, 0), self.pad
             if convolve and self.padding_mode == "zeros" and left == right and top == bottom:
-                self._conv_padding, pad = (top, left), (0, 0, 0, 0)
+                conv_padding, pad = (top, left), (0, 0, 0, 0)
             if any(pad):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 x = F.pad(x, pad, mode=mode)
             x = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
             kh, kw = self.weight.shape[2:]
-            padded_h = x.shape[1] + 2 * self._conv_padding[0]
-            padded_w = x.shape[2] + 2 * self._conv_padding[1]
+            padded_h = x.shape[1] + 2 * conv_padding[0]
+            padded_w = x.shape[2] + 2 * conv_padding[1]
             h_out = (padded_h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
             w_out = (padded_w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             if h_out < 1 or w_out < 1:
@@ -116,8 +114,9 @@ class AnalogConv2d(AnalogLayer):
             matrix = self.matrices[0]
             vectors = matrix.mapping.max_rows_per_chunk
             if convolve or calibrating:
-                per_vector = matrix.grid.grid_shape[0] * per_out * (2 if matrix.grid._var is not None else 1) + per_out
-                vectors = max(vectors, vectors * matrix.shape[1] // per_vector)
+                floats_per_vector = (matrix.grid.grid_shape[0] * per_out * (2 if matrix.grid._var is not None else 1)
+                                     + per_out)
+                vectors = max(vectors, vectors * matrix.shape[1] // floats_per_vector)
             chunk = max(1, vectors // (h_out * w_out))
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):
@@ -127,7 +126,7 @@ class AnalogConv2d(AnalogLayer):
                     if calibrating:
                         y = self._calibration_product(g, xg, h_out, w_out)
                     elif convolve:
-                        y = self._convolved(g, xg, h_out, w_out, target)
+                        y = self._convolved(g, xg, h_out, w_out, conv_padding, target)
                     else:
                         y = self._product(g, self._unroll(xg, h_out, w_out))
                     if y is not target:
@@ -160,7 +159,7 @@ class AnalogConv2d(AnalogLayer):
 
         def fetch(rows):
             if rows is None:
-                return patches.reshape(-1, patches[0, 0, 0].numel()).numpy()
+                return self._unroll(xg, h_out, w_out).numpy()
             n, h, w = np.unravel_index(rows, patches.shape[:3])
             return patches[torch.from_numpy(n), torch.from_numpy(h), torch.from_numpy(w)].reshape(len(rows), -1).numpy()
 
@@ -169,9 +168,11 @@ class AnalogConv2d(AnalogLayer):
                      stride=self.stride, dilation=self.dilation)
         return self._positions(y)
 
-    def _convolved(self, g: int, xg: torch.Tensor, h_out: int, w_out: int, target=None) -> torch.Tensor:
-        """The analog product of group g by convolutions per row block, read out (into
-        ``target``, a (positions, out) float32 tensor, where given)."""
+    def _convolved(self, g: int, xg: torch.Tensor, h_out: int, w_out: int, padding: tuple,
+                   target=None) -> torch.Tensor:
+        """The analog product of group g by convolutions per row block (zero ``padding``
+        their own), read out (into ``target``, a (positions, out) float32 tensor, where
+        given)."""
         self.called = True
         matrix = self.matrices[g]
         grid = matrix.grid
@@ -179,7 +180,7 @@ class AnalogConv2d(AnalogLayer):
         ranges = grid._require_ranges()
         blocks, segments = self._block_kernels(g)
         xq, squares, clips = self._convert(matrix, xg, segments, grid._var_uniform is not None)
-        conv = dict(stride=self.stride, dilation=self.dilation, padding=self._conv_padding)
+        conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
         if grid._var is not None:
@@ -278,6 +279,7 @@ class AnalogConv2d(AnalogLayer):
         cached = self._kernels.get(g)
         if cached is not None and cached[0] is grid._gdiff:
             return cached[1], cached[2]
+        self._coverages.clear()  # keyed by the kernels about to be replaced
         kh, kw = self.weight.shape[2:]
         taps = kh * kw
         out_g = grid.shape[1]

@@ -121,13 +121,10 @@ class AnalogModel(nn.Module):
                 entry["dac_range_fallback"] = counts["dac_range_fallback"]
 
     def calibration_fallbacks(self) -> dict:
-        """{layer: (tiles calibrated without signal, tiles)} for layers that had any."""
-        out = {}
-        for name, layer in self.analog_layers():
-            c = layer.counts()
-            if c["adc_range_fallback"] or c["dac_range_fallback"]:
-                out[name or layer.layer_name] = (c["adc_range_fallback"], c["tiles"])
-        return out
+        """{layer: (tiles calibrated without signal, tiles)} for layers that had any, from
+        the report that calibration fills."""
+        return {e["layer"]: (e["adc_range_fallback_tiles"], e["tiles"]) for e in self.report
+                if e.get("adc_range_fallback_tiles") or e.get("dac_range_fallback")}
 
     def counts(self) -> dict:
         """Per analog layer: clipped weights and inputs, saturated outputs, clamped devices."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import int64, njit, uint64
+from numba import float64, int64, njit, uint64
 
 GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, SplitMix64's increment
 ZIGGURAT_R = 3.442619855899  # start of the tail for 128 layers
@@ -45,6 +45,10 @@ def _ziggurat_tables():
 
 
 KN, WN, FN = _ziggurat_tables()
+# KN as float64: every entry is an integer below 2^31, so comparing |hz| (an int32 turned
+# float64, exact) with it decides exactly as the integer comparison does, and int32 ->
+# float64 is a single instruction where int64 -> float64 is not
+KN_FLOAT = KN.astype(np.float64)
 
 
 @njit(inline="always", cache=True)
@@ -70,9 +74,9 @@ def _uniform(h):
 def ziggurat_fast(h):
     """The ziggurat's fast path (about 99% of draws) on 64 random bits: (value, accepted).
     Bits 32-63 give the value, bits 0-6 the layer, so the two are independent."""
-    hz = int64(np.int32(np.uint32(h >> uint64(32))))
-    iz = int64(h & uint64(127))
-    return hz * WN[iz], abs(hz) < KN[iz]
+    hz = float64(np.int32(np.uint32(h >> uint64(32))))
+    iz = np.int32(h & uint64(127))
+    return hz * WN[iz], abs(hz) < KN_FLOAT[iz]
 
 
 @njit(cache=True)

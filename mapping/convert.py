@@ -17,6 +17,7 @@ from .config import MappingConfig
 from .inputs import batch_inputs, call_model
 from .conv import AnalogConv2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
+from .memory import release_free_memory
 
 # torch layer type -> analog wrapper; everything else stays digital
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d}
@@ -107,6 +108,7 @@ class AnalogModel(nn.Module):
         for _, layer in layers:
             layer.end_calibration()
         self._report_calibration()
+        release_free_memory()
         return self
 
     def _report_calibration(self) -> None:

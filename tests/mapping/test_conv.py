@@ -93,3 +93,18 @@ def test_convolution_path_is_bitwise_reproducible_under_any_thread_count():
     analog.calibrate([x])
     outs = under_thread_counts(lambda: analog.at(86400.0)(x))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_row_block_kernels_are_cut_at_calibration_and_at_t_not_in_the_forward_pass():
+    # kernels cut lazily inside a pass fragmented the heap (see AnalogConv2d._prepare_kernels)
+    model, analog = analog_layer(LAYERS[1], presets.pcm(rows=16, cols=8))
+    layer = analog.module[0]
+    x = inputs(model[0], batch=2, size=9)
+    analog.calibrate([x])
+    for t in (None, 86400.0):
+        if t is not None:
+            analog.at(t)
+        assert all(layer._kernels[g][0] is m.grid._gdiff for g, m in enumerate(layer.matrices))
+        before = {g: layer._kernels[g][1] for g in range(layer.groups)}
+        analog(x)
+        assert all(layer._kernels[g][1] is before[g] for g in range(layer.groups))

@@ -8,16 +8,29 @@ import time
 import numpy as np
 
 
-def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after warm-up calls."""
+def median_time(fn, repeats: int = 7, warmup: int = 1, sync=None) -> float:
+    """Median wall time of fn() in seconds, after warm-up calls; ``sync()`` (a GPU's
+    synchronize) runs before the clock stops, so queued GPU work is counted."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def gpu_peak_mb(device) -> float:
+    """Peak GPU memory torch allocated on ``device`` so far, MiB (0 on the CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
 def peak_rss_mb() -> float:

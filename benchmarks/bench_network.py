@@ -11,7 +11,10 @@ forward passes after a warm-up. The last line is JSON: ``ratio`` (the worst mode
 ``ratio_<model>`` and ``memory_ratio_<model>`` for each (targets: every ratio <= 2.5,
 every memory ratio <= 2.0).
 
-    python benchmarks/bench_network.py [--models cnn,resnet20] [--batch 256] [--profile]
+    python benchmarks/bench_network.py [--models cnn,resnet20] [--batch 256] [--profile] [--device cuda]
+
+With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
+memory (torch's allocator) rather than of process RSS.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_time, peak_rss_mb  # noqa: E402
+from _timing import gpu_peak_mb, median_time, peak_rss_mb  # noqa: E402
 
 T_DAY = 86400.0
 MODELS = ("cnn", "vgg", "resnet20", "resnet56")
@@ -57,14 +60,19 @@ def inputs(batch: int) -> torch.Tensor:
     return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def run_float(name: str, batch: int, repeats: int) -> dict:
-    model, x = build(name), inputs(batch)
+def _sync(device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def run_float(name: str, batch: int, repeats: int, device: torch.device) -> dict:
+    model, x = build(name).to(device), inputs(batch).to(device)
     with torch.no_grad():
-        float_s = median_time(lambda: model(x), repeats=repeats)
-    return {"float_s": float_s, "float_peak_rss_mb": peak_rss_mb()}
+        float_s = median_time(lambda: model(x), repeats=repeats, sync=_sync(device))
+    peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
+    return {"float_s": float_s, "float_peak_rss_mb": peak}
 
 
-def run_analog(name: str, batch: int, repeats: int, profile: bool) -> dict:
+def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device) -> dict:
     import mapping
     from crossbar import presets
 
@@ -73,17 +81,21 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # batch norm folded; pooling has no weights
-        analog = mapping.convert(model, config, seed=0, fold_batchnorm=True)
+        analog = mapping.convert(model, config, seed=0, fold_batchnorm=True,
+                                 device=None if device.type == "cpu" else device)
+    model, x = model.to(device), x.to(device)
     convert_s = time.perf_counter() - start
     start = time.perf_counter()
     analog.calibrate([x])
     calibrate_s = time.perf_counter() - start
     at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
-    analog_s = median_time(lambda: analog(x), repeats=repeats)
+    analog_s = median_time(lambda: analog(x), repeats=repeats, sync=_sync(device))
     with torch.no_grad():
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
+    peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
     result = {"analog_s": analog_s, "convert_s": convert_s, "calibrate_s": calibrate_s, "at_s": at_s,
-              "top1_agreement_with_float": agree, "peak_rss_mb": peak_rss_mb()}
+              "top1_agreement_with_float": agree, "peak_rss_mb": peak,
+              "images_per_s": batch / analog_s}
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -101,20 +113,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print each analog forward's profile to stderr")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
     if args.part:
-        result = (run_float(models[0], args.batch, args.repeats) if args.part == "float"
-                  else run_analog(models[0], args.batch, args.repeats, args.profile))
+        device = torch.device(args.device)
+        result = (run_float(models[0], args.batch, args.repeats, device) if args.part == "float"
+                  else run_analog(models[0], args.batch, args.repeats, args.profile, device))
         print(json.dumps(result))
         return
-    summary = {"batch": args.batch, "torch_threads": torch.get_num_threads()}
+    summary = {"batch": args.batch, "torch_threads": torch.get_num_threads(), "device": args.device}
     for name in models:
         result = {}
         for part in ("float", "analog"):
             command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(args.batch),
-                       "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])
+                       "--repeats", str(args.repeats), "--device", args.device] + (["--profile"] if args.profile else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             if args.profile and part == "analog":
                 print(f"--- {name}\n{out.stderr}", file=sys.stderr)
@@ -129,6 +143,7 @@ def main() -> None:
         summary[f"memory_ratio_{name}"] = result["memory_ratio"]
         summary[f"analog_s_{name}"] = result["analog_s"]
         summary[f"float_s_{name}"] = result["float_s"]
+        summary[f"images_per_s_{name}"] = result["images_per_s"]
     summary["ratio"] = max(summary[f"ratio_{name}"] for name in models)
     summary["memory_ratio"] = max(summary[f"memory_ratio_{name}"] for name in models)
     print(json.dumps(summary))

@@ -19,6 +19,14 @@ from the same seed would: ``Tile`` is the 1 x 1 grid.
 The arrays that define a programmed chip (programmed conductances, drift exponents,
 converter ranges) are torch buffers, so ``state_dict()``/``load_state_dict()`` carry
 them; what ``at(t)`` derives from them is not saved.
+
+Two engines run the product. On the CPU the Numba kernels of ``kernels.py``; where the
+grid's buffers live on another torch device (``grid.to("cuda")``), or with
+``engine = "torch"``, the same arithmetic in torch (``torch_engine.py``), on that device,
+without leaving it. Programming, ``at(t)`` and the ADC calibration draw and compute on
+the host in float64 whichever the engine: the chip's random streams are numpy's PCG64
+streams of each tile's seed, so a seed names bitwise the same conductances on either
+device; ``at(t)`` then uploads what a product needs.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from torch import nn
 
 from .config import TileConfig
 from .devices import make_device
+from . import torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .rng import stream_key
 from .seeding import as_seed_sequence, derive
@@ -44,6 +53,7 @@ _EMPTY_3D = np.empty((0, 0, 0), dtype=np.float32)
 _EMPTY_2D = np.empty((0, 0), dtype=np.float64)
 _EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
 
+ENGINES = ("auto", "numba", "torch")
 PROGRAM_COUNTS = ("devices", "prog_clamped", "stuck_min", "stuck_max", "read_clamped", "adc_range_fallback")
 CONVERSION_COUNTS = ("dac_converted", "dac_clipped", "adc_converted", "adc_saturated")
 
@@ -95,11 +105,61 @@ class TileGrid(nn.Module):
         self.time = 0.0
         self.counts = {name: np.zeros((rows, cols), np.int64) for name in PROGRAM_COUNTS + CONVERSION_COUNTS}
         self._g_read: Optional[np.ndarray] = None
-        self._gdiff: Optional[torch.Tensor] = None
+        self._gdiff_host: Optional[np.ndarray] = None   # G+ - G- read now, float32, on the host
+        self._var_host: Optional[np.ndarray] = None     # per-pair read variance (None: uniform or none)
+        self._gdiff: Optional[torch.Tensor] = None      # the same on the grid's device
         self._var: Optional[torch.Tensor] = None
         self._var_uniform: Optional[float] = None
         self._keys = np.zeros((rows, cols), np.uint64)
         self._vectors_read = 0
+        self._engine = "auto"
+        self._host_copies: dict = {}   # buffer name -> ((id, version), numpy copy)
+        self._pending_counts: list = []  # (name, device tensor) the torch engine has not synced yet
+
+    # -- engine and device -------------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        """"numba" or "torch": the one that runs products now ("auto" picks Numba on the
+        CPU and torch on any other device)."""
+        if self._engine == "auto":
+            return "numba" if self.g_prog.device.type == "cpu" else "torch"
+        return self._engine
+
+    @engine.setter
+    def engine(self, name: str) -> None:
+        if name not in ENGINES:
+            raise ValueError(f"engine = {name!r} is invalid: expected one of {ENGINES}")
+        if name == "numba" and self.g_prog.device.type != "cpu":
+            raise ValueError(f"engine = 'numba' needs the grid on the CPU; it is on {self.g_prog.device}")
+        self._engine = name
+
+    @property
+    def device_(self) -> torch.device:
+        """The torch device the grid's buffers (and its products) are on."""
+        return self.g_prog.device
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # what at(t) derived follows the buffers, in float32 whatever fn does to dtypes
+        if self._gdiff_host is not None:
+            self._upload()
+        self._host_copies.clear()
+        return self
+
+    def _upload(self) -> None:
+        device = self.g_prog.device
+        self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
+        self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
+
+    def _host(self, name: str) -> np.ndarray:
+        """A numpy copy of a small buffer (ranges), refreshed when the buffer changes."""
+        t = getattr(self, name)
+        key = (id(t), t._version)
+        found = self._host_copies.get(name)
+        if found is None or found[0] != key:
+            found = (key, t.detach().cpu().numpy())
+            self._host_copies[name] = found
+        return found[1]
 
     # -- programming and time --------------------------------------------------------------
     @property
@@ -137,8 +197,9 @@ class TileGrid(nn.Module):
             self.counts["prog_clamped"][r, c] = prog.clamped
             self.counts["stuck_min"][r, c] = prog.stuck_min
             self.counts["stuck_max"][r, c] = prog.stuck_max
-        self.g_prog = torch.from_numpy(g)
-        self.nu = torch.zeros(0) if nu is None else torch.from_numpy(nu)
+        device = self.g_prog.device
+        self.g_prog = torch.from_numpy(g).to(device)
+        self.nu = (torch.zeros(0) if nu is None else torch.from_numpy(nu)).to(device)
         self.reset_counts()
         return self.at(0.0)
 
@@ -150,23 +211,25 @@ class TileGrid(nn.Module):
             raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s")
         t = float(t)
         bits = time_bits(t)
-        g_prog = self.g_prog.numpy()
-        nu = self.nu.numpy() if self.nu.numel() else None
+        g_prog = self.g_prog.cpu().numpy()
+        nu = self.nu.cpu().numpy() if self.nu.numel() else None
         g, below = self.device.conductance_at(g_prog, nu, t, lambda: self._slow_normals(bits))
         for r, c, rs, cs in self.tiles():
             self.counts["read_clamped"][r, c] = 0 if below is None else int(below[:, rs, cs].sum())
         self.time = t
         self._g_read = g.astype(np.float32)
-        self._gdiff = torch.from_numpy(np.ascontiguousarray(g[0] - g[1], dtype=np.float32))
-        self._var, self._var_uniform = None, None
+        self._gdiff_host = np.ascontiguousarray(g[0] - g[1], dtype=np.float32)
+        self._var_host, self._var_uniform = None, None
         if self.device.has_fast_noise:
             var = self.device.read_variance(g[0]) + self.device.read_variance(g[1])
             if np.all(var == var.flat[0]):
                 # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
                 self._var_uniform = float(var.flat[0])
             else:
-                self._var = torch.from_numpy(np.ascontiguousarray(var, dtype=np.float32))
+                self._var_host = np.ascontiguousarray(var, dtype=np.float32)
+        self._upload()
         self._keys = self._stream_keys(_READS, bits)
+        self._keys_t = torch_engine.as_int64_keys(self._keys).to(self.g_prog.device)
         self._vectors_read = 0
         return self
 
@@ -184,7 +247,7 @@ class TileGrid(nn.Module):
         until calibrated)."""
         if self.config.dac.range_mode == "per_vector":
             return 1.0
-        r = float(self.dac_range)
+        r = float(self._host("dac_range"))
         return None if np.isnan(r) else r
 
     def set_input_range(self, value: float) -> None:
@@ -199,7 +262,7 @@ class TileGrid(nn.Module):
                 return None
             dev = self.config.device
             return np.full(self.grid_shape, self.config.rows * (dev.g_max - dev.g_min) * r_in)
-        ranges = self.adc_ranges.numpy()
+        ranges = self._host("adc_ranges")
         return None if np.isnan(ranges).any() else ranges
 
     def set_output_range(self, value: float, tile: Optional[tuple] = None) -> None:
@@ -238,7 +301,7 @@ class TileGrid(nn.Module):
         a layer see after ReLU and pooling) takes the largest output that inputs within
         the DAC range can produce on its conductances, r_in * max_j sum_i |G+_ij - G-_ij|
         (nothing saturates); ``counts["adc_range_fallback"]`` marks it."""
-        x = self.check_input(x)
+        x = self.check_input(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x))
         xq, scales, _ = self._convert_inputs(x)
         partial, var, var_rows = self._products(xq)
         keys = self._stream_keys(_CALIBRATION_READS, time_bits(self.time))
@@ -272,6 +335,10 @@ class TileGrid(nn.Module):
         ``divisor[r, j]`` (R, n_out; digital scaling to weight units) where given, times
         ``alpha``. count=False leaves the conversion counts alone (reads that are not
         inference, such as drift compensation's reference read)."""
+        if self.engine == "torch":
+            if divisor is not None:
+                divisor = torch.as_tensor(divisor, device=self.g_prog.device)
+            return self._product_torch(x, count, divisor, alpha)
         x = self.check_input(x)
         ranges = self._require_ranges()
         xq, scales, clip = self._convert_inputs(x)
@@ -293,21 +360,32 @@ class TileGrid(nn.Module):
                                  float(alpha), out)
         self._vectors_read += batch
         if count:
-            rows = np.diff(self.row_starts)[:, None]
-            cols = np.diff(self.col_starts)[None, :]
-            self.counts["dac_converted"] += rows * batch
-            self.counts["dac_clipped"] += np.asarray(clipped_per_block, np.int64)[:, None]
-            self.counts["adc_converted"] += cols * batch
-            self.counts["adc_saturated"] += saturated
+            self._count_conversions(batch, clipped_per_block, saturated)
         return out
+
+    def _count_conversions(self, batch: int, clipped_per_block, saturated) -> None:
+        """Conversion counts of one product; device tensors wait in ``_pending_counts``
+        until the counts are read, so a product on a GPU never waits for the host."""
+        rows = np.diff(self.row_starts)[:, None]
+        cols = np.diff(self.col_starts)[None, :]
+        self.counts["dac_converted"] += rows * batch
+        self.counts["adc_converted"] += cols * batch
+        for name, value in (("dac_clipped", clipped_per_block), ("adc_saturated", saturated)):
+            if isinstance(value, torch.Tensor):
+                self._pending_counts.append((name, value))
+            else:
+                self.counts[name] += np.asarray(value, np.int64)[:, None] if name == "dac_clipped" else value
+
+    def _sync_counts(self) -> None:
+        pending, self._pending_counts = self._pending_counts, []
+        for name, value in pending:
+            v = value.cpu().numpy().astype(np.int64)
+            self.counts[name] += v[:, None] if name == "dac_clipped" else v
 
     def _convert_inputs(self, x: np.ndarray) -> tuple:
         """(quantized inputs (batch, n_in) float32, per-vector scales (R, batch) or empty,
         values clipped per row block (R,))."""
-        r_in = self.input_range
-        if self._dac_half != IDEAL and r_in is None:
-            raise RuntimeError(f"{self.name}: DAC range is not calibrated: call calibrate(x_sample), set the "
-                               f"input range, or use dac.range_mode 'fixed' or 'per_vector'")
+        r_in = self._require_input_range()
         batch = x.shape[0]
         per_vector = self.config.dac.range_mode == "per_vector"
         xq = np.empty(x.shape, np.float32)
@@ -318,33 +396,104 @@ class TileGrid(nn.Module):
                          scales, clip, bad)
         n_bad = int(bad.sum())
         if n_bad:
-            first = int(np.argwhere(~np.isfinite(x))[0, 1])
-            r = int(np.searchsorted(self.row_starts, first, side="right")) - 1
-            raise ValueError(f"{self.name}: x contains {n_bad} NaN or Inf values (the first at input {first}, "
-                             f"tile row {r} of {self.grid_shape[0]}); inputs must be finite")
+            self._refuse_non_finite(n_bad, int(np.argwhere(~np.isfinite(x))[0, 1]))
         return xq, scales, clip.sum(axis=0)
 
+    def _require_input_range(self) -> Optional[float]:
+        r_in = self.input_range
+        if self._dac_half != IDEAL and r_in is None:
+            raise RuntimeError(f"{self.name}: DAC range is not calibrated: call calibrate(x_sample), set the "
+                               f"input range, or use dac.range_mode 'fixed' or 'per_vector'")
+        return r_in
+
+    def _refuse_non_finite(self, n_bad: int, first: int) -> None:
+        r = int(np.searchsorted(self.row_starts, first, side="right")) - 1
+        raise ValueError(f"{self.name}: x contains {n_bad} NaN or Inf values (the first at input {first}, "
+                         f"tile row {r} of {self.grid_shape[0]}); inputs must be finite")
+
     def _products(self, xq: np.ndarray) -> tuple:
-        """Per row block: the analog product, and the per-read noise variance terms."""
-        n_blocks, batch = self.grid_shape[0], xq.shape[0]
+        """Per row block: the analog product, and the per-read noise variance terms
+        (numpy, on the host: the Numba engine, and calibration on either engine)."""
         xq_t = torch.from_numpy(xq)
-        partial = torch.empty((n_blocks, batch, self.shape[1]), dtype=torch.float32)
-        for r in range(n_blocks):  # all column blocks of a row block in one product
-            a, b = self.row_starts[r], self.row_starts[r + 1]
-            torch.mm(xq_t[:, a:b], self._gdiff[a:b], out=partial[r])
-        var, var_rows = _EMPTY_3D, _EMPTY_2D
-        if self._var is not None:
-            sq = xq_t * xq_t
-            var_t = torch.empty_like(partial)
-            for r in range(n_blocks):
-                a, b = self.row_starts[r], self.row_starts[r + 1]
-                torch.mm(sq[:, a:b], self._var[a:b], out=var_t[r])
-            var = var_t.numpy()
+        var = _EMPTY_3D
+        var_rows = _EMPTY_2D
+        gdiff = torch.from_numpy(self._gdiff_host)
+        partial = self._block_products(xq_t, gdiff)
+        if self._var_host is not None:
+            var = self._block_products(xq_t * xq_t, torch.from_numpy(self._var_host)).numpy()
         elif self._var_uniform is not None:
-            var_rows = np.empty((n_blocks, batch))
+            var_rows = np.empty((self.grid_shape[0], xq.shape[0]))
             grid_row_sum_squares(xq, self.row_starts, var_rows)
             var_rows *= self._var_uniform
         return partial.numpy(), var, var_rows
+
+    def _block_products(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(R, batch, n_out): x's row block r times g's, all column blocks in one product."""
+        out = torch.empty((self.grid_shape[0], x.shape[0], self.shape[1]), dtype=torch.float32, device=x.device)
+        for r in range(self.grid_shape[0]):
+            a, b = self.row_starts[r], self.row_starts[r + 1]
+            torch.mm(x[:, a:b], g[a:b], out=out[r])
+        return out
+
+    # -- the torch engine ------------------------------------------------------------------
+    def _product_torch(self, x: torch.Tensor, count: bool, divisor: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+        """``product`` by the torch engine, on the grid's device: x (batch, n_in) there."""
+        x = self.check_tensor(x)
+        ranges = self._require_ranges()
+        xq, scales, clipped = self._convert_inputs_torch(x)
+        var = var_rows = None
+        partial = self._block_products(xq, self._gdiff)
+        if self._var is not None:
+            var = self._block_products(xq * xq, self._var)
+        elif self._var_uniform is not None:
+            var_rows = torch_engine.row_sum_squares(xq, self.row_starts) * self._var_uniform
+        return self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
+
+    def _convert_inputs_torch(self, x: torch.Tensor) -> tuple:
+        r_in = self._require_input_range()
+        xq, scales, clipped, bad = torch_engine.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
+                                                            self.config.dac.range_mode == "per_vector",
+                                                            self.row_starts)
+        if bad:
+            first = int(torch.nonzero(~torch.isfinite(x))[0, 1])
+            self._refuse_non_finite(bad, first)
+        return xq, scales, clipped
+
+    def read_out_torch(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
+                       divisor=None, alpha: float = 1.0) -> torch.Tensor:
+        """``read_out`` by the torch engine: tensors on the grid's device (var, var_rows,
+        scales, divisor None where absent); returns (vectors, n_out) float32 there."""
+        batch = partial.shape[1]
+        ranges_t = self._device_ranges(ranges)
+        out, saturated = torch_engine.readout(partial, var, var_rows, self.col_starts, self._keys_t,
+                                              self._vectors_read, ranges_t, self._adc_half, scales, divisor,
+                                              float(alpha))
+        self._vectors_read += batch
+        if count:
+            self._count_conversions(batch, clipped_per_block, saturated)
+        return out
+
+    def _device_ranges(self, ranges: np.ndarray) -> torch.Tensor:
+        """The (R, C) ADC ranges on the grid's device, uploaded once per new value."""
+        found = self._host_copies.get("_device_ranges")
+        if found is None or found[0] is not ranges:
+            found = (ranges, torch.from_numpy(np.array(ranges, np.float64)).to(self.g_prog.device))
+            self._host_copies["_device_ranges"] = found
+        return found[1]
+
+    def check_tensor(self, x) -> torch.Tensor:
+        self._require_programmed("product")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.name}: x is a {type(x).__name__}: the torch engine takes a torch.Tensor "
+                             f"on {self.g_prog.device}")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"x has dtype {x.dtype}: expected float32 or float64")
+        if x.dim() != 2 or x.shape[1] != self.shape[0]:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, {self.shape[0]})")
+        if x.device != self.g_prog.device:
+            raise ValueError(f"{self.name}: x is on {x.device}, the grid on {self.g_prog.device}: "
+                             f"move the input (or the model with .to()) to one device")
+        return x.contiguous()
 
     # -- inspection, counts, persistence -----------------------------------------------------
     def conductances(self) -> np.ndarray:
@@ -357,17 +506,20 @@ class TileGrid(nn.Module):
         self._require_programmed("read_variance")
         if self._var_uniform is not None:
             return np.full(self.shape, self._var_uniform, dtype=np.float32)
-        return None if self._var is None else self._var.numpy()
+        return self._var_host
 
     def reset_counts(self) -> None:
         """Zero the conversion counts (programming and calibration counts are kept)."""
+        self._pending_counts = []
         for name in CONVERSION_COUNTS:
             self.counts[name][:] = 0
 
     def count_totals(self) -> dict:
+        self._sync_counts()
         return {name: int(v.sum()) for name, v in self.counts.items()}
 
     def get_extra_state(self):
+        self._sync_counts()
         return {"seeds": [(s.entropy, tuple(s.spawn_key), s.pool_size) for s in self.seeds], "time": self.time,
                 "counts": {k: torch.from_numpy(v.copy()) for k, v in self.counts.items()}}
 
@@ -380,7 +532,7 @@ class TileGrid(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("g_prog", "nu"):  # sized at programming: take the saved chip's size
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.programmed and getattr(self, "_pending_time", None) is not None:
             t, self._pending_time = self._pending_time, None

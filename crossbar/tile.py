@@ -191,7 +191,7 @@ class Tile:
 
     def programmed_conductances(self) -> tuple:
         """(G+, G-) right after programming (t = 0), uS, float32."""
-        g = self.grid.g_prog.numpy()
+        g = self.grid.g_prog.cpu().numpy()
         return g[0], g[1]
 
     def read_variance(self) -> Optional[np.ndarray]:

@@ -94,6 +94,7 @@ def _check_checkpoint_options(args, meta: dict) -> None:
 def _run(args) -> int:
     from .config import RunConfig, load_run_config
     from .datasets import default_cache_dir, load_dataset
+    from .devices import resolve_device
     from .experiment import run_experiment
     from .outputs import check_writable_dir
     from .plots import plot_accuracy_vs_time, plot_histograms
@@ -106,6 +107,7 @@ def _run(args) -> int:
         value = getattr(args, key)
         if value is not None:  # an option given on the command line wins over --config
             config = config.with_path(key, value)
+    resolve_device(args.device)  # before any training: a bad --device fails at once
     out = check_writable_dir(args.out, "--out")
     data = load_dataset(args.dataset, args.data_dir)
     progress = _progress(args)
@@ -126,7 +128,7 @@ def _run(args) -> int:
                "seed": config.seed, "fold_batchnorm": args.fold_batchnorm, "config": config.to_dict(),
                "versions": versions()}
     results.update(run_experiment(model, data.batches("test"), data.batches("train"), config,
-                                  fold_batchnorm=args.fold_batchnorm, progress=progress))
+                                  fold_batchnorm=args.fold_batchnorm, progress=progress, device=args.device))
     paths = write_results(results, out)
     plot_accuracy_vs_time(results, out / "accuracy_vs_time.png")
     plot_histograms(results["histograms"], out / "histograms.png")
@@ -147,7 +149,8 @@ def _sweep(args) -> int:
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
     try:
         summary = run_sweep(spec, args.out, workers=args.workers, progress=_progress(args),
-                            scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout)
+                            scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout,
+                            device=args.device)
     except KeyboardInterrupt:
         print(f"xbarsim sweep: interrupted; finished points are in {args.out}/results.csv. "
               f"Run the same command again to complete the rest.", file=sys.stderr)
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference times, comma separated, in s or with a unit (default 1s,1h,1d,30d,1y)")
     p.add_argument("--fold-batchnorm", action="store_true", help="fold batch norm into the weights before mapping")
     p.add_argument("--out", default="xbarsim-results", help="output directory (default ./xbarsim-results)")
+    p.add_argument("--device", help="where the analog chips compute: cpu (default), cuda or cuda:N; the same "
+                                    "chips for a seed on any device")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("train", help="train a model and save a checkpoint")
@@ -195,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="sweep specification, TOML (see eval/sweep_spec.py)")
     p.add_argument("--out", required=True, help="results directory; rerunning resumes it")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--device", help="where the analog chips compute: cpu (default), cuda or cuda:N (on a "
+                                    "Dask worker, cuda is the GPU the worker was given)")
     p.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:8786), or 'local' for a local "
                                        "Dask cluster of --workers processes; needs the 'distributed' extra")
     p.add_argument("--scheduler-timeout", type=float, default=10.0,

@@ -17,6 +17,7 @@ from mapping.inputs import slice_inputs
 
 from .baseline import noised_tensors, noisy_copy
 from .config import BaselineConfig, RunConfig, ValidationConfig
+from .devices import resolve_device, to_device
 from .stats import equivalence, summarize
 from .train import accuracy
 
@@ -45,11 +46,12 @@ def _materialise(batches: Iterable, limit: int = 0) -> list:
     return out
 
 
-def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool):
+def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None):
     # layers left digital are recorded in the results rather than warned about per repeat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg)
+        return mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg,
+                               device=device)
 
 
 def _effective_eta(analog) -> float:
@@ -87,16 +89,19 @@ def _rates(counts: dict) -> dict:
 
 def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list, calibration: list,
                     times, repeats: int, seed: int, fold_batchnorm: bool = False,
-                    progress: bool = True, histograms: bool = False, stream: int = _ANALOG) -> dict:
+                    progress: bool = True, histograms: bool = False, stream: int = _ANALOG,
+                    device=None) -> dict:
     """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
     the effective eta of the first chip; plus the conversion report (with the first
     chip's calibration fallbacks per layer). Chip r is programmed from sub-stream
-    (stream, r) of ``seed``."""
+    (stream, r) of ``seed``; ``device`` (a torch device, None: the CPU engine) is where
+    the chips compute, the same chips on any device."""
+    test, calibration = to_device(test, device), to_device(calibration, device)
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
     report, digital, hist, fallbacks = None, [], {}, {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
     for r in range(repeats):
-        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm)
+        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm, device)
         report, digital = analog.report, analog.digital_layers
         analog.calibrate(calibration)
         if r == 0:
@@ -159,14 +164,14 @@ def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
 
 
 def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,
-                     tile: TileConfig, repeats: int, seed: int, progress: bool = True) -> dict:
+                     tile: TileConfig, repeats: int, seed: int, progress: bool = True, device=None) -> dict:
     """Crossbar (``tile``, normally validation_tile_config) against the baseline at the
     equivalent sigma, as an equivalence test (eval.stats.equivalence): PASSED when the
     95% CI of the difference of mean accuracies lies within +-tolerance, FAILED when it
     lies wholly outside, INCONCLUSIVE otherwise, with the repeats likely to decide."""
     mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
     crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats, seed,
-                               progress=progress, stream=_VALIDATION_CROSSBAR)["rows"][0]
+                               progress=progress, stream=_VALIDATION_CROSSBAR, device=device)["rows"][0]
     sigmas = equivalent_sigmas(model, tile)
     accs = []
     for r in range(repeats):
@@ -182,28 +187,32 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
 
 def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches: Iterable,
                    config: Optional[RunConfig] = None, fold_batchnorm: bool = False,
-                   progress: bool = True, histograms: bool = True) -> dict:
+                   progress: bool = True, histograms: bool = True, device: Optional[str] = None) -> dict:
     """The main job for any model and data: ideal, analog over time, baseline, validation.
 
-    ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders."""
+    ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders.
+    ``device`` ("cpu", "cuda", "cuda:N"; None: "cpu") is where the analog chips compute;
+    the float model and the additive baseline stay on the CPU."""
     config = config or RunConfig()
     if not isinstance(config, RunConfig):
         raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
+    on = resolve_device(device, "device")
     start = _time.perf_counter()
     model = model.cpu().float().eval()
     test = _materialise(test_batches, config.eval_samples)
     calibration = _materialise(calibration_batches, config.calibration_samples)
     results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}
     analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
-                             config.repeats, config.seed, fold_batchnorm, progress, histograms)
+                             config.repeats, config.seed, fold_batchnorm, progress, histograms, device=on)
     results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"],
                    calibration_fallbacks=analog["calibration_fallbacks"])
     results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress)
                            if config.baseline.enabled else [])
     results["validation"] = (validation_check(model, test, calibration, config.validation,
                                               validation_tile_config(config.tile, config.validation),
-                                              config.repeats, config.seed, progress)
+                                              config.repeats, config.seed, progress, device=on)
                              if config.validation.enabled else {"verdict": None, "passed": None, "skipped": True})
     results["histograms"] = analog["histograms"]
+    results["device"] = str(on or "cpu")
     results["elapsed_s"] = _time.perf_counter() - start
     return results

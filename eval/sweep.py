@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from .datasets import Dataset, default_cache_dir, load_dataset
+from .devices import resolve_device
 from .experiment import evaluate_analog, evaluate_baseline
 from .results import atomic_write
 from .stats import ci_bounds
@@ -40,6 +41,7 @@ class SweepContext:
     data: Dataset
     models: dict      # (name, batchnorm) -> nn.Module
     ideal: dict       # (name, batchnorm) -> accuracy
+    device: Optional[str] = None  # where the chips compute (None: the CPU engine)
 
 
 def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool) -> dict:
@@ -53,14 +55,14 @@ def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool) -> dict:
     return paths
 
 
-def load_context(spec: SweepSpec, checkpoints: dict) -> SweepContext:
+def load_context(spec: SweepSpec, checkpoints: dict, device: Optional[str] = None) -> SweepContext:
     data = load_dataset(spec.dataset, spec.data_dir)
     models, ideal = {}, {}
     test = data.batches("test", limit=spec.eval_samples or None)
     for key, path in checkpoints.items():
         models[key], _ = load_checkpoint(path)
         ideal[key] = accuracy(models[key], test)
-    return SweepContext(data, models, ideal)
+    return SweepContext(data, models, ideal, device)
 
 
 def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) -> dict:
@@ -72,7 +74,7 @@ def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) 
     test = ctx.data.batches("test", limit=spec.eval_samples or None)
     calibration = ctx.data.batches("train", limit=cfg.calibration_samples)
     a = evaluate_analog(model, cfg.tile, cfg.mapping, test, calibration, cfg.times, cfg.repeats, seed,
-                        spec.fold_batchnorm, progress=False)["rows"][0]
+                        spec.fold_batchnorm, progress=False, device=resolve_device(ctx.device))["rows"][0]
     row = {"point": index, **{p: point[p] for p in spec.swept if p in point},
            **{f: spec.setting(point, f) for f in POINT_FIELDS if f not in spec.swept},
            "ideal_accuracy": ctx.ideal[key], "accuracy_mean": a["accuracy_mean"], "accuracy_std": a["accuracy_std"],
@@ -153,30 +155,30 @@ class ResultsFile:
 _WORKER_CONTEXT: Optional[SweepContext] = None  # per worker process, loaded once by the initializer
 
 
-def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int) -> None:
+def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, device: Optional[str]) -> None:
     global _WORKER_CONTEXT
     import numba
     import torch
 
     torch.set_num_threads(threads)  # workers share the cores: no oversubscription
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    _WORKER_CONTEXT = load_context(spec, checkpoints)
+    _WORKER_CONTEXT = load_context(spec, checkpoints, device)
 
 
 def _worker_point(spec: SweepSpec, index: int, point: dict) -> dict:
     return evaluate_point(_WORKER_CONTEXT, spec, index, point)
 
 
-def _run_local(spec, todo, checkpoints, workers) -> Iterator[dict]:
+def _run_local(spec, todo, checkpoints, workers, device=None) -> Iterator[dict]:
     if workers == 1:
-        ctx = load_context(spec, checkpoints)
+        ctx = load_context(spec, checkpoints, device)
         for index, point in todo:
             yield evaluate_point(ctx, spec, index, point)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: forking a process that already runs OpenMP/TBB thread pools can hang
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(spec, checkpoints, threads)) as pool:
+                             initargs=(spec, checkpoints, threads, device)) as pool:
         pending = {pool.submit(_worker_point, spec, i, p) for i, p in todo}
         try:
             while pending:
@@ -190,12 +192,15 @@ def _run_local(spec, todo, checkpoints, workers) -> Iterator[dict]:
 
 
 def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True, cache_dir=None,
-              scheduler: Optional[str] = None, scheduler_timeout: float = 10.0) -> dict:
-    """Evaluate every point not yet in DIR/results.csv; returns counts of points."""
+              scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None) -> dict:
+    """Evaluate every point not yet in DIR/results.csv; returns counts of points.
+    ``device``: where the chips compute ("cuda" on a Dask worker: the GPU it was given)."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
     if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
+    if scheduler is None:
+        resolve_device(device)  # a bad --device fails before any work (a cluster's workers check their own)
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
@@ -211,9 +216,9 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     try:
         checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress)
         if runner is None:
-            rows = _run_local(spec, todo, checkpoints, workers)
+            rows = _run_local(spec, todo, checkpoints, workers, device)
         else:
-            rows = runner.rows(load_context(spec, checkpoints), spec, todo)
+            rows = runner.rows(load_context(spec, checkpoints, device), spec, todo)
         bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
                    disable=not progress)
         for row in rows:

@@ -89,7 +89,7 @@ def accuracy(model: nn.Module, batches) -> float:
     correct = total = 0
     with torch.no_grad():
         for inputs, y in batches:
-            correct += (call_model(model, inputs).argmax(-1) == y).sum().item()
+            correct += (call_model(model, inputs).argmax(-1).cpu() == y).sum().item()
             total += len(y)
     if total == 0:
         raise ValueError("accuracy: the batches held no samples")

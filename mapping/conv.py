@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossbar import torch_engine
 from crossbar.kernels import pixel_dac_convert
 from crossbar.seeding import derive
 
@@ -122,7 +123,7 @@ class AnalogConv2d(AnalogLayer):
             if h_out < 1 or w_out < 1:
                 raise ValueError(f"layer {self.layer_name!r}: input of {(padded_h, padded_w)} after padding "
                                  f"is smaller than the kernel")
-            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype)
+            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
             # a few images at a time, within the memory that max_rows_per_chunk unrolled
             # vectors take: the convolution path holds only each row block's products
@@ -174,9 +175,9 @@ class AnalogConv2d(AnalogLayer):
 
         def fetch(rows):
             if rows is None:
-                return self._unroll(xg, h_out, w_out).numpy()
-            n, h, w = np.unravel_index(rows, patches.shape[:3])
-            return patches[torch.from_numpy(n), torch.from_numpy(h), torch.from_numpy(w)].reshape(len(rows), -1).numpy()
+                return self._unroll(xg, h_out, w_out).cpu().numpy()
+            n, h, w = (torch.from_numpy(i).to(xg.device) for i in np.unravel_index(rows, patches.shape[:3]))
+            return patches[n, h, w].reshape(len(rows), -1).cpu().numpy()
 
         self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
         y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out],
@@ -194,34 +195,43 @@ class AnalogConv2d(AnalogLayer):
         matrix._require_ready()
         ranges = grid._require_ranges()
         blocks, segments = self._block_kernels(g)
-        xq, squares, clips = self._convert(matrix, xg, segments, grid._var_uniform is not None)
+        on_torch = grid.engine == "torch"
+        xq, squares, clips = self._convert(matrix, xg, segments, grid._var_uniform is not None, on_torch)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
-        var, var_rows = np.empty((0, 0, 0), np.float32), np.empty((0, 0))
+        var = var_rows = None
         if grid._var is not None:
             sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks]).numpy()
+            var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks])
         elif grid._var_uniform is not None:
-            var_rows = _stack([self._block_sums(squares, b, conv).reshape(-1) for b in blocks]).double().numpy()
+            var_rows = _stack([self._block_sums(squares, b, conv).reshape(-1) for b in blocks]).double()
             var_rows *= grid._var_uniform
-        clipped = np.zeros(len(blocks), np.int64)
+        clipped = torch.zeros(len(blocks), dtype=torch.float64, device=xq.device)
         if clips is not None:  # every unrolled copy of a clipped input is a clipped conversion
-            clipped = np.array([self._clip_count(clips, b, conv, (h_out, w_out)) for b in blocks], np.int64)
-        y = grid.read_out(partial.numpy(), var, var_rows, np.empty((0, 0)), ranges, True, clipped,
-                          matrix.divisor.numpy(), matrix.alpha, None if target is None else target.numpy())
+            clipped = torch.stack([self._clip_count(clips, b, conv, (h_out, w_out)) for b in blocks])
+        if on_torch:  # everything stays on the grid's device
+            y = grid.read_out_torch(partial, var, var_rows, None, ranges, True, clipped.round().long(),
+                                    matrix.divisor, matrix.alpha)
+            if target is None:
+                return y
+            return target.copy_(y)
+        y = grid.read_out(partial.numpy(), _EMPTY_VAR if var is None else var.numpy(),
+                          _EMPTY_ROWS if var_rows is None else var_rows.numpy(), np.empty((0, 0)), ranges, True,
+                          clipped.round().long().numpy(), matrix.divisor.numpy(), matrix.alpha,
+                          None if target is None else target.numpy())
         return target if target is not None else torch.from_numpy(y)
 
-    def _clip_count(self, clips: torch.Tensor, block: "_Block", conv: dict, out_hw: tuple) -> int:
-        """Clipped conversions of a block: each clipped input counted once per receptive
-        field (of this block's taps) that holds it, i.e. weighted by a coverage map."""
-        total = 0.0
+    def _clip_count(self, clips: torch.Tensor, block: "_Block", conv: dict, out_hw: tuple) -> torch.Tensor:
+        """Clipped conversions of a block (a float64 scalar tensor on the input's device,
+        integral): each clipped input counted once per receptive field (of this block's
+        taps) that holds it, i.e. weighted by a coverage map."""
+        total = torch.zeros((), dtype=torch.float64, device=clips.device)
         lo, hi = block.segments
         if hi > lo:
-            total += float((clips[:, lo:hi].sum(1, keepdim=True) * self._coverage(block.box, clips, conv, out_hw))
-                           .double().sum())
+            total += (clips[:, lo:hi].sum(1, keepdim=True) * self._coverage(block.box, clips, conv, out_hw)).double().sum()
         for segment, taps in block.edges:
-            total += float((clips[:, segment:segment + 1] * self._coverage(taps, clips, conv, out_hw)).double().sum())
-        return round(total)
+            total += (clips[:, segment:segment + 1] * self._coverage(taps, clips, conv, out_hw)).double().sum()
+        return total
 
     def _coverage(self, kernel: torch.Tensor, maps: torch.Tensor, conv: dict, out_hw: tuple) -> torch.Tensor:
         """(1, 1, H, W): at each input pixel, how many receptive fields of the
@@ -231,7 +241,7 @@ class AnalogConv2d(AnalogLayer):
         found = self._coverages.get(key)
         if found is not None and found[0] is kernel:
             return found[1]
-        ones = torch.ones(1, 1, *out_hw)
+        ones = torch.ones(1, 1, *out_hw, device=maps.device)
         size = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
                 zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], kernel.shape[2:])]
         extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
@@ -261,30 +271,38 @@ class AnalogConv2d(AnalogLayer):
         """(N, out, H, W) -> (N H W, out): output positions in the read-out's vector order."""
         return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
-    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor, segments: np.ndarray, squares: bool) -> tuple:
+    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor, segments: np.ndarray, squares: bool,
+                 on_torch: bool = False) -> tuple:
         """The group's NHWC input through the layer's DAC, element-wise: (quantized input
         as NCHW in channels-last memory, per-pixel sums of its squares over each channel
         segment if asked, per-pixel clipped counts per segment or None if nothing
         clipped), the maps as (N, segments, H, W)."""
         grid = matrix.grid
-        pixels = xg.reshape(-1, xg.shape[3]).numpy()
-        if not pixels.flags.c_contiguous:
-            pixels = np.ascontiguousarray(pixels)
         r_in = grid.input_range
-        n_segments = len(segments) - 1
-        xq = np.empty(pixels.shape, np.float32)
-        sq = np.empty((len(pixels), n_segments) if squares else (0, 0), np.float32)
-        clips = np.empty((len(pixels), n_segments), np.float32)
-        bad = np.empty(len(pixels), np.int64)
-        pixel_dac_convert(pixels, xq, 1.0 if r_in is None else r_in, grid._dac_half, segments, sq, clips, bad)
-        n_bad = int(bad.sum())
+        full_scale = 1.0 if r_in is None else r_in
+        if on_torch:
+            xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(-1, xg.shape[3]), full_scale,
+                                                                  grid._dac_half, segments, squares)
+        else:
+            pixels = xg.reshape(-1, xg.shape[3]).numpy()
+            if not pixels.flags.c_contiguous:
+                pixels = np.ascontiguousarray(pixels)
+            n_segments = len(segments) - 1
+            xq = np.empty(pixels.shape, np.float32)
+            sq = np.empty((len(pixels), n_segments) if squares else (0, 0), np.float32)
+            clips = np.empty((len(pixels), n_segments), np.float32)
+            bad = np.empty(len(pixels), np.int64)
+            pixel_dac_convert(pixels, xq, full_scale, grid._dac_half, segments, sq, clips, bad)
+            n_bad = int(bad.sum())
+            xq, sq, clips = torch.from_numpy(xq), torch.from_numpy(sq) if squares else None, torch.from_numpy(clips)
         if n_bad:
             raise ValueError(f"layer {matrix.name!r}: x contains {n_bad} NaN or Inf values; inputs must be finite")
 
-        def nchw(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).view(*xg.shape[:3], a.shape[1]).permute(0, 3, 1, 2)
+        def nchw(a: torch.Tensor) -> torch.Tensor:
+            return a.view(*xg.shape[:3], a.shape[1]).permute(0, 3, 1, 2)
 
-        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if clips.any() else None
+        # an all-zero clip map skips the coverage sums (one device sync on the torch engine)
+        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if bool(clips.any()) else None
 
     def _block_kernels(self, g: int) -> tuple:
         """The row blocks of group g (:class:`_Block`), their kernels cut from the
@@ -298,12 +316,13 @@ class AnalogConv2d(AnalogLayer):
         kh, kw = self.weight.shape[2:]
         taps = kh * kw
         out_g = grid.shape[1]
-        box = torch.ones(1, 1, kh, kw)
+        device = grid._gdiff.device
+        box = torch.ones(1, 1, kh, kw, device=device)
         blocks = []
         for r in range(grid.grid_shape[0]):
             a, b = int(grid.row_starts[r]), int(grid.row_starts[r + 1])
             lo, hi = a // taps, (b - 1) // taps + 1
-            keep = torch.zeros((hi - lo) * taps, 1)
+            keep = torch.zeros((hi - lo) * taps, 1, device=device)
             keep[a - lo * taps:b - lo * taps] = 1.0  # the taps of edge channels that are this block's
             shape = (hi - lo, kh, kw)
 
@@ -344,6 +363,10 @@ class _Block:
     segments: tuple
     box: torch.Tensor
     edges: list
+
+
+_EMPTY_VAR = np.empty((0, 0, 0), np.float32)
+_EMPTY_ROWS = np.empty((0, 0))
 
 
 def _stack(parts: list) -> torch.Tensor:

@@ -69,6 +69,21 @@ class AnalogModel(nn.Module):
                                f"{NOT_CALLED_WHY}")
         return out
 
+    def set_engine(self, engine: str) -> "AnalogModel":
+        """Run every tile grid's products with ``engine``: "numba" (the CPU's), "torch"
+        (what runs on GPUs; on the CPU it is the GPU path's test double) or "auto" (the
+        device decides)."""
+        for _, layer in self.analog_layers():
+            for m in layer.matrices:
+                m.grid.engine = engine
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the chip's state lives (and inputs must be)."""
+        _, layer = self.analog_layers()[0]
+        return layer.matrices[0].grid.device_
+
     def analog_layers(self) -> list:
         return [(name, m) for name, m in self.module.named_modules() if isinstance(m, AnalogLayer)]
 
@@ -138,13 +153,25 @@ class AnalogModel(nn.Module):
 
 
 def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
-            fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None) -> AnalogModel:
+            fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
+            device=None) -> AnalogModel:
     """A new module in which every Linear, Conv1d and Conv2d runs on programmed tiles.
 
     The original model is untouched. Layers that cannot be mapped stay digital and are
     named in a warning and in ``report``. Each layer's tiles draw from their own
-    sub-stream of ``seed``, so results are reproducible layer by layer.
+    sub-stream of ``seed``, so results are reproducible layer by layer. ``device`` (a
+    torch device or its name, e.g. "cuda") moves the converted model there, as
+    ``.to(device)`` would: the chip is programmed on the host and is the same on every
+    device for the same seed.
     """
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device = {device!r} is invalid: expected a torch device such as 'cpu' or 'cuda' "
+                             f"({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device = {str(device)!r} is invalid: torch sees no CUDA GPU here")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model = {type(model).__name__} is invalid: expected a torch.nn.Module")
     if not isinstance(tile_config, TileConfig):
@@ -192,4 +219,5 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
                            "parameters": sum(p.numel() for p in own)})
     if digital:
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(digital)}", stacklevel=2)
-    return AnalogModel(module, report, digital)
+    analog_model = AnalogModel(module, report, digital)
+    return analog_model if device is None else analog_model.to(device)

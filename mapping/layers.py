@@ -62,7 +62,10 @@ class AnalogLayer(nn.Module):
             self._sample_for_calibration(g, len(vectors), lambda rows: _to_numpy(vectors if rows is None
                                                                                  else vectors[rows]))
             return vectors @ self._group_weight(g).t().to(vectors.dtype)
-        y = self.matrices[g].matmul(_to_numpy(vectors))  # its errors name the layer and the tile
+        matrix = self.matrices[g]
+        if matrix.grid.engine == "torch":  # on the grid's device, never via the host
+            return matrix.matmul(vectors.to(torch.float32)).to(vectors.dtype)
+        y = matrix.matmul(_to_numpy(vectors))  # its errors name the layer and the tile
         return torch.from_numpy(y).to(vectors.dtype)
 
     def _add_bias(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -116,7 +119,7 @@ class AnalogLayer(nn.Module):
     def weight_pairs(self) -> list:
         """Per group: (intended weights, weights the tiles hold now incl. drift
         compensation), both (out, in) float64 in the tiles' unrolled order."""
-        return [(self._group_weight(g).double().numpy(), m.weight_read()) for g, m in enumerate(self.matrices)]
+        return [(self._group_weight(g).double().cpu().numpy(), m.weight_read()) for g, m in enumerate(self.matrices)]
 
     def counts(self) -> dict:
         total = {}

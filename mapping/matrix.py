@@ -94,22 +94,29 @@ class AnalogMatrix(nn.Module):
         return self.grid.time
 
     # -- the product --------------------------------------------------------------------------
-    def matmul(self, x) -> np.ndarray:
-        """X (batch, in) -> (batch, out) in weight units, float32."""
+    def matmul(self, x):
+        """X (batch, in) -> (batch, out) in weight units, float32: numpy on the CPU
+        (Numba engine), a tensor on the grid's device for the torch engine."""
+        if self.grid.engine == "torch":
+            self._require_ready()
+            return self._chunked(x, lambda part: self._product(part, count=True), torch.cat)
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.shape[1]:
             raise ValueError(f"layer {self.name!r}: input has shape {x.shape}: expected (batch, {self.shape[1]})")
         if x.dtype not in (np.float32, np.float64):
             raise ValueError(f"layer {self.name!r}: input has dtype {x.dtype}: expected float32 or float64")
         self._require_ready()
+        return self._chunked(x, lambda part: self._product(part, count=True), np.concatenate)
+
+    def _chunked(self, x, product, join):
         chunk = self.mapping.max_rows_per_chunk
         if x.shape[0] <= chunk:
-            return self._product(x, count=True)
-        return np.concatenate([self._product(x[i:i + chunk], count=True) for i in range(0, x.shape[0], chunk)])
+            return product(x)
+        return join([product(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
-    def _product(self, x: np.ndarray, count: bool, compensated: bool = True) -> np.ndarray:
-        return self.grid.product(x, count=count, divisor=self.divisor.numpy(),
-                                 alpha=self.alpha if compensated else 1.0)
+    def _product(self, x, count: bool, compensated: bool = True):
+        divisor = self.divisor if self.grid.engine == "torch" else self.divisor.numpy()
+        return self.grid.product(x, count=count, divisor=divisor, alpha=self.alpha if compensated else 1.0)
 
     # -- time, calibration, drift compensation ------------------------------------------------
     def at(self, t: float) -> "AnalogMatrix":
@@ -150,7 +157,8 @@ class AnalogMatrix(nn.Module):
             # all-zero inputs read zero at every time; every line at full scale reads the array
             compensation_x = np.full((1, self.shape[1]), self.grid.input_range or 1.0, np.float32)
         # a copy: a view would keep the whole calibration sample alive with the layer
-        self.compensation_x = torch.from_numpy(np.array(compensation_x, dtype=np.float32, copy=True))
+        self.compensation_x = torch.from_numpy(np.array(compensation_x, dtype=np.float32, copy=True)).to(
+            self.divisor.device)
         self._measure_r0()
         self.at(t)
         return self
@@ -170,19 +178,27 @@ class AnalogMatrix(nn.Module):
         r_in = self.grid.input_range or 1.0
         n_out, n_in = self.shape
         if self.mapping.compensation_input == "calibration" and self.compensation_x.numel():
-            y = self._product(self.compensation_x.numpy(), count=False, compensated=False)
-            return float(np.abs(y).mean(dtype=np.float64))
+            y = self._product(self._engine_input(self.compensation_x), count=False, compensated=False)
+            return _mean_abs(y)
         if self.mapping.compensation_input == "ones":
-            y = self._product(np.full((1, n_in), r_in, dtype=np.float32), count=False, compensated=False)
-            return float(np.abs(y).mean())
+            y = self._product(self._engine_input(np.full((1, n_in), r_in, dtype=np.float32)), count=False,
+                              compensated=False)
+            return _mean_abs(y)
         # one-hot: each input line alone at full scale; the other row blocks see zero
         # input and return exactly zero, so the sum over the grid is each line's read
         total = 0.0
         for start in range(0, n_in, _ONE_HOT_CHUNK):
             eye = np.zeros((min(_ONE_HOT_CHUNK, n_in - start), n_in), np.float32)
             eye[np.arange(eye.shape[0]), start + np.arange(eye.shape[0])] = r_in
-            total += float(np.abs(self._product(eye, count=False, compensated=False)).sum(dtype=np.float64))
+            y = self._product(self._engine_input(eye), count=False, compensated=False)
+            total += _sum_abs(y)
         return total / (n_in * n_out)
+
+    def _engine_input(self, x):
+        """x as the grid's engine takes it: a tensor on its device, or numpy."""
+        if self.grid.engine == "torch":
+            return torch.as_tensor(x).to(self.grid.device_)
+        return x.numpy() if isinstance(x, torch.Tensor) else x
 
     def _ranges_ready(self) -> bool:
         cfg = self.tile_config
@@ -210,7 +226,7 @@ class AnalogMatrix(nn.Module):
     def weight_read(self) -> np.ndarray:
         """The weights the tiles hold now, (G+ - G-) / scale at the current time, (out, in)."""
         g = self.grid.conductances()
-        per_row = np.repeat(self.divisor.numpy(), np.diff(self.grid.row_starts), axis=0)
+        per_row = np.repeat(self.divisor.cpu().numpy(), np.diff(self.grid.row_starts), axis=0)
         return ((g[0].astype(np.float64) - g[1]) / per_row).T * self.alpha
 
     def get_extra_state(self):
@@ -223,13 +239,25 @@ class AnalogMatrix(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("divisor", "compensation_x"):  # sized at programming and calibration
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         r, c = self.grid.grid_shape
         return (f"name={self.name!r}, shape={self.shape}, tiles={r} x {c} of "
                 f"{self.tile_config.rows}x{self.tile_config.cols}")
+
+
+def _sum_abs(y) -> float:
+    """Sum of |y| in float64, of numpy or torch outputs."""
+    if isinstance(y, torch.Tensor):
+        return float(y.abs().double().sum())
+    return float(np.abs(y).sum(dtype=np.float64))
+
+
+def _mean_abs(y) -> float:
+    """Mean |y| (numpy's mean is its float64 sum over the count, bitwise)."""
+    return _sum_abs(y) / (y.shape[0] * y.shape[1])
 
 
 def _after_load(matrix: AnalogMatrix, _incompatible) -> None:

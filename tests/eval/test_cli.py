@@ -151,3 +151,16 @@ def test_corrupt_data_is_a_one_line_error(cache, capsys):
     assert main(["run", "--dataset", "mnist", "--data-dir", str(data), "--out", str(cache / "o")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "truncated" in err and err.count("\n") == 1
+
+
+def test_device_option_refuses_what_this_machine_lacks(tmp_path, capsys):
+    import torch
+
+    from eval.devices import resolve_device
+
+    assert resolve_device(None) is None and resolve_device("cpu") is None
+    with pytest.raises(ValueError, match="--device = 'tpu' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device = 'cuda' is invalid: torch sees no CUDA GPU"):
+            resolve_device("cuda")

@@ -1,0 +1,125 @@
+"""The torch engine (what runs on GPUs) against the Numba engine on the CPU device: the
+same normals bitwise, the same outputs and counts bitwise with noise off, and with
+per-read noise on equal but for values on an ADC step edge (float64 variance sums in
+another order), which are counted. Tests that need CUDA skip without it."""
+import numpy as np
+import pytest
+import torch
+
+from crossbar import presets, rng, torch_engine
+from tests.crossbar.test_grid import programmed_grid
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@pytest.mark.parametrize("key,offset", [(0, 0), (12345, 10 ** 12), (2 ** 64 - 1, 2 ** 63 + 5)])
+def test_normals_equal_the_numba_generator_bitwise_rejections_included(key, offset):
+    n = 200_000  # about 2,600 rejections, some of them in the tail
+    want = rng.counter_normals(np.uint64(key), np.uint64(offset), n)
+    got = torch_engine.counter_normals(key, offset, n).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_hash_equals_the_numba_hash_on_extreme_words():
+    words = np.array([0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 0x9E3779B97F4A7C15], np.uint64)
+    key = torch_engine.as_int64_keys(np.full(len(words), 0xDEADBEEF, np.uint64))
+    got = torch_engine.counter_hash(key, torch_engine.as_int64_keys(words)).numpy().view(np.uint64)
+    want = np.array([rng.counter_hash(np.uint64(0xDEADBEEF), w) for w in words], np.uint64)
+    assert np.array_equal(got, want)
+
+
+def both_engines(config, n_in, n_out, x, t=3600.0, calibrate=True):
+    grid, *_ = programmed_grid(config, n_in, n_out, seed=2)
+    if calibrate:
+        grid.calibrate(x[:40])
+    results = {}
+    for engine in ("numba", "torch"):
+        grid.engine = engine
+        grid.at(t)
+        grid.reset_counts()
+        y = grid.product(torch.from_numpy(x) if engine == "torch" else x)
+        y = y.numpy() if isinstance(y, torch.Tensor) else y
+        results[engine] = (y, grid.count_totals())
+    return results, grid
+
+
+CONFIGS = [
+    presets.ideal(rows=32, cols=16, dac_bits=8, adc_bits=8),
+    presets.ideal(rows=24, cols=20, dac_bits=5, adc_bits=6, dac_range_mode="per_vector"),
+    presets.ideal(rows=64, cols=64, dac_bits=1, adc_bits=1),
+    presets.ideal(rows=40, cols=8, dac_bits=None, adc_bits=None),
+    presets.pcm(rows=32, cols=32, read_sigma_abs=0.0),   # drift and 1/f, no per-read noise
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_noise_off_the_engines_agree_bitwise(config):
+    x = np.random.default_rng(5).uniform(-1, 1, (70, 90)).astype(np.float32)
+    results, grid = both_engines(config, 90, 50, x)
+    assert grid.grid_shape[0] > 1 and grid.grid_shape[1] > 1 or config.rows == 64
+    (y_n, c_n), (y_t, c_t) = results["numba"], results["torch"]
+    assert np.array_equal(y_n, y_t)
+    assert c_n == c_t
+
+
+@pytest.mark.parametrize("config", [presets.pcm(rows=32, cols=16),  # uniform per-read noise: row sums
+                                    presets.gaussian(rows=48, cols=24, read_sigma_rel=0.05),  # per-pair variance
+                                    presets.pcm(rows=32, cols=16, dac_range_mode="per_vector")])
+def test_noise_on_the_engines_agree_but_for_step_edges(config):
+    x = np.random.default_rng(6).uniform(-1, 1, (200, 100)).astype(np.float32)
+    results, grid = both_engines(config, 100, 40, x)
+    (y_n, c_n), (y_t, c_t) = results["numba"], results["torch"]
+    differ = y_n != y_t
+    # a variance summed in another order moves a value by ~1e-16 relative: it changes
+    # the ADC's rounding only within that distance of a step edge, a tiny fraction
+    assert differ.mean() <= 1e-3
+    assert np.allclose(y_n, y_t, rtol=0, atol=float(np.abs(y_n).max()) * 0.05)
+    assert abs(c_n["adc_saturated"] - c_t["adc_saturated"]) <= int(differ.sum())
+    assert c_n["dac_clipped"] == c_t["dac_clipped"]
+
+
+def test_consecutive_products_continue_each_tiles_stream_on_both_engines():
+    config = presets.pcm(rows=32, cols=16)
+    x = np.random.default_rng(7).uniform(-1, 1, (60, 50)).astype(np.float32)
+    grid, *_ = programmed_grid(config, 50, 30, seed=3)
+    grid.calibrate(x)
+    grid.at(10.0)
+    whole = grid.product(x)
+    grid.engine = "torch"
+    grid.at(10.0)
+    parts = torch.cat([grid.product(torch.from_numpy(x[:25])), grid.product(torch.from_numpy(x[25:]))]).numpy()
+    assert (parts != whole).mean() <= 1e-3
+
+
+def test_torch_engine_refuses_inputs_it_cannot_take():
+    config = presets.ideal(rows=16, cols=16)
+    x = np.random.default_rng(8).uniform(-1, 1, (10, 20)).astype(np.float32)
+    grid, *_ = programmed_grid(config, 20, 10)
+    grid.calibrate(x)
+    grid.engine = "torch"
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        grid.product(x)
+    bad = torch.from_numpy(x.copy())
+    bad[3, 17] = float("nan")
+    with pytest.raises(ValueError, match="input 17, tile row 1 of 2"):
+        grid.product(bad)
+    with pytest.raises(ValueError, match="engine = 'cuda' is invalid"):
+        grid.engine = "cuda"
+
+
+@needs_cuda
+def test_on_cuda_the_grid_equals_the_cpu_engine():
+    config = presets.pcm(rows=64, cols=32, read_sigma_abs=0.0)
+    x = np.random.default_rng(9).uniform(-1, 1, (128, 100)).astype(np.float32)
+    grid, *_ = programmed_grid(config, 100, 70, seed=4)
+    grid.calibrate(x)
+    grid.at(86400.0)
+    want = grid.product(x)
+    grid.to("cuda").at(86400.0)
+    assert grid.engine == "torch"
+    got = grid.product(torch.from_numpy(x).cuda()).cpu().numpy()
+    steps = grid.output_ranges().max() / 127
+    # cuBLAS sums the products in another order: at most one ADC step on a few outputs
+    assert np.all(np.abs(got - want) <= 1.01 * steps * np.abs(1 / grid.config.rows) + 1e-6) or \
+        (got != want).mean() <= 0.01

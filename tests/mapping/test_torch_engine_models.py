@@ -1,0 +1,95 @@
+"""Whole converted models on the torch engine (the GPU path, here on the CPU device)
+against the Numba engine: linear and convolution layers (both conv paths), drift
+compensation, counts and state_dict round trips."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossbar import presets
+from mapping import convert
+
+pytestmark = pytest.mark.gpu
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, groups=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 7 * 7, 10)).eval()
+
+
+def converted(config, seed=0, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(small_cnn(), config, seed=seed, **kwargs)
+
+
+def run_both(config, x, per_vector_unrolled=False):
+    analog = converted(config)
+    analog.calibrate([x])
+    outs = {}
+    for engine in ("numba", "torch"):
+        analog.set_engine(engine)
+        analog.at(86400.0)
+        analog.reset_counts()
+        outs[engine] = (analog(x), analog.counts())
+    return outs
+
+
+X = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("config", [presets.pcm(rows=32, cols=16, read_sigma_abs=0.0),
+                                    presets.ideal(rows=20, cols=8, dac_bits=6, adc_bits=5, dac_range_mode="per_vector")])
+def test_noise_off_models_agree_bitwise_with_counts(config):
+    outs = run_both(config, X)
+    (y_n, c_n), (y_t, c_t) = outs["numba"], outs["torch"]
+    assert torch.equal(y_n, y_t)
+    assert c_n == c_t
+
+
+def test_noise_on_models_agree_but_for_step_edges():
+    outs = run_both(presets.pcm(rows=32, cols=16), X)
+    (y_n, c_n), (y_t, c_t) = outs["numba"], outs["torch"]
+    # the logits pass through three ADC stages: a step-edge flip upstream moves them a little
+    assert (y_n != y_t).float().mean() <= 0.05
+    assert torch.allclose(y_n, y_t, atol=0.02 * float(y_n.abs().max()))
+    for layer in c_n:
+        assert c_n[layer]["dac_converted"] == c_t[layer]["dac_converted"]
+        assert abs(c_n[layer]["adc_saturated"] - c_t[layer]["adc_saturated"]) <= 0.01 * c_n[layer]["adc_converted"]
+
+
+def test_a_torch_engine_chip_saves_and_loads_as_the_numba_one():
+    config = presets.pcm(rows=32, cols=16, read_sigma_abs=0.0)
+    a = converted(config)
+    a.calibrate([X])
+    a.set_engine("torch").at(3600.0)
+    state = a.state_dict()
+    b = converted(config, seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(a(X), b(X))  # b on the Numba engine
+
+
+def test_convert_refuses_a_device_it_cannot_use():
+    with pytest.raises(ValueError, match="device = 'gpu0' is invalid"):
+        converted(presets.ideal(rows=16, cols=16), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            converted(presets.ideal(rows=16, cols=16), device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_on_cuda_a_model_runs_without_leaving_the_device():
+    config = presets.pcm(rows=32, cols=16, read_sigma_abs=0.0)
+    cpu = converted(config)
+    cpu.calibrate([X])
+    gpu = converted(config, device="cuda")
+    gpu.calibrate([X.cuda()])
+    cpu.at(86400.0)
+    gpu.at(86400.0)
+    y_cpu, y_gpu = cpu(X), gpu(X.cuda())
+    assert y_gpu.device.type == "cuda"
+    assert (y_cpu != y_gpu.cpu()).float().mean() <= 0.05
+    assert np.allclose(y_cpu.numpy(), y_gpu.cpu().numpy(), atol=0.02 * float(y_cpu.abs().max()))

@@ -113,8 +113,11 @@ class TileGrid(nn.Module):
         self._keys = np.zeros((rows, cols), np.uint64)
         self._vectors_read = 0
         self._engine = "auto"
-        self._host_copies: dict = {}   # buffer name -> ((id, version), numpy copy)
-        self._pending_counts: list = []  # (name, device tensor) the torch engine has not synced yet
+        # the torch engine's view of the above on the grid's device (see _upload)
+        self._keys_t: Optional[torch.Tensor] = None
+        self._columns: Optional[torch_engine.ColumnMap] = None
+        self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
+        self._device_counts: dict = {}  # count name -> running device tensor, not yet read
 
     # -- engine and device -------------------------------------------------------------------
     @property
@@ -134,7 +137,7 @@ class TileGrid(nn.Module):
         self._engine = name
 
     @property
-    def device_(self) -> torch.device:
+    def torch_device(self) -> torch.device:
         """The torch device the grid's buffers (and its products) are on."""
         return self.g_prog.device
 
@@ -147,19 +150,21 @@ class TileGrid(nn.Module):
         return self
 
     def _upload(self) -> None:
+        """Put what at(t) derived on the host on the grid's device (no copy on the CPU)."""
         device = self.g_prog.device
         self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
         self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
+        self._keys_t = torch_engine.as_int64_keys(self._keys).to(device)
+        self._columns = torch_engine.column_map(self.col_starts, device)
 
     def _host(self, name: str) -> np.ndarray:
         """A numpy copy of a small buffer (ranges), refreshed when the buffer changes."""
         t = getattr(self, name)
-        key = (id(t), t._version)
         found = self._host_copies.get(name)
-        if found is None or found[0] != key:
-            found = (key, t.detach().cpu().numpy())
+        if found is None or found[0] is not t or found[1] != t._version:
+            found = (t, t._version, t.detach().cpu().numpy())
             self._host_copies[name] = found
-        return found[1]
+        return found[2]
 
     # -- programming and time --------------------------------------------------------------
     @property
@@ -227,9 +232,8 @@ class TileGrid(nn.Module):
                 self._var_uniform = float(var.flat[0])
             else:
                 self._var_host = np.ascontiguousarray(var, dtype=np.float32)
-        self._upload()
         self._keys = self._stream_keys(_READS, bits)
-        self._keys_t = torch_engine.as_int64_keys(self._keys).to(self.g_prog.device)
+        self._upload()
         self._vectors_read = 0
         return self
 
@@ -301,11 +305,12 @@ class TileGrid(nn.Module):
         a layer see after ReLU and pooling) takes the largest output that inputs within
         the DAC range can produce on its conductances, r_in * max_j sum_i |G+_ij - G-_ij|
         (nothing saturates); ``counts["adc_range_fallback"]`` marks it."""
-        x = self.check_input(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x))
+        x = self.check_input(x)
         xq, scales, _ = self._convert_inputs(x)
         partial, var, var_rows = self._products(xq)
         keys = self._stream_keys(_CALIBRATION_READS, time_bits(self.time))
         percentile = self.config.adc.percentile
+        ranges = np.empty(self.grid_shape)
         for r in range(self.grid_shape[0]):
             y = np.empty((x.shape[0], self.shape[1]), np.float32)
             grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
@@ -314,7 +319,8 @@ class TileGrid(nn.Module):
                 cs = slice(self.col_starts[c], self.col_starts[c + 1])
                 found = percentile_range(np.abs(y[:, cs]), percentile)
                 self.counts["adc_range_fallback"][r, c] = int(found is None)
-                self.adc_ranges[r, c] = found if found is not None else self._largest_output(r, c)
+                ranges[r, c] = found if found is not None else self._largest_output(r, c)
+        self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives
         return self
 
     def _largest_output(self, r: int, c: int) -> float:
@@ -348,39 +354,46 @@ class TileGrid(nn.Module):
     def read_out(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
                  divisor=None, alpha: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The read-out/ADC kernel over products already formed (``partial``: R x vectors
-        x n_out), for callers that form the products their own way (convolutions).
+        x n_out), for callers that form the products their own way (convolutions);
+        ``var``, ``var_rows``, ``scales`` and ``divisor`` None where absent.
         ``clipped_per_block`` (R,): DAC values clipped in each row block's inputs; every
         tile of that row converted all rows x vectors of them. ``out`` (vectors, n_out),
         float32, C-contiguous: where to write (a new array if None)."""
         batch = partial.shape[1]
         if out is None:
             out = np.empty((batch, self.shape[1]), np.float32)
-        saturated = grid_readout(partial, var, var_rows, self.col_starts, self._keys, self._vectors_read,
-                                 ranges, self._adc_half, scales, _EMPTY_DIVISOR if divisor is None else divisor,
-                                 float(alpha), out)
+        saturated = grid_readout(partial, _EMPTY_3D if var is None else var, _EMPTY_2D if var_rows is None else var_rows,
+                                 self.col_starts, self._keys, self._vectors_read, ranges, self._adc_half,
+                                 _EMPTY_2D if scales is None else scales,
+                                 _EMPTY_DIVISOR if divisor is None else divisor, float(alpha), out)
         self._vectors_read += batch
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)
         return out
 
     def _count_conversions(self, batch: int, clipped_per_block, saturated) -> None:
-        """Conversion counts of one product; device tensors wait in ``_pending_counts``
-        until the counts are read, so a product on a GPU never waits for the host."""
+        """Conversion counts of one product. The torch engine's (device tensors) add up
+        on the device until the counts are read, so a product on a GPU never waits for
+        the host."""
         rows = np.diff(self.row_starts)[:, None]
         cols = np.diff(self.col_starts)[None, :]
         self.counts["dac_converted"] += rows * batch
         self.counts["adc_converted"] += cols * batch
         for name, value in (("dac_clipped", clipped_per_block), ("adc_saturated", saturated)):
             if isinstance(value, torch.Tensor):
-                self._pending_counts.append((name, value))
+                running = self._device_counts.get(name)
+                self._device_counts[name] = value if running is None else running.add_(value)
             else:
-                self.counts[name] += np.asarray(value, np.int64)[:, None] if name == "dac_clipped" else value
+                self._add_count(name, np.asarray(value, np.int64))
+
+    def _add_count(self, name: str, value: np.ndarray) -> None:
+        """Add (R,) clipped-input counts (every tile of a row block) or (R, C) counts."""
+        self.counts[name] += value[:, None] if name == "dac_clipped" else value
 
     def _sync_counts(self) -> None:
-        pending, self._pending_counts = self._pending_counts, []
-        for name, value in pending:
-            v = value.cpu().numpy().astype(np.int64)
-            self.counts[name] += v[:, None] if name == "dac_clipped" else v
+        running, self._device_counts = self._device_counts, {}
+        for name, value in running.items():
+            self._add_count(name, value.cpu().numpy().astype(np.int64))
 
     def _convert_inputs(self, x: np.ndarray) -> tuple:
         """(quantized inputs (batch, n_in) float32, per-vector scales (R, batch) or empty,
@@ -464,22 +477,21 @@ class TileGrid(nn.Module):
         """``read_out`` by the torch engine: tensors on the grid's device (var, var_rows,
         scales, divisor None where absent); returns (vectors, n_out) float32 there."""
         batch = partial.shape[1]
-        ranges_t = self._device_ranges(ranges)
-        out, saturated = torch_engine.readout(partial, var, var_rows, self.col_starts, self._keys_t,
-                                              self._vectors_read, ranges_t, self._adc_half, scales, divisor,
-                                              float(alpha))
+        out, saturated = torch_engine.readout(partial, var, var_rows, self._columns, self._keys_t,
+                                              self._vectors_read, self._ranges_on_device(ranges), self._adc_half,
+                                              scales, divisor, float(alpha))
         self._vectors_read += batch
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)
         return out
 
-    def _device_ranges(self, ranges: np.ndarray) -> torch.Tensor:
-        """The (R, C) ADC ranges on the grid's device, uploaded once per new value."""
-        found = self._host_copies.get("_device_ranges")
-        if found is None or found[0] is not ranges:
-            found = (ranges, torch.from_numpy(np.array(ranges, np.float64)).to(self.g_prog.device))
-            self._host_copies["_device_ranges"] = found
-        return found[1]
+    def _ranges_on_device(self, ranges: np.ndarray) -> torch.Tensor:
+        """The (R, C) ADC ranges that ``_require_ranges`` gave, on the grid's device:
+        the buffer itself for fixed and calibrated ranges (already there), else uploaded
+        (worst-case ranges follow the DAC range; an ideal ADC reads none of them)."""
+        if self._adc_half != IDEAL and self.config.adc.range_mode != "worst_case":
+            return self.adc_ranges
+        return torch.from_numpy(np.asarray(ranges, np.float64)).to(self.g_prog.device)
 
     def check_tensor(self, x) -> torch.Tensor:
         self._require_programmed("product")
@@ -510,7 +522,7 @@ class TileGrid(nn.Module):
 
     def reset_counts(self) -> None:
         """Zero the conversion counts (programming and calibration counts are kept)."""
-        self._pending_counts = []
+        self._device_counts = {}
         for name in CONVERSION_COUNTS:
             self.counts[name][:] = 0
 

@@ -18,6 +18,7 @@ import numpy as np
 from numba import float64, int64, njit, uint64
 
 GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, SplitMix64's increment
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's finaliser multipliers
 ZIGGURAT_R = 3.442619855899  # start of the tail for 128 layers
 
 
@@ -54,8 +55,8 @@ KN_FLOAT = KN.astype(np.float64)
 @njit(inline="always", cache=True)
 def mix64(z):
     """SplitMix64 finaliser: a bijective 64-bit hash with full avalanche."""
-    z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+    z = (z ^ (z >> uint64(30))) * uint64(MIX1)
+    z = (z ^ (z >> uint64(27))) * uint64(MIX2)
     return z ^ (z >> uint64(31))
 
 

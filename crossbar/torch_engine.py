@@ -19,12 +19,13 @@ engines, so with per-read noise on, a value on an ADC step edge can round the ot
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
-from .rng import FN, GOLDEN, KN, WN, ZIGGURAT_R
-
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, WN, ZIGGURAT_R
 
 
 def _signed(c: int) -> int:
@@ -43,8 +44,8 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def mix64(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    z = (z ^ _shr(z, 30)) * _signed(MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(MIX2)
     return z ^ _shr(z, 31)
 
 
@@ -57,18 +58,10 @@ def _uniform(h: torch.Tensor) -> torch.Tensor:
     return (_shr(h, 11) + 1).double() * (1.0 / 9007199254740992.0)
 
 
-class _Tables:
-    """The ziggurat tables on one device (made once per device)."""
-
-    _cache: dict = {}
-
-    @classmethod
-    def on(cls, device: torch.device) -> tuple:
-        found = cls._cache.get(device)
-        if found is None:
-            found = tuple(torch.from_numpy(np.asarray(a, np.float64)).to(device) for a in (KN, WN, FN))
-            cls._cache[device] = found
-        return found
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple:
+    """The ziggurat tables (KN as float64, WN, FN) on one device, made once per device."""
+    return tuple(torch.from_numpy(a).to(device) for a in (KN_FLOAT, WN, FN))
 
 
 def _fast(h: torch.Tensor, kn: torch.Tensor, wn: torch.Tensor) -> tuple:
@@ -79,7 +72,7 @@ def _fast(h: torch.Tensor, kn: torch.Tensor, wn: torch.Tensor) -> tuple:
 
 def normals_from_hash(h: torch.Tensor) -> torch.Tensor:
     """A standard normal (float64) from each 64-bit hash: ``rng.normal_from_hash``."""
-    kn, wn, fn = _Tables.on(h.device)
+    kn, wn, fn = _tables(h.device)
     x, accepted, _, _ = _fast(h, kn, wn)
     rejected = (~accepted).view(-1).nonzero().view(-1)  # flat indices, whatever h's shape
     if rejected.numel():
@@ -183,32 +176,51 @@ def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool,
     return out, scales, clipped, bad
 
 
+def range_sums(a: torch.Tensor, starts) -> torch.Tensor:
+    """(rows, S): each row's sum over columns starts[s] .. starts[s + 1]."""
+    bounds = [int(b) for b in starts]
+    return torch.stack([a[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+
+
 def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
     """(R, batch) float64: each vector's sum of squares over each row block."""
-    sq = xq.double().square()
-    return torch.stack([sq[:, int(row_starts[r]):int(row_starts[r + 1])].sum(dim=1)
-                        for r in range(len(row_starts) - 1)])
+    return range_sums(xq.double().square(), row_starts).t()
 
 
-def readout(partial: torch.Tensor, var, var_rows, col_starts, keys: torch.Tensor, first_vector: int,
+class ColumnMap(NamedTuple):
+    """Where each output column sits in the tile columns of a grid, on one device: its
+    tile (``tile``), that tile's width (``width``) and its offset in the tile
+    (``offset``); ``n_tiles`` tile columns."""
+
+    tile: torch.Tensor
+    width: torch.Tensor
+    offset: torch.Tensor
+    n_tiles: int
+
+
+def column_map(col_starts, device) -> ColumnMap:
+    starts = torch.as_tensor(np.asarray(col_starts), dtype=torch.int64, device=device)
+    widths = starts[1:] - starts[:-1]
+    tile = torch.repeat_interleave(torch.arange(len(widths), device=device), widths)
+    return ColumnMap(tile, widths[tile], torch.arange(len(tile), device=device) - starts[:-1][tile], len(widths))
+
+
+def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
             ranges: torch.Tensor, half: int, scales, divisor, alpha: float) -> tuple:
     """``kernels.grid_readout``: every tile's per-read noise and ADC, the division by the
     digital scale and the float32 sum over row blocks, times alpha. ``partial`` (R,
     vectors, n_out) float32; ``var`` (R, vectors, n_out) float32 or None; ``var_rows``
-    (R, vectors) float64 or None; ``keys`` (R, C) int64; ``ranges`` (R, C) float64;
+    (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
+    (R, C) int64; ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None.
     Returns (outputs (vectors, n_out) float32, saturated counts (R, C) int64)."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
-    col_starts = torch.as_tensor(np.asarray(col_starts), dtype=torch.int64, device=device)
-    widths = col_starts[1:] - col_starts[:-1]
-    tile_of = torch.repeat_interleave(torch.arange(len(widths), device=device), widths)  # column -> tile
-    width = widths[tile_of]
-    offset = torch.arange(n_out, device=device) - col_starts[:-1][tile_of]
+    tile_of = columns.tile
     noisy = var is not None or var_rows is not None
     if noisy:  # normal (first_vector + i) * width + (j - start) of each tile's stream
-        counters = (torch.arange(batch, dtype=torch.int64, device=device)[:, None] + int(first_vector)) * width \
-            + offset
+        counters = (torch.arange(batch, dtype=torch.int64, device=device)[:, None] + int(first_vector)) \
+            * columns.width + columns.offset
     acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
     for r in range(n_blocks):
@@ -220,7 +232,7 @@ def readout(partial: torch.Tensor, var, var_rows, col_starts, keys: torch.Tensor
         if half >= 0:
             fs = ranges[r][tile_of]
             v, hits = quantize(v, fs, half)
-            saturated[r] = torch.zeros(len(widths), dtype=torch.int64, device=device).index_add_(
+            saturated[r] = torch.zeros(columns.n_tiles, dtype=torch.int64, device=device).index_add_(
                 0, tile_of, hits.sum(dim=0))
         if scales is not None:
             v = v * scales[r][:, None]
@@ -245,10 +257,5 @@ def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, seg_st
     else:
         q, hits = xd, torch.zeros(xd.shape, dtype=torch.bool, device=xd.device)
     xq = q.float()
-    bounds = [int(b) for b in seg_starts]
-    squares = None
-    if want_squares:
-        sq = xq.double().square()
-        squares = torch.stack([sq[:, a:b].sum(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1).float()
-    clips = torch.stack([hits[:, a:b].sum(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1).float()
-    return xq, squares, clips, bad
+    squares = range_sums(xq.double().square(), seg_starts).float() if want_squares else None
+    return xq, squares, range_sums(hits, seg_starts).float(), bad

@@ -94,7 +94,7 @@ def _check_checkpoint_options(args, meta: dict) -> None:
 def _run(args) -> int:
     from .config import RunConfig, load_run_config
     from .datasets import default_cache_dir, load_dataset
-    from .devices import resolve_device
+    from mapping.devices import resolve_device
     from .experiment import run_experiment
     from .outputs import check_writable_dir
     from .plots import plot_accuracy_vs_time, plot_histograms

@@ -13,11 +13,11 @@ from tqdm import tqdm
 import mapping
 from crossbar import ADCConfig, DACConfig, DeviceConfig, TileConfig
 from crossbar.seeding import derive
-from mapping.inputs import slice_inputs
+from mapping.devices import resolve_device
+from mapping.inputs import map_tensors, slice_inputs
 
 from .baseline import noised_tensors, noisy_copy
 from .config import BaselineConfig, RunConfig, ValidationConfig
-from .devices import resolve_device, to_device
 from .stats import equivalence, summarize
 from .train import accuracy
 
@@ -44,6 +44,14 @@ def _materialise(batches: Iterable, limit: int = 0) -> list:
     if not out:
         raise ValueError("batches yielded no samples")
     return out
+
+
+def _on_device(batches: list, device) -> list:
+    """(inputs, labels) batches with the inputs on ``device`` (None: as they are); labels
+    stay on the host, where predictions are compared with them."""
+    if device is None:
+        return batches
+    return [(map_tensors(x, lambda t: t.to(device)), y) for x, y in batches]
 
 
 def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None):
@@ -96,7 +104,7 @@ def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list,
     chip's calibration fallbacks per layer). Chip r is programmed from sub-stream
     (stream, r) of ``seed``; ``device`` (a torch device, None: the CPU engine) is where
     the chips compute, the same chips on any device."""
-    test, calibration = to_device(test, device), to_device(calibration, device)
+    test, calibration = _on_device(test, device), _on_device(calibration, device)
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
     report, digital, hist, fallbacks = None, [], {}, {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)

@@ -17,8 +17,9 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
+from mapping.devices import resolve_device
+
 from .datasets import Dataset, default_cache_dir, load_dataset
-from .devices import resolve_device
 from .experiment import evaluate_analog, evaluate_baseline
 from .results import atomic_write
 from .stats import ci_bounds

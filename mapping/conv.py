@@ -215,8 +215,8 @@ class AnalogConv2d(AnalogLayer):
             if target is None:
                 return y
             return target.copy_(y)
-        y = grid.read_out(partial.numpy(), _EMPTY_VAR if var is None else var.numpy(),
-                          _EMPTY_ROWS if var_rows is None else var_rows.numpy(), np.empty((0, 0)), ranges, True,
+        y = grid.read_out(partial.numpy(), None if var is None else var.numpy(),
+                          None if var_rows is None else var_rows.numpy(), None, ranges, True,
                           clipped.round().long().numpy(), matrix.divisor.numpy(), matrix.alpha,
                           None if target is None else target.numpy())
         return target if target is not None else torch.from_numpy(y)
@@ -363,10 +363,6 @@ class _Block:
     segments: tuple
     box: torch.Tensor
     edges: list
-
-
-_EMPTY_VAR = np.empty((0, 0, 0), np.float32)
-_EMPTY_ROWS = np.empty((0, 0))
 
 
 def _stack(parts: list) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .config import MappingConfig
 from .inputs import batch_inputs, call_model
 from .conv import AnalogConv2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
+from .devices import resolve_device
 from .memory import release_free_memory
 
 # torch layer type -> analog wrapper; everything else stays digital
@@ -82,7 +83,7 @@ class AnalogModel(nn.Module):
     def device(self) -> torch.device:
         """Where the chip's state lives (and inputs must be)."""
         _, layer = self.analog_layers()[0]
-        return layer.matrices[0].grid.device_
+        return layer.matrices[0].grid.torch_device
 
     def analog_layers(self) -> list:
         return [(name, m) for name, m in self.module.named_modules() if isinstance(m, AnalogLayer)]
@@ -164,14 +165,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     ``.to(device)`` would: the chip is programmed on the host and is the same on every
     device for the same seed.
     """
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device = {device!r} is invalid: expected a torch device such as 'cpu' or 'cuda' "
-                             f"({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device = {str(device)!r} is invalid: torch sees no CUDA GPU here")
+    device = resolve_device(device, "device")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model = {type(model).__name__} is invalid: expected a torch.nn.Module")
     if not isinstance(tile_config, TileConfig):

@@ -30,10 +30,15 @@ def call_model(model, inputs):
     return model(inputs)
 
 
+def map_tensors(inputs, fn):
+    """fn applied to every tensor of the inputs (non-tensor inputs are kept as they are)."""
+    if isinstance(inputs, dict):
+        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(v, fn) for v in inputs)
+    return fn(inputs) if isinstance(inputs, torch.Tensor) else inputs
+
+
 def slice_inputs(inputs, n: int):
     """The first n samples of every input tensor (non-tensor inputs are kept whole)."""
-    if isinstance(inputs, dict):
-        return {k: slice_inputs(v, n) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(slice_inputs(v, n) for v in inputs)
-    return inputs[:n] if isinstance(inputs, torch.Tensor) else inputs
+    return map_tensors(inputs, lambda t: t[:n])

@@ -197,7 +197,7 @@ class AnalogMatrix(nn.Module):
     def _engine_input(self, x):
         """x as the grid's engine takes it: a tensor on its device, or numpy."""
         if self.grid.engine == "torch":
-            return torch.as_tensor(x).to(self.grid.device_)
+            return torch.as_tensor(x).to(self.grid.torch_device)
         return x.numpy() if isinstance(x, torch.Tensor) else x
 
     def _ranges_ready(self) -> bool:

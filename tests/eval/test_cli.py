@@ -156,7 +156,7 @@ def test_corrupt_data_is_a_one_line_error(cache, capsys):
 def test_device_option_refuses_what_this_machine_lacks(tmp_path, capsys):
     import torch
 
-    from eval.devices import resolve_device
+    from mapping.devices import resolve_device
 
     assert resolve_device(None) is None and resolve_device("cpu") is None
     with pytest.raises(ValueError, match="--device = 'tpu' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"):

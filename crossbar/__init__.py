@@ -3,7 +3,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _distribution_version
 
 from . import presets
-from .config import ADCConfig, DACConfig, DeviceConfig, TileConfig
+from .config import ADCConfig, DACConfig, DeviceConfig, IRDropConfig, SlicingConfig, TileConfig
 from .grid import TileGrid
 from .reference import ReferenceTile
 from .tile import Tile, TileCounts
@@ -14,4 +14,4 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = ["Tile", "TileGrid", "TileCounts", "ReferenceTile", "TileConfig", "DeviceConfig", "DACConfig",
-           "ADCConfig", "presets", "__version__"]
+           "ADCConfig", "IRDropConfig", "SlicingConfig", "presets", "__version__"]

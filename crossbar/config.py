@@ -105,12 +105,17 @@ class DACConfig(Config):
             input vector scaled by its own abs-max, the output rescaled digitally).
         range: input full scale for ``fixed``, normalised volts, > 0.
         percentile: percentile of |x| for ``calibrated``, in (0, 100].
+        bits_per_cycle: bit-serial inputs (PHYSICS.md section 9): the DAC code's
+            magnitude is applied p bits per cycle, in ceil((bits - 1) / p) cycles, each
+            read through the ADCs and combined digitally; p in [1, bits - 1], needs
+            bits >= 2. None: the whole value in one cycle.
     """
 
     bits: Optional[int] = None
     range_mode: str = "fixed"
     range: float = 1.0
     percentile: float = 99.99
+    bits_per_cycle: Optional[int] = None
 
     def validate(self) -> None:
         o = "DACConfig"
@@ -118,6 +123,18 @@ class DACConfig(Config):
         check_choice(o, "range_mode", self.range_mode, ("fixed", "calibrated", "per_vector"))
         check_number(o, "range", self.range, 0.0, 1e12, lo_open=True)
         check_number(o, "percentile", self.percentile, 0.0, 100.0, lo_open=True)
+        if self.bits_per_cycle is not None:
+            if self.bits is None or self.bits < 2:
+                raise ValueError(f"DACConfig.bits_per_cycle = {self.bits_per_cycle!r} is invalid: bit-serial "
+                                 f"inputs need a DAC of bits >= 2 (bits = {self.bits!r})")
+            check_int(o, "bits_per_cycle", self.bits_per_cycle, 1, self.bits - 1)
+
+    @property
+    def cycles(self) -> int:
+        """Input cycles per conversion: ceil((bits - 1) / bits_per_cycle), or 1."""
+        if self.bits_per_cycle is None:
+            return 1
+        return -(-(self.bits - 1) // self.bits_per_cycle)
 
 
 @dataclass(frozen=True)
@@ -132,12 +149,24 @@ class ADCConfig(Config):
             (rows * (g_max - g_min) * largest DAC input).
         range: output full scale for ``fixed``, uS x normalised volts, > 0.
         percentile: percentile of |y| for ``calibrated``, in (0, 100].
+        offset_sigma: sigma of each ADC's fixed offset, in LSB (steps), in [0, 1e3];
+            drawn once per chip (PHYSICS.md section 10).
+        gain_sigma: sigma of each ADC's fixed relative gain error, in [0, 1]; the gain
+            is 1 + N(0, gain_sigma), drawn once per chip.
+        noise_sigma: input-referred noise of every conversion, in LSB, in [0, 1e3].
+        nonlinearity: a of the static transfer curve v -> r tanh(a v / r) / tanh(a), r
+            the full scale, in [0, 20]; 0 is linear.
+        The four need a finite ``bits`` (their unit is the step).
     """
 
     bits: Optional[int] = None
     range_mode: str = "worst_case"
     range: float = 1.0
     percentile: float = 99.99
+    offset_sigma: float = 0.0
+    gain_sigma: float = 0.0
+    noise_sigma: float = 0.0
+    nonlinearity: float = 0.0
 
     def validate(self) -> None:
         o = "ADCConfig"
@@ -145,6 +174,78 @@ class ADCConfig(Config):
         check_choice(o, "range_mode", self.range_mode, ("fixed", "calibrated", "worst_case"))
         check_number(o, "range", self.range, 0.0, 1e15, lo_open=True)
         check_number(o, "percentile", self.percentile, 0.0, 100.0, lo_open=True)
+        check_number(o, "offset_sigma", self.offset_sigma, 0.0, 1e3, unit="LSB")
+        check_number(o, "gain_sigma", self.gain_sigma, 0.0, 1.0)
+        check_number(o, "noise_sigma", self.noise_sigma, 0.0, 1e3, unit="LSB")
+        check_number(o, "nonlinearity", self.nonlinearity, 0.0, 20.0)
+        if self.bits is None and self.has_errors:
+            raise ValueError("ADCConfig.bits = None is invalid with offset_sigma, gain_sigma, noise_sigma or "
+                             "nonlinearity set: ADC errors are in steps of a finite converter; give bits")
+
+    @property
+    def has_errors(self) -> bool:
+        """Whether any converter non-ideality of PHYSICS.md section 10 is on."""
+        return any(v != 0 for v in (self.offset_sigma, self.gain_sigma, self.noise_sigma, self.nonlinearity))
+
+    @property
+    def has_fixed_errors(self) -> bool:
+        """Whether per-ADC offsets or gains are drawn for a chip."""
+        return self.offset_sigma != 0 or self.gain_sigma != 0
+
+
+@dataclass(frozen=True)
+class IRDropConfig(Config):
+    """Parasitic wire resistance of the tile's arrays (PHYSICS.md section 8).
+
+    Attributes:
+        r_row: resistance of one word-line segment (driver to first cross point, and
+            between neighbouring cross points), ohms, in [0, 1e6]; 0: ideal wires.
+        r_col: resistance of one bit-line segment (between neighbouring cross points,
+            and from the last one to the sense amplifier), ohms, in [0, 1e6].
+    """
+
+    r_row: float = 0.0
+    r_col: float = 0.0
+
+    def validate(self) -> None:
+        check_number("IRDropConfig", "r_row", self.r_row, 0.0, 1e6, unit="ohm")
+        check_number("IRDropConfig", "r_col", self.r_col, 0.0, 1e6, unit="ohm")
+
+    @property
+    def on(self) -> bool:
+        return self.r_row > 0 or self.r_col > 0
+
+
+@dataclass(frozen=True)
+class SlicingConfig(Config):
+    """Bit slicing of the weights (PHYSICS.md section 9).
+
+    Attributes:
+        weight_slices: k, the device pairs (in columns of their own) per weight, in
+            [1, 16]; each slice is read by its own ADC conversions.
+        bits_per_slice: b, the bits each slice holds, in [1, 16] with k * b <= 32; the
+            weight magnitude is quantized to k * b bits. None (only with k = 1): the
+            continuous mapping of section 1.
+    """
+
+    weight_slices: int = 1
+    bits_per_slice: Optional[int] = None
+
+    def validate(self) -> None:
+        o = "SlicingConfig"
+        check_int(o, "weight_slices", self.weight_slices, 1, 16)
+        check_int(o, "bits_per_slice", self.bits_per_slice, 1, 16, optional=True)
+        if self.bits_per_slice is None and self.weight_slices != 1:
+            raise ValueError(f"SlicingConfig.bits_per_slice = None is invalid with weight_slices = "
+                             f"{self.weight_slices}: slices need bits_per_slice")
+        if self.bits_per_slice is not None and self.weight_slices * self.bits_per_slice > 32:
+            raise ValueError(f"SlicingConfig.bits_per_slice = {self.bits_per_slice} is invalid: weight_slices * "
+                             f"bits_per_slice = {self.weight_slices * self.bits_per_slice} must be <= 32")
+
+    @property
+    def on(self) -> bool:
+        """Whether weights are quantized into slices (False: the continuous mapping)."""
+        return self.bits_per_slice is not None
 
 
 @dataclass(frozen=True)
@@ -157,6 +258,8 @@ class TileConfig(Config):
         device: the devices at every cross point.
         dac: the input converters.
         adc: the output converters.
+        ir_drop: the resistance of the word and bit lines.
+        slicing: how many columns (slices) each weight occupies.
     """
 
     rows: int = 256
@@ -164,10 +267,13 @@ class TileConfig(Config):
     device: DeviceConfig = field(default_factory=DeviceConfig)
     dac: DACConfig = field(default_factory=DACConfig)
     adc: ADCConfig = field(default_factory=ADCConfig)
+    ir_drop: IRDropConfig = field(default_factory=IRDropConfig)
+    slicing: SlicingConfig = field(default_factory=SlicingConfig)
 
     def validate(self) -> None:
         check_int("TileConfig", "rows", self.rows, 1, MAX_TILE_SIZE)
         check_int("TileConfig", "cols", self.cols, 1, MAX_TILE_SIZE)
-        for name, kind in (("device", DeviceConfig), ("dac", DACConfig), ("adc", ADCConfig)):
+        for name, kind in (("device", DeviceConfig), ("dac", DACConfig), ("adc", ADCConfig),
+                           ("ir_drop", IRDropConfig), ("slicing", SlicingConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"TileConfig.{name} = {getattr(self, name)!r} is invalid: expected a {kind.__name__}")

@@ -45,13 +45,14 @@ from .seeding import as_seed_sequence, derive
 
 # Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
 # switching one effect on or off leaves the samples of the others unchanged.
-_PROGRAM, _FAULTS, _DRIFT, _SLOW_NOISE, _READS, _CALIBRATION_READS = range(6)
+_PROGRAM, _FAULTS, _DRIFT, _SLOW_NOISE, _READS, _CALIBRATION_READS, _ADC_ERRORS, _ADC_NOISE = range(8)
 # Targets a hair outside [g_min, g_max] from float rounding in the weight mapping are
 # accepted and pulled in; anything further out is an error.
 _RANGE_TOLERANCE = 1e-6
 _EMPTY_3D = np.empty((0, 0, 0), dtype=np.float32)
 _EMPTY_2D = np.empty((0, 0), dtype=np.float64)
 _EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
+_NO_KEYS = np.zeros((0, 0), np.uint64)
 
 ENGINES = ("auto", "numba", "torch")
 PROGRAM_COUNTS = ("devices", "prog_clamped", "stuck_min", "stuck_max", "read_clamped", "adc_range_fallback")
@@ -101,6 +102,9 @@ class TileGrid(nn.Module):
                                                        else float("nan"), dtype=torch.float64))
         fixed_adc = config.adc.range if config.adc.range_mode == "fixed" else float("nan")
         self.register_buffer("adc_ranges", torch.full((rows, cols), fixed_adc, dtype=torch.float64))
+        # each ADC's fixed errors, (R, n_out) float64, drawn at programming (empty: none)
+        self.register_buffer("adc_gain", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("adc_offset", torch.zeros(0, dtype=torch.float64))   # LSB
         self.seeds: list = []
         self.time = 0.0
         self.counts = {name: np.zeros((rows, cols), np.int64) for name in PROGRAM_COUNTS + CONVERSION_COUNTS}
@@ -111,10 +115,12 @@ class TileGrid(nn.Module):
         self._var: Optional[torch.Tensor] = None
         self._var_uniform: Optional[float] = None
         self._keys = np.zeros((rows, cols), np.uint64)
+        self._adc_keys = _NO_KEYS  # the ADC noise's streams (noise_sigma > 0 only)
         self._vectors_read = 0
         self._engine = "auto"
         # the torch engine's view of the above on the grid's device (see _upload)
         self._keys_t: Optional[torch.Tensor] = None
+        self._adc_keys_t: Optional[torch.Tensor] = None
         self._columns: Optional[torch_engine.ColumnMap] = None
         self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
         self._device_counts: dict = {}  # count name -> running device tensor, not yet read
@@ -155,6 +161,7 @@ class TileGrid(nn.Module):
         self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
         self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
         self._keys_t = torch_engine.as_int64_keys(self._keys).to(device)
+        self._adc_keys_t = torch_engine.as_int64_keys(self._adc_keys).to(device) if self._adc_keys.size else None
         self._columns = torch_engine.column_map(self.col_starts, device)
 
     def _host(self, name: str) -> np.ndarray:
@@ -205,8 +212,24 @@ class TileGrid(nn.Module):
         device = self.g_prog.device
         self.g_prog = torch.from_numpy(g).to(device)
         self.nu = (torch.zeros(0) if nu is None else torch.from_numpy(nu)).to(device)
+        self.adc_gain, self.adc_offset = (torch.from_numpy(a).to(device) for a in self._draw_adc_errors())
         self.reset_counts()
         return self.at(0.0)
+
+    def _draw_adc_errors(self) -> tuple:
+        """(gain, offset in LSB) of every tile column's ADC, each (R, n_out), from each
+        tile's own stream; empty where the config has no fixed ADC errors. Both are
+        drawn whatever is on, so that turning one on leaves the other's samples alone."""
+        adc = self.config.adc
+        if not adc.has_fixed_errors:
+            return np.zeros(0), np.zeros(0)
+        gain = np.empty((self.grid_shape[0], self.shape[1]))
+        offset = np.empty_like(gain)
+        for k, (r, _, _, cs) in enumerate(self.tiles()):
+            z = self._rng(k, _ADC_ERRORS).standard_normal((2, cs.stop - cs.start))
+            offset[r, cs] = adc.offset_sigma * z[0]
+            gain[r, cs] = 1.0 + adc.gain_sigma * z[1]
+        return gain, offset
 
     def at(self, t: float) -> "TileGrid":
         """Set the inference time, s since programming: drift, and the 1/f sample frozen
@@ -233,6 +256,7 @@ class TileGrid(nn.Module):
             else:
                 self._var_host = np.ascontiguousarray(var, dtype=np.float32)
         self._keys = self._stream_keys(_READS, bits)
+        self._adc_keys = self._stream_keys(_ADC_NOISE, bits) if self._adc_errors_on() else _NO_KEYS
         self._upload()
         self._vectors_read = 0
         return self
@@ -314,7 +338,8 @@ class TileGrid(nn.Module):
         for r in range(self.grid_shape[0]):
             y = np.empty((x.shape[0], self.shape[1]), np.float32)
             grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
-                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y)
+                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
+                         _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0)
             for c in range(self.grid_shape[1]):
                 cs = slice(self.col_starts[c], self.col_starts[c + 1])
                 found = percentile_range(np.abs(y[:, cs]), percentile)
@@ -365,11 +390,25 @@ class TileGrid(nn.Module):
         saturated = grid_readout(partial, _EMPTY_3D if var is None else var, _EMPTY_2D if var_rows is None else var_rows,
                                  self.col_starts, self._keys, self._vectors_read, ranges, self._adc_half,
                                  _EMPTY_2D if scales is None else scales,
-                                 _EMPTY_DIVISOR if divisor is None else divisor, float(alpha), out)
+                                 _EMPTY_DIVISOR if divisor is None else divisor, float(alpha), out,
+                                 *self._adc_error_args())
         self._vectors_read += batch
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)
         return out
+
+    def _adc_errors_on(self) -> bool:
+        return self._adc_half != IDEAL and self.config.adc.noise_sigma > 0
+
+    def _adc_error_args(self) -> tuple:
+        """The read-out kernel's ADC-error arguments: (gain, offset, noise keys,
+        noise_sigma, nonlinearity); empty arrays and zeros where off."""
+        adc = self.config.adc
+        if self._adc_half == IDEAL or not adc.has_errors:
+            return _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0
+        gain, offset = (self._host(name) if getattr(self, name).numel() else _EMPTY_2D
+                        for name in ("adc_gain", "adc_offset"))
+        return gain, offset, self._adc_keys, float(adc.noise_sigma), float(adc.nonlinearity)
 
     def _count_conversions(self, batch: int, clipped_per_block, saturated) -> None:
         """Conversion counts of one product. The torch engine's (device tensors) add up
@@ -477,9 +516,15 @@ class TileGrid(nn.Module):
         """``read_out`` by the torch engine: tensors on the grid's device (var, var_rows,
         scales, divisor None where absent); returns (vectors, n_out) float32 there."""
         batch = partial.shape[1]
+        adc = self.config.adc
+        errors = None
+        if self._adc_half != IDEAL and adc.has_errors:
+            errors = torch_engine.ADCErrors(self.adc_gain if self.adc_gain.numel() else None,
+                                            self.adc_offset if self.adc_offset.numel() else None,
+                                            self._adc_keys_t, float(adc.noise_sigma), float(adc.nonlinearity))
         out, saturated = torch_engine.readout(partial, var, var_rows, self._columns, self._keys_t,
                                               self._vectors_read, self._ranges_on_device(ranges), self._adc_half,
-                                              scales, divisor, float(alpha))
+                                              scales, divisor, float(alpha), errors)
         self._vectors_read += batch
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)
@@ -542,7 +587,9 @@ class TileGrid(nn.Module):
         self._pending_time = float(state["time"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("g_prog", "nu"):  # sized at programming: take the saved chip's size
+        for name in ("g_prog", "nu", "adc_gain", "adc_offset"):  # sized at programming: the saved chip's size
+            if name.startswith("adc_") and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros(0, dtype=torch.float64)  # saved before ADC errors existed
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -125,7 +125,7 @@ def _normals(key, first, n, z):
 
 @njit(parallel=True, cache=True)
 def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges, half, scales, divisor,
-                 alpha, out):
+                 alpha, out, adc_gain, adc_offset, adc_keys, noise_sigma, nonlinearity):
     """Every tile's read-out and ADC, then the digital sum over row blocks, in one pass.
 
     partial[r, i, j]: the analog product of row block r for input vector i and output
@@ -139,6 +139,13 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     (empty: not) and summed over r in float32, in order; the sum is multiplied by alpha.
     Returns the (R, C) counts of each tile's outputs beyond its range.
 
+    ADC errors (PHYSICS.md section 10; a finite ADC only): the value v of column j of
+    tile row r is converted as quantize(adc_gain[r, j] * nonlin(v) + (adc_offset[r, j]
+    + noise_sigma * zeta) * step), adc_gain and adc_offset empty where not drawn, zeta
+    normal number (first_vector + i) * width + (j - col_start) of stream adc_keys[r, c]
+    (noise_sigma > 0 only) and nonlin(v) = fs tanh(a v / fs) / tanh(a), a =
+    nonlinearity (0: linear).
+
     Work items are runs of whole rows of about _OUTPUTS_PER_ITEM outputs. A tile's
     counters run on across rows, so each tile's normals for the item are drawn in one
     flat loop (long loops vectorize; conv layers and small tiles have short rows).
@@ -149,6 +156,11 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
     noisy = by_element or var_rows.shape[0] > 0
     rescale = scales.shape[0] > 0
     divide = divisor.shape[0] > 0
+    gained = adc_gain.shape[0] > 0
+    offset = adc_offset.shape[0] > 0
+    adc_noisy = noise_sigma > 0.0
+    adc_errors = half >= 0 and (gained or offset or adc_noisy or nonlinearity > 0.0)
+    tanh_a = math.tanh(nonlinearity)
     rows_per_item = max(1, _OUTPUTS_PER_ITEM // n_out)
     n_items = (batch + rows_per_item - 1) // rows_per_item
     per_item = np.zeros((n_items, n_blocks, n_cols), np.int64)  # race-free parallel counts
@@ -158,6 +170,7 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
         i1 = min(batch, i0 + rows_per_item)
         m = i1 - i0
         z = np.empty(m * n_out)  # one tile's values at a time: row ii at ii * width
+        zn = np.empty(m * n_out if adc_noisy else 0)  # the same for the ADC's own noise
         acc = np.zeros(m * n_out, dtype=np.float32)
         for r in range(n_blocks):
             for c in range(n_cols):
@@ -165,10 +178,12 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                 w = b - a
                 if noisy:  # a tile's counters run on across its rows: one flat range
                     _normals(keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z)
+                if adc_noisy:
+                    _normals(adc_keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, zn)
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
                 sat = 0
-                if noisy and not by_element and half >= 0 and divide and not rescale:
+                if noisy and not by_element and half >= 0 and divide and not rescale and not adc_errors:
                     # the common case (uniform read noise, a finite ADC, digital scaling) in
                     # one pass per row; the general passes below do the same in stages
                     for ii in range(m):
@@ -198,6 +213,17 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     else:
                         for j in range(a, b):
                             z[zb + j] = partial[r, i, j]
+                    if adc_errors:
+                        for j in range(a, b):
+                            v = z[zb + j]
+                            if nonlinearity > 0.0:
+                                v = fs * math.tanh(nonlinearity * v / fs) / tanh_a
+                            if gained:
+                                v *= adc_gain[r, j]
+                            lsb = adc_offset[r, j] if offset else 0.0
+                            if adc_noisy:
+                                lsb += noise_sigma * zn[zb + j]
+                            z[zb + j] = v + lsb * st
                     if half >= 0:
                         for j in range(a, b):
                             z[zb + j], hit = quantize(z[zb + j], fs, st, inv, half)

@@ -26,6 +26,17 @@ def quantize_reference(v: np.ndarray, full_scale: float, bits) -> tuple:
     return np.where(v >= 0, code * step, -code * step), clipped
 
 
+def adc_input_reference(v: np.ndarray, full_scale: float, bits: int, gain, offset_lsb, noise_lsb,
+                        nonlinearity: float) -> np.ndarray:
+    """What a non-ideal ADC quantizes (PHYSICS.md section 10): gain * nonlin(v) + (offset
+    + noise) * step, nonlin(v) = r tanh(a v / r) / tanh(a) (a = 0: v)."""
+    step = full_scale / (2 ** (bits - 1) - 1) if bits > 1 else full_scale
+    v = np.asarray(v, dtype=np.float64)
+    if nonlinearity > 0:
+        v = full_scale * np.tanh(nonlinearity * v / full_scale) / np.tanh(nonlinearity)
+    return gain * v + (offset_lsb + noise_lsb) * step
+
+
 class ReferenceTile(Tile):
     """A :class:`Tile` whose ``mvm`` is the float64 reference. Seeds its per-read noise
     from ``read_seed`` (numpy's generator, so samples differ from the fast path's)."""
@@ -62,6 +73,12 @@ class ReferenceTile(Tile):
                 y[b] = xq[b] @ (noisy_plus - noisy_minus)
         else:
             y = xq @ (g_plus - g_minus)
+        if cfg.adc.bits is not None and cfg.adc.has_errors:
+            grid = self.grid
+            gain = grid.adc_gain.numpy()[0] if grid.adc_gain.numel() else 1.0
+            offset = grid.adc_offset.numpy()[0] if grid.adc_offset.numel() else 0.0
+            noise = cfg.adc.noise_sigma * self._reference_rng.standard_normal(y.shape)
+            y = adc_input_reference(y, r_out, cfg.adc.bits, gain, offset, noise, cfg.adc.nonlinearity)
         y, saturated = quantize_reference(y, r_out if r_out is not None else 1.0, cfg.adc.bits)
         y = y * scales[:, None]
         counts = self.grid.counts  # the 1 x 1 grid's (0, 0) entries are this tile's

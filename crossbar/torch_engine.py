@@ -20,7 +20,8 @@ engines, so with per-read noise on, a value on an ADC step edge can round the ot
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -205,20 +206,52 @@ def column_map(col_starts, device) -> ColumnMap:
     return ColumnMap(tile, widths[tile], torch.arange(len(tile), device=device) - starts[:-1][tile], len(widths))
 
 
+class ADCErrors(NamedTuple):
+    """A finite ADC's non-idealities on the grid's device (PHYSICS.md section 10):
+    fixed ``gain`` and ``offset`` (LSB) per tile row and output column, (R, n_out)
+    float64 or None; the noise streams' ``keys`` (R, C) int64 (None: no noise)."""
+
+    gain: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    keys: Optional[torch.Tensor]
+    noise_sigma: float
+    nonlinearity: float
+
+
+def adc_transfer(v: torch.Tensor, r: int, fs: torch.Tensor, step: torch.Tensor, errors: ADCErrors,
+                 counters, tile_of) -> torch.Tensor:
+    """``kernels.grid_readout``'s ADC errors on tile row r's values v (vectors, n_out)
+    float64, before quantization."""
+    a = errors.nonlinearity
+    if a > 0:
+        v = fs * torch.tanh(a * v / fs) / math.tanh(a)
+    if errors.gain is not None:
+        v = v * errors.gain[r]
+    lsb = None
+    if errors.offset is not None:
+        lsb = errors.offset[r].expand_as(v)
+    if errors.noise_sigma > 0:
+        zeta = errors.noise_sigma * normals_from_hash(counter_hash(errors.keys[r][tile_of], counters))
+        lsb = zeta if lsb is None else lsb + zeta
+    return v if lsb is None else v + lsb * step
+
+
 def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
-            ranges: torch.Tensor, half: int, scales, divisor, alpha: float) -> tuple:
+            ranges: torch.Tensor, half: int, scales, divisor, alpha: float,
+            errors: Optional[ADCErrors] = None) -> tuple:
     """``kernels.grid_readout``: every tile's per-read noise and ADC, the division by the
     digital scale and the float32 sum over row blocks, times alpha. ``partial`` (R,
     vectors, n_out) float32; ``var`` (R, vectors, n_out) float32 or None; ``var_rows``
     (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
     (R, C) int64; ``ranges`` (R, C) float64;
-    ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None.
-    Returns (outputs (vectors, n_out) float32, saturated counts (R, C) int64)."""
+    ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
+    ``errors`` the ADC's non-idealities or None. Returns (outputs (vectors, n_out) float32, saturated counts (R, C) int64)."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
     tile_of = columns.tile
     noisy = var is not None or var_rows is not None
-    if noisy:  # normal (first_vector + i) * width + (j - start) of each tile's stream
+    errors = errors if half >= 0 else None
+    if noisy or (errors is not None and errors.noise_sigma > 0):  # normal (first_vector + i) * width + (j - start) of each tile's stream
         counters = (torch.arange(batch, dtype=torch.int64, device=device)[:, None] + int(first_vector)) \
             * columns.width + columns.offset
     acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
@@ -231,6 +264,8 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
             v = v + sd * z
         if half >= 0:
             fs = ranges[r][tile_of]
+            if errors is not None:
+                v = adc_transfer(v, r, fs, steps(fs, half)[0], errors, counters, tile_of)
             v, hits = quantize(v, fs, half)
             saturated[r] = torch.zeros(columns.n_tiles, dtype=torch.int64, device=device).index_add_(
                 0, tile_of, hits.sum(dim=0))

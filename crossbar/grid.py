@@ -41,6 +41,7 @@ from .devices import make_device
 from . import torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .rng import stream_key
+from .wires import effective_conductance
 from .seeding import as_seed_sequence, derive
 
 # Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
@@ -246,10 +247,11 @@ class TileGrid(nn.Module):
             self.counts["read_clamped"][r, c] = 0 if below is None else int(below[:, rs, cs].sum())
         self.time = t
         self._g_read = g.astype(np.float32)
-        self._gdiff_host = np.ascontiguousarray(g[0] - g[1], dtype=np.float32)
+        g_eff = self._through_wires(g)
+        self._gdiff_host = np.ascontiguousarray(g_eff[0] - g_eff[1], dtype=np.float32)
         self._var_host, self._var_uniform = None, None
         if self.device.has_fast_noise:
-            var = self.device.read_variance(g[0]) + self.device.read_variance(g[1])
+            var = sum(self.device.read_variance(g[p]) * _attenuation(g_eff[p], g[p]) ** 2 for p in (0, 1))
             if np.all(var == var.flat[0]):
                 # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
                 self._var_uniform = float(var.flat[0])
@@ -260,6 +262,18 @@ class TileGrid(nn.Module):
         self._upload()
         self._vectors_read = 0
         return self
+
+    def _through_wires(self, g: np.ndarray) -> np.ndarray:
+        """(2, n_in, n_out): the conductances the inputs see through each tile's wires,
+        G_eff of both arrays of every tile (PHYSICS.md section 8); g itself without."""
+        wires = self.config.ir_drop
+        if not wires.on:
+            return g
+        g_eff = np.empty(g.shape)
+        for _, _, rs, cs in self.tiles():
+            for p in (0, 1):
+                g_eff[p, rs, cs] = effective_conductance(g[p, rs, cs], wires.r_row, wires.r_col, self.config.rows)
+        return g_eff
 
     def _slow_normals(self, bits: int) -> np.ndarray:
         """The 1/f sample's standard normals, each tile's block from its own stream."""
@@ -643,6 +657,16 @@ class TileGrid(nn.Module):
                                  f"[g_min, g_max] = [{dev.g_min:g}, {dev.g_max:g}] uS")
             arrays.append(np.clip(g, dev.g_min, dev.g_max))
         return np.stack(arrays)
+
+
+def _attenuation(g_eff: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """G_eff / G per device: how much of its current reaches the sense amplifier. A
+    device's per-read noise is a fluctuation of its conductance, which the wires pass on
+    attenuated as its signal (to first order; PHYSICS.md section 8 states the error).
+    Devices at 0 uS pass their absolute noise unattenuated (1: an upper bound)."""
+    if g_eff is g:
+        return 1.0
+    return np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0)
 
 
 def check_range(name: str, value) -> float:

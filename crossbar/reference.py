@@ -8,8 +8,11 @@ fast path avoids: a fresh noisy copy of both conductance matrices for every inpu
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 
 from .tile import Tile
+from .wires import MICROSIEMENS_PER_SIEMENS
 
 
 def quantize_reference(v: np.ndarray, full_scale: float, bits) -> tuple:
@@ -35,6 +38,59 @@ def adc_input_reference(v: np.ndarray, full_scale: float, bits: int, gain, offse
     if nonlinearity > 0:
         v = full_scale * np.tanh(nonlinearity * v / full_scale) / np.tanh(nonlinearity)
     return gain * v + (offset_lsb + noise_lsb) * step
+
+
+def ir_drop_reference(x: np.ndarray, g: np.ndarray, r_row: float, r_col: float) -> np.ndarray:
+    """Column currents (m,) of one array g (rows, cols) uS of the whole physical tile
+    (empty cross points 0) for one input vector x (rows,), node by node (PHYSICS.md
+    section 8): Kirchhoff's current law at every word- and bit-line node, one sparse
+    solve. A wire of 0 ohms fixes its nodes instead (word lines at x_i, bit lines at
+    0 V)."""
+    rows, cols = g.shape
+    word = np.arange(rows * cols).reshape(rows, cols)
+    bit = word + rows * cols
+    n_nodes = 2 * rows * cols
+    entries, rhs = [], np.zeros(n_nodes)
+    known = np.full(n_nodes, np.nan)  # node voltages fixed by ideal wires
+    if r_row == 0:
+        known[word] = np.broadcast_to(x[:, None], (rows, cols))
+    if r_col == 0:
+        known[bit] = 0.0
+
+    def link(a, b, conductance):
+        """A conductance between nodes a and b (b None: to a fixed voltage ``rhs_v``)."""
+        entries.append((a, a, conductance))
+        if b is not None:
+            entries.append((b, b, conductance))
+            entries.append((a, b, -conductance))
+            entries.append((b, a, -conductance))
+
+    g_r = MICROSIEMENS_PER_SIEMENS / r_row if r_row else 0.0
+    g_c = MICROSIEMENS_PER_SIEMENS / r_col if r_col else 0.0
+    for i in range(rows):
+        if r_row:
+            link(word[i, 0], None, g_r)  # the driver at x_i
+            rhs[word[i, 0]] += g_r * x[i]
+            for j in range(1, cols):
+                link(word[i, j - 1], word[i, j], g_r)
+        for j in range(cols):
+            link(word[i, j], bit[i, j], g[i, j])
+    if r_col:
+        for j in range(cols):
+            for i in range(1, rows):
+                link(bit[i - 1, j], bit[i, j], g_c)
+            link(bit[rows - 1, j], None, g_c)  # the sense amplifier's virtual ground
+    a = scipy.sparse.coo_matrix(([e[2] for e in entries], ([e[0] for e in entries], [e[1] for e in entries])),
+                                shape=(n_nodes, n_nodes)).tocsr()
+    fixed = ~np.isnan(known)
+    free = np.flatnonzero(~fixed)
+    v = np.where(fixed, known, 0.0)
+    if free.size:
+        b = rhs[free] - a[free][:, np.flatnonzero(fixed)] @ known[fixed]
+        v[free] = scipy.sparse.linalg.spsolve(a[free][:, free].tocsc(), b)
+    if r_col:
+        return g_c * v[bit[rows - 1]]
+    return (g * (v[word] - v[bit])).sum(axis=0)  # every device's current reaches its sense amplifier
 
 
 class ReferenceTile(Tile):
@@ -70,9 +126,9 @@ class ReferenceTile(Tile):
             for b in range(x.shape[0]):
                 noisy_plus = g_plus + sd_plus * self._reference_rng.standard_normal(g_plus.shape)
                 noisy_minus = g_minus + sd_minus * self._reference_rng.standard_normal(g_minus.shape)
-                y[b] = xq[b] @ (noisy_plus - noisy_minus)
+                y[b] = self._column_currents(xq[b], noisy_plus) - self._column_currents(xq[b], noisy_minus)
         else:
-            y = xq @ (g_plus - g_minus)
+            y = np.stack([self._column_currents(v, g_plus) - self._column_currents(v, g_minus) for v in xq])
         if cfg.adc.bits is not None and cfg.adc.has_errors:
             grid = self.grid
             gain = grid.adc_gain.numpy()[0] if grid.adc_gain.numel() else 1.0
@@ -87,3 +143,14 @@ class ReferenceTile(Tile):
         counts["adc_converted"][0, 0] += y.size
         counts["adc_saturated"][0, 0] += saturated
         return y
+
+    def _column_currents(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """One array's column outputs for one input vector: x @ g, or through the wires
+        of the whole physical tile (its empty rows holding no device)."""
+        wires = self.config.ir_drop
+        if not wires.on:
+            return x @ g
+        rows = self.config.rows
+        padded_x, padded_g = np.zeros(rows), np.zeros((rows, g.shape[1]))
+        padded_x[:len(x)], padded_g[:len(x)] = x, g
+        return ir_drop_reference(padded_x, padded_g, wires.r_row, wires.r_col)

@@ -277,3 +277,7 @@ class TileConfig(Config):
                            ("ir_drop", IRDropConfig), ("slicing", SlicingConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"TileConfig.{name} = {getattr(self, name)!r} is invalid: expected a {kind.__name__}")
+        if self.cols % self.slicing.weight_slices:
+            raise ValueError(f"TileConfig.cols = {self.cols} is invalid with slicing.weight_slices = "
+                             f"{self.slicing.weight_slices}: a weight's slices sit side by side in one tile, "
+                             f"so cols must be a multiple of weight_slices")

@@ -303,6 +303,8 @@ class TileGrid(nn.Module):
             if r_in is None:
                 return None
             dev = self.config.device
+            if self.config.dac.cycles > 1:  # the largest input of one cycle
+                r_in *= min(2 ** self.config.dac.bits_per_cycle - 1, self._dac_half) / self._dac_half
             return np.full(self.grid_shape, self.config.rows * (dev.g_max - dev.g_min) * r_in)
         ranges = self._host("adc_ranges")
         return None if np.isnan(ranges).any() else ranges
@@ -345,12 +347,16 @@ class TileGrid(nn.Module):
         (nothing saturates); ``counts["adc_range_fallback"]`` marks it."""
         x = self.check_input(x)
         xq, scales, _ = self._convert_inputs(x)
+        cycles = self._cycles(xq)
+        if len(cycles) > 1:  # the ADC converts every cycle's outputs: calibrate on them all
+            xq = np.concatenate([xc for _, xc in cycles])
+            scales = np.concatenate([scales] * len(cycles), axis=1) if scales.size else scales
         partial, var, var_rows = self._products(xq)
         keys = self._stream_keys(_CALIBRATION_READS, time_bits(self.time))
         percentile = self.config.adc.percentile
         ranges = np.empty(self.grid_shape)
         for r in range(self.grid_shape[0]):
-            y = np.empty((x.shape[0], self.shape[1]), np.float32)
+            y = np.empty((xq.shape[0], self.shape[1]), np.float32)
             grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
                          np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
                          _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0)
@@ -387,8 +393,34 @@ class TileGrid(nn.Module):
         x = self.check_input(x)
         ranges = self._require_ranges()
         xq, scales, clip = self._convert_inputs(x)
-        partial, var, var_rows = self._products(xq)
-        return self.read_out(partial, var, var_rows, scales, ranges, count, clip, divisor, alpha)
+        total = None
+        for weight, xc in self._cycles(xq):  # bit-serial inputs: each cycle through the ADCs
+            partial, var, var_rows = self._products(xc)
+            y = self.read_out(partial, var, var_rows, scales, ranges, count, clip, divisor, alpha)
+            clip = np.zeros_like(clip)  # a clipped input is counted once, in its first cycle
+            total = y if total is None else total + y * np.float32(weight)
+        return total
+
+    def _cycles(self, xq):
+        """[(2^(p t), cycle t's inputs)] of DAC outputs xq (numpy or torch, float32):
+        sign(q) digit_t(|q|) step for the DAC code q and p = ``dac.bits_per_cycle``
+        (PHYSICS.md section 9); [(1, xq)] for one cycle."""
+        dac = self.config.dac
+        if dac.cycles == 1:
+            return [(1, xq)]
+        full_scale = 1.0 if dac.range_mode == "per_vector" else self.input_range
+        step, inv_step = full_scale / self._dac_half, self._dac_half / full_scale
+        p = dac.bits_per_cycle
+        lib = torch if isinstance(xq, torch.Tensor) else np
+        magnitude = lib.abs(xq).double() if lib is torch else np.abs(xq).astype(np.float64)
+        codes = lib.floor(magnitude * inv_step + 0.5)  # the integers the DAC produced
+        sign = lib.sign(xq)
+        out = []
+        for t in range(dac.cycles):
+            digit = lib.remainder(lib.floor(codes / float(2 ** (p * t))), float(2 ** p))
+            values = sign * (digit * step)
+            out.append((2 ** (p * t), values.float() if lib is torch else values.astype(np.float32)))
+        return out
 
     def read_out(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
                  divisor=None, alpha: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -507,13 +539,18 @@ class TileGrid(nn.Module):
         x = self.check_tensor(x)
         ranges = self._require_ranges()
         xq, scales, clipped = self._convert_inputs_torch(x)
-        var = var_rows = None
-        partial = self._block_products(xq, self._gdiff)
-        if self._var is not None:
-            var = self._block_products(xq * xq, self._var)
-        elif self._var_uniform is not None:
-            var_rows = torch_engine.row_sum_squares(xq, self.row_starts) * self._var_uniform
-        return self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
+        total = None
+        for weight, xc in self._cycles(xq):
+            var = var_rows = None
+            partial = self._block_products(xc, self._gdiff)
+            if self._var is not None:
+                var = self._block_products(xc * xc, self._var)
+            elif self._var_uniform is not None:
+                var_rows = torch_engine.row_sum_squares(xc, self.row_starts) * self._var_uniform
+            y = self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
+            clipped = torch.zeros_like(clipped)
+            total = y if total is None else total + y * weight
+        return total
 
     def _convert_inputs_torch(self, x: torch.Tensor) -> tuple:
         r_in = self._require_input_range()

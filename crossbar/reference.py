@@ -93,6 +93,40 @@ def ir_drop_reference(x: np.ndarray, g: np.ndarray, r_row: float, r_col: float) 
     return (g * (v[word] - v[bit])).sum(axis=0)  # every device's current reaches its sense amplifier
 
 
+def bit_serial_cycles(xq: np.ndarray, r_in, dac) -> list:
+    """[(2^(p t), cycle t's inputs)] (PHYSICS.md section 9): the DAC code q = xq / step,
+    cycle t carrying sign(q) times bits [p t, p t + p) of |q| times the step; [(1, xq)]
+    where the whole value goes in one cycle."""
+    if dac.bits_per_cycle is None:
+        return [(1, xq)]
+    half = 2 ** (dac.bits - 1) - 1
+    step = (1.0 if dac.range_mode == "per_vector" else r_in) / half
+    codes = np.rint(np.abs(xq) / step).astype(np.int64)
+    p = dac.bits_per_cycle
+    return [(2 ** (p * t), np.sign(xq) * ((codes >> (p * t)) & ((1 << p) - 1)) * step) for t in range(dac.cycles)]
+
+
+def sliced_product_reference(x: np.ndarray, w: np.ndarray, w_ref: float, g_min: float, g_max: float, slices: int,
+                             bits_per_slice: int, adc_range: float, adc_bits) -> np.ndarray:
+    """x (batch, in) @ a sliced w (in, out), ideal devices, one ADC of ``adc_bits``
+    and full scale ``adc_range`` per slice column, written out from PHYSICS.md section 9:
+
+        y = w_ref / (2^n - 1) sum_s 2^(b s) (2^b - 1) / (g_max - g_min) ADC(x @ (G+_s - G-_s))
+    """
+    n = slices * bits_per_slice
+    top = 2 ** n - 1
+    m = np.rint(np.minimum(np.abs(w) / w_ref, 1.0) * top).astype(np.int64)
+    y = np.zeros((x.shape[0], w.shape[1]))
+    for s in range(slices):
+        digit = (m >> (bits_per_slice * s)) & (2 ** bits_per_slice - 1)
+        g = digit / (2 ** bits_per_slice - 1) * (g_max - g_min)
+        g_plus = g_min + np.where(w > 0, g, 0.0)
+        g_minus = g_min + np.where(w < 0, g, 0.0)
+        converted, _ = quantize_reference(x @ (g_plus - g_minus), adc_range, adc_bits)
+        y += 2.0 ** (bits_per_slice * s) * (2 ** bits_per_slice - 1) / (g_max - g_min) * converted
+    return w_ref / top * y
+
+
 class ReferenceTile(Tile):
     """A :class:`Tile` whose ``mvm`` is the float64 reference. Seeds its per-read noise
     from ``read_seed`` (numpy's generator, so samples differ from the fast path's)."""
@@ -117,13 +151,30 @@ class ReferenceTile(Tile):
             scales = np.abs(x).max(axis=1)
             x = np.divide(x, scales[:, None], out=np.zeros_like(x), where=scales[:, None] > 0)
         xq, clipped = quantize_reference(x, r_in if r_in is not None else 1.0, cfg.dac.bits)
+        y = np.zeros((x.shape[0], self.grid.shape[1]))
+        saturated = 0
+        for weight, cycle in bit_serial_cycles(xq, r_in, cfg.dac):
+            converted, hits = self._read_and_convert(cycle, r_out)
+            y += weight * converted
+            saturated += hits
+        y = y * scales[:, None]
+        counts = self.grid.counts  # the 1 x 1 grid's (0, 0) entries are this tile's
+        counts["dac_converted"][0, 0] += x.size * cfg.dac.cycles
+        counts["dac_clipped"][0, 0] += clipped
+        counts["adc_converted"][0, 0] += y.size * cfg.dac.cycles
+        counts["adc_saturated"][0, 0] += saturated
+        return y
 
+    def _read_and_convert(self, xq: np.ndarray, r_out) -> tuple:
+        """One read of converted inputs xq (batch, rows): per-read noise sampled on every
+        device, the wires, the ADC's errors and the ADC. (values, saturated)."""
+        cfg = self.config
         g_plus, g_minus = (g.astype(np.float64) for g in self.conductances())
         if self.device.has_fast_noise:
             sd_plus = np.sqrt(self.device.read_variance(g_plus))
             sd_minus = np.sqrt(self.device.read_variance(g_minus))
-            y = np.empty((x.shape[0], g_plus.shape[1]))
-            for b in range(x.shape[0]):
+            y = np.empty((xq.shape[0], g_plus.shape[1]))
+            for b in range(xq.shape[0]):
                 noisy_plus = g_plus + sd_plus * self._reference_rng.standard_normal(g_plus.shape)
                 noisy_minus = g_minus + sd_minus * self._reference_rng.standard_normal(g_minus.shape)
                 y[b] = self._column_currents(xq[b], noisy_plus) - self._column_currents(xq[b], noisy_minus)
@@ -135,14 +186,7 @@ class ReferenceTile(Tile):
             offset = grid.adc_offset.numpy()[0] if grid.adc_offset.numel() else 0.0
             noise = cfg.adc.noise_sigma * self._reference_rng.standard_normal(y.shape)
             y = adc_input_reference(y, r_out, cfg.adc.bits, gain, offset, noise, cfg.adc.nonlinearity)
-        y, saturated = quantize_reference(y, r_out if r_out is not None else 1.0, cfg.adc.bits)
-        y = y * scales[:, None]
-        counts = self.grid.counts  # the 1 x 1 grid's (0, 0) entries are this tile's
-        counts["dac_converted"][0, 0] += x.size
-        counts["dac_clipped"][0, 0] += clipped
-        counts["adc_converted"][0, 0] += y.size
-        counts["adc_saturated"][0, 0] += saturated
-        return y
+        return quantize_reference(y, r_out if r_out is not None else 1.0, cfg.adc.bits)
 
     def _column_currents(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
         """One array's column outputs for one input vector: x @ g, or through the wires

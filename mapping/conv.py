@@ -105,7 +105,9 @@ class AnalogConv2d(AnalogLayer):
                 raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
                                  f"expected (batch, {c_in}, ...)")
             calibrating = self._calibration is not None
-            convolve = not (self.unrolled or calibrating or self.matrices[0].tile_config.dac.range_mode == "per_vector")
+            dac = self.matrices[0].tile_config.dac
+            # per-vector ranges and bit-serial cycles work on unrolled vectors
+            convolve = not (self.unrolled or calibrating or dac.range_mode == "per_vector" or dac.cycles > 1)
             left, right, top, bottom = self.pad
             # symmetric zero padding is the convolution's own (DAC(0) = 0): no padded copy
             conv_padding, pad = (0, 0), self.pad
@@ -210,16 +212,20 @@ class AnalogConv2d(AnalogLayer):
         if clips is not None:  # every unrolled copy of a clipped input is a clipped conversion
             clipped = torch.stack([self._clip_count(clips, b, conv, (h_out, w_out)) for b in blocks])
         if on_torch:  # everything stays on the grid's device
-            y = grid.read_out_torch(partial, var, var_rows, None, ranges, True, clipped.round().long(),
-                                    matrix.divisor, matrix.alpha)
+            y = matrix.combine_slices(grid.read_out_torch(partial, var, var_rows, None, ranges, True,
+                                                          clipped.round().long(), matrix.divisor, matrix.alpha))
             if target is None:
                 return y
             return target.copy_(y)
+        direct = target is not None and matrix.slices == 1  # sliced outputs are combined first
         y = grid.read_out(partial.numpy(), None if var is None else var.numpy(),
                           None if var_rows is None else var_rows.numpy(), None, ranges, True,
                           clipped.round().long().numpy(), matrix.divisor.numpy(), matrix.alpha,
-                          None if target is None else target.numpy())
-        return target if target is not None else torch.from_numpy(y)
+                          target.numpy() if direct else None)
+        if direct:
+            return target
+        y = torch.from_numpy(matrix.combine_slices(y))
+        return y if target is None else target.copy_(y)
 
     def _clip_count(self, clips: torch.Tensor, block: "_Block", conv: dict, out_hw: tuple) -> torch.Tensor:
         """Clipped conversions of a block (a float64 scalar tensor on the input's device,

@@ -11,7 +11,7 @@ from crossbar import TileConfig
 from crossbar.grid import TileGrid
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
-from .conductance import reference_weight, weights_to_conductances
+from .conductance import reference_weight, sliced_conductances, weights_to_conductances
 from .config import MappingConfig
 
 # calibration inputs kept for drift compensation's reference read: enough for a stable
@@ -53,7 +53,9 @@ class AnalogMatrix(nn.Module):
             raise ValueError(f"layer {name!r}: weight contains {n_bad} NaN or Inf values")
         self.tile_config = tile_config
         self.shape = w.shape
-        self.grid = TileGrid(tile_config, w.shape[1], w.shape[0], name=f"layer {name!r}")
+        self.slices = tile_config.slicing.weight_slices
+        # a sliced weight column j occupies physical columns j * slices .. (j + 1) * slices
+        self.grid = TileGrid(tile_config, w.shape[1], w.shape[0] * self.slices, name=f"layer {name!r}")
         self.alpha = 1.0
         self.dac_range_fallback = False  # the calibration sample was all zero (see calibrate)
         self.register_buffer("divisor", torch.zeros(0))                 # (R, out) uS per unit weight
@@ -68,17 +70,24 @@ class AnalogMatrix(nn.Module):
     def _program(self, wt: np.ndarray, seed: np.random.SeedSequence) -> None:
         """Targets and the digital scale of every tile from W^T (in, out); tile k draws
         from sub-stream k of ``seed``."""
-        dev, m, grid = self.tile_config.device, self.mapping, self.grid
-        g_plus, g_minus = np.empty(wt.shape), np.empty(wt.shape)
-        divisor = np.empty((grid.grid_shape[0], wt.shape[1]), np.float32)
+        dev, m, grid, k = self.tile_config.device, self.mapping, self.grid, self.slices
+        slicing = self.tile_config.slicing
+        g_plus, g_minus = np.empty((wt.shape[0], grid.shape[1])), np.empty((wt.shape[0], grid.shape[1]))
+        divisor = np.empty((grid.grid_shape[0], grid.shape[1]), np.float32)
         layer_ref = reference_weight(wt, m.clip, m.clip_value) if m.scale == "layer" else None
         self.clipped_weights = 0
         for r, _, rs, cs in grid.tiles():
-            block = wt[rs, cs]
+            block = wt[rs, cs.start // k:cs.stop // k]  # the weight columns whose slices the tile holds
             w_ref = layer_ref if m.scale == "layer" else \
                 reference_weight(block, m.clip, m.clip_value, axis=0 if m.scale == "column" else None)
-            g_plus[rs, cs], g_minus[rs, cs], scale, clipped = weights_to_conductances(block, dev.g_min, dev.g_max,
-                                                                                     w_ref)
+            if slicing.on:
+                g_plus[rs, cs], g_minus[rs, cs], scales, clipped = sliced_conductances(
+                    block, dev.g_min, dev.g_max, w_ref, k, slicing.bits_per_slice)
+                # (k,) or (k, columns) -> each physical column's, slices interleaved
+                scale = np.broadcast_to(scales.reshape(k, -1), (k, block.shape[1])).T.reshape(-1)
+            else:
+                g_plus[rs, cs], g_minus[rs, cs], scale, clipped = weights_to_conductances(block, dev.g_min,
+                                                                                         dev.g_max, w_ref)
             self.clipped_weights += clipped
             divisor[r, cs] = np.asarray(scale, np.float32)
         self.divisor = torch.from_numpy(divisor)
@@ -116,7 +125,15 @@ class AnalogMatrix(nn.Module):
 
     def _product(self, x, count: bool, compensated: bool = True):
         divisor = self.divisor if self.grid.engine == "torch" else self.divisor.numpy()
-        return self.grid.product(x, count=count, divisor=divisor, alpha=self.alpha if compensated else 1.0)
+        y = self.grid.product(x, count=count, divisor=divisor, alpha=self.alpha if compensated else 1.0)
+        return self.combine_slices(y)
+
+    def combine_slices(self, y):
+        """(vectors, out * slices) per-slice outputs in weight units -> (vectors, out):
+        the digital shift-and-add of the slices (their scales hold the 2^(b s))."""
+        if self.slices == 1:
+            return y
+        return y.reshape(y.shape[0], self.shape[0], self.slices).sum(-1)
 
     # -- time, calibration, drift compensation ------------------------------------------------
     def at(self, t: float) -> "AnalogMatrix":
@@ -227,7 +244,8 @@ class AnalogMatrix(nn.Module):
         """The weights the tiles hold now, (G+ - G-) / scale at the current time, (out, in)."""
         g = self.grid.conductances()
         per_row = np.repeat(self.divisor.cpu().numpy(), np.diff(self.grid.row_starts), axis=0)
-        return ((g[0].astype(np.float64) - g[1]) / per_row).T * self.alpha
+        w = (g[0].astype(np.float64) - g[1]) / per_row
+        return w.reshape(w.shape[0], self.shape[0], self.slices).sum(-1).T * self.alpha
 
     def get_extra_state(self):
         return {"clipped_weights": self.clipped_weights, "dac_range_fallback": self.dac_range_fallback}

@@ -5,7 +5,10 @@ against float torch in the same process.
 at t = 1 day (drift, 1/f and per-read noise, 8-bit DAC and ADC, drift compensation),
 batch 1024. Prints a scaling table (batch, matrix and tile sizes), then as its last
 line one JSON object: ``ratio`` on 256 x 256 tiles (target <= 2.5), ``ratio_64`` on
-64 x 64 tiles (target <= 4), the times, at(t) and peak RSS. Run from the repo root:
+64 x 64 tiles (target <= 4), the times, at(t) and peak RSS, and the same 256 x 256 case
+with 1 ohm wire segments (IR drop, PHYSICS.md section 8): ``ratio_ir_drop`` and
+``at_s_ir_drop`` (each at(t) solves both arrays of all 4 tiles: ``at_s_per_array_ir_drop``).
+Run from the repo root:
 
     python benchmarks/bench_tile.py [--quick]
 """
@@ -29,12 +32,14 @@ from crossbar import presets  # noqa: E402
 T_DAY = 86400.0
 
 
-def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int) -> dict:
+def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int, wire_ohms: float = 0.0) -> dict:
     torch.manual_seed(0)
     layer = nn.Linear(n_in, n_out).eval()
     x = torch.rand(batch, n_in, generator=torch.Generator().manual_seed(1)) * 2 - 1
     start = time.perf_counter()
-    analog = mapping.convert(layer, presets.pcm(rows=tile, cols=tile), seed=0)
+    config = presets.pcm(rows=tile, cols=tile).with_path("ir_drop.r_row", wire_ohms).with_path("ir_drop.r_col",
+                                                                                              wire_ohms)
+    analog = mapping.convert(layer, config, seed=0)
     convert_s = time.perf_counter() - start
     analog.calibrate([x[:256]])
     at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
@@ -72,6 +77,9 @@ def main() -> None:
     m = measure(512, 512, 1024, 256, repeats=args.repeats)
     m64 = measure(512, 512, 1024, 64, repeats=args.repeats)
     m.update(ratio_64=m64["ratio"], analog_s_64=m64["analog_s"], at_s_64=m64["at_s"], peak_rss_mb=peak_rss_mb())
+    wired = measure(512, 512, 1024, 256, repeats=args.repeats, wire_ohms=1.0)
+    m.update(ratio_ir_drop=wired["ratio"], at_s_ir_drop=wired["at_s"], at_s_per_array_ir_drop=wired["at_s"] / 8,
+             relative_error_ir_drop=wired["relative_error"])
     scaling_table(args.quick)
     print(json.dumps(m))
 

@@ -258,7 +258,7 @@ class TileGrid(nn.Module):
             else:
                 self._var_host = np.ascontiguousarray(var, dtype=np.float32)
         self._keys = self._stream_keys(_READS, bits)
-        self._adc_keys = self._stream_keys(_ADC_NOISE, bits) if self._adc_errors_on() else _NO_KEYS
+        self._adc_keys = self._stream_keys(_ADC_NOISE, bits) if self._adc_noise_on() else _NO_KEYS
         self._upload()
         self._vectors_read = 0
         return self
@@ -443,7 +443,7 @@ class TileGrid(nn.Module):
             self._count_conversions(batch, clipped_per_block, saturated)
         return out
 
-    def _adc_errors_on(self) -> bool:
+    def _adc_noise_on(self) -> bool:
         return self._adc_half != IDEAL and self.config.adc.noise_sigma > 0
 
     def _adc_error_args(self) -> tuple:
@@ -700,10 +700,12 @@ def _attenuation(g_eff: np.ndarray, g: np.ndarray) -> np.ndarray:
     """G_eff / G per device: how much of its current reaches the sense amplifier. A
     device's per-read noise is a fluctuation of its conductance, which the wires pass on
     attenuated as its signal (to first order; PHYSICS.md section 8 states the error).
-    Devices at 0 uS pass their absolute noise unattenuated (1: an upper bound)."""
+    G_eff also holds the other devices' tiny cross-talk, which a near-zero G would turn
+    into a huge ratio: the factor is held to [0, 1], its physical range, and devices at
+    0 uS pass their absolute noise unattenuated (1: an upper bound)."""
     if g_eff is g:
         return 1.0
-    return np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0)
+    return np.clip(np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0), 0.0, 1.0)
 
 
 def check_range(name: str, value) -> float:

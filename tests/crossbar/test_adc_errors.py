@@ -3,7 +3,6 @@ each tile's seed, per-conversion noise, and the tanh transfer curve; the kernel 
 the reference, the statistics against bounds from the sample size, both engines alike."""
 import numpy as np
 import pytest
-import torch
 
 from crossbar import ReferenceTile, Tile, presets
 from crossbar.config import ADCConfig

@@ -3,7 +3,6 @@ one-cycle product; with a finite one each cycle is converted on its own, as the
 reference does it."""
 import numpy as np
 import pytest
-import torch
 
 from crossbar import ReferenceTile, Tile, presets
 from crossbar.config import DACConfig

@@ -393,12 +393,22 @@ class TileGrid(nn.Module):
         x = self.check_input(x)
         ranges = self._require_ranges()
         xq, scales, clip = self._convert_inputs(x)
-        total = None
-        for weight, xc in self._cycles(xq):  # bit-serial inputs: each cycle through the ADCs
+
+        def read(xc, clipped):
             partial, var, var_rows = self._products(xc)
-            y = self.read_out(partial, var, var_rows, scales, ranges, count, clip, divisor, alpha)
-            clip = np.zeros_like(clip)  # a clipped input is counted once, in its first cycle
-            total = y if total is None else total + y * np.float32(weight)
+            return self.read_out(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
+
+        return self._read_cycles(xq, clip, read)
+
+    def _read_cycles(self, xq, clipped, read):
+        """The digital sum over the input's cycles of ``read(cycle inputs, clipped per
+        block)`` (one read per cycle, each through the ADCs; numpy or torch): y = sum_t
+        2^(p t) y_t. A clipped input is counted once, in its first cycle."""
+        total = None
+        for weight, xc in self._cycles(xq):
+            y = read(xc, clipped)
+            clipped = clipped * 0
+            total = y if total is None else total + y * weight  # a power of two: exact in float32
         return total
 
     def _cycles(self, xq):
@@ -539,18 +549,22 @@ class TileGrid(nn.Module):
         x = self.check_tensor(x)
         ranges = self._require_ranges()
         xq, scales, clipped = self._convert_inputs_torch(x)
-        total = None
-        for weight, xc in self._cycles(xq):
-            var = var_rows = None
-            partial = self._block_products(xc, self._gdiff)
-            if self._var is not None:
-                var = self._block_products(xc * xc, self._var)
-            elif self._var_uniform is not None:
-                var_rows = torch_engine.row_sum_squares(xc, self.row_starts) * self._var_uniform
-            y = self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
-            clipped = torch.zeros_like(clipped)
-            total = y if total is None else total + y * weight
-        return total
+
+        def read(xc, clipped):
+            partial, var, var_rows = self._products_torch(xc)
+            return self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
+
+        return self._read_cycles(xq, clipped, read)
+
+    def _products_torch(self, xq: torch.Tensor) -> tuple:
+        """``_products`` on the grid's device: (partial, var or None, var_rows or None)."""
+        var = var_rows = None
+        partial = self._block_products(xq, self._gdiff)
+        if self._var is not None:
+            var = self._block_products(xq * xq, self._var)
+        elif self._var_uniform is not None:
+            var_rows = torch_engine.row_sum_squares(xq, self.row_starts) * self._var_uniform
+        return partial, var, var_rows
 
     def _convert_inputs_torch(self, x: torch.Tensor) -> tuple:
         r_in = self._require_input_range()

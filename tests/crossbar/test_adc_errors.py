@@ -4,11 +4,11 @@ the reference, the statistics against bounds from the sample size, both engines 
 import numpy as np
 import pytest
 
-from crossbar import ReferenceTile, Tile, presets
+from crossbar import Tile, presets
 from crossbar.config import ADCConfig
 from crossbar.kernels import levels_per_side, steps
 from tests.conftest import z_bound
-from tests.crossbar.test_tile import random_pair
+from tests.crossbar.test_tile import random_pair, tile_and_reference
 
 
 def errors(cfg, **adc):
@@ -24,10 +24,7 @@ def test_kernel_equals_reference_with_fixed_adc_errors(rng, adc, bits):
     cfg = errors(presets.ideal(rows=64, cols=32, dac_bits=8, adc_bits=bits), **adc)
     g_plus, g_minus = random_pair(rng, 60, 32)
     x = rng.uniform(-1, 1, (300, 60))
-    tile = Tile(cfg).program(g_plus, g_minus, seed=1)
-    tile.calibrate(x[:100])
-    ref = ReferenceTile(cfg)
-    ref.load_state_dict(tile.state_dict())
+    tile, ref = tile_and_reference(cfg, g_plus, g_minus, seed=1, calibration=x[:100])
     y, y_ref = tile.mvm(x), ref.mvm(x)
     step, _ = steps(tile.output_range, levels_per_side(bits))
     differ = y != y_ref.astype(np.float32)

@@ -4,10 +4,10 @@ reference does it."""
 import numpy as np
 import pytest
 
-from crossbar import ReferenceTile, Tile, presets
+from crossbar import Tile, presets
 from crossbar.config import DACConfig
 from crossbar.kernels import levels_per_side, steps
-from tests.crossbar.test_tile import random_pair
+from tests.crossbar.test_tile import random_pair, tile_and_reference
 
 
 def serial(cfg, p):
@@ -34,10 +34,7 @@ def test_finite_adc_converts_every_cycle_as_the_reference_does(rng, p):
                                adc_range_mode="calibrated"), p)
     g_plus, g_minus = random_pair(rng, 32, 16)
     x = rng.uniform(-1, 1, (200, 32))
-    tile = Tile(cfg).program(g_plus, g_minus, seed=2)
-    tile.calibrate(x[:100])
-    ref = ReferenceTile(cfg)
-    ref.load_state_dict(tile.state_dict())
+    tile, ref = tile_and_reference(cfg, g_plus, g_minus, seed=2, calibration=x[:100])
     y, y_ref = tile.mvm(x), ref.mvm(x)
     step, _ = steps(tile.output_range, levels_per_side(5))
     differ = np.abs(y - y_ref) > 0.5 * step  # beyond float32 rounding of the digital sum

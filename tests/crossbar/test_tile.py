@@ -11,6 +11,17 @@ def random_pair(rng, rows, cols, g_max=25.0):
     return rng.uniform(0, g_max, (rows, cols)), rng.uniform(0, g_max, (rows, cols))
 
 
+def tile_and_reference(cfg, g_plus, g_minus, seed, calibration=None):
+    """A programmed Tile (calibrated on ``calibration`` where given) and a ReferenceTile
+    holding the same chip."""
+    tile = Tile(cfg).program(g_plus, g_minus, seed=seed)
+    if calibration is not None:
+        tile.calibrate(calibration)
+    ref = ReferenceTile(cfg)
+    ref.load_state_dict(tile.state_dict())
+    return tile, ref
+
+
 @pytest.mark.parametrize("rows,cols,used", [(256, 256, (256, 256)), (128, 64, (100, 33)), (64, 512, (1, 512))])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ideal_tile_is_the_matrix_product(rng, rows, cols, used, dtype):

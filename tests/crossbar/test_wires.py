@@ -8,6 +8,7 @@ from crossbar import ReferenceTile, Tile, presets
 from crossbar.config import IRDropConfig
 from crossbar.reference import ir_drop_reference
 from crossbar.wires import effective_conductance
+from tests.crossbar.test_tile import tile_and_reference
 
 
 def wired(cfg, r_row, r_col):
@@ -60,10 +61,7 @@ def test_tile_with_wires_equals_the_reference_tile(rng, adc_bits):
     cfg = wired(presets.ideal(rows=24, cols=12, dac_bits=8, adc_bits=adc_bits), 30.0, 20.0)
     g_plus, g_minus = rng.uniform(0, 25, (20, 12)), rng.uniform(0, 25, (20, 12))
     x = rng.uniform(-1, 1, (40, 20))
-    tile = Tile(cfg).program(g_plus, g_minus, seed=1)
-    tile.calibrate(x)
-    ref = ReferenceTile(cfg)
-    ref.load_state_dict(tile.state_dict())
+    tile, ref = tile_and_reference(cfg, g_plus, g_minus, seed=1, calibration=x)
     y, y_ref = tile.mvm(x), ref.mvm(x)
     if adc_bits is None:
         assert np.allclose(y, y_ref, rtol=1e-5, atol=1e-4 * np.abs(y_ref).max())

@@ -21,12 +21,41 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, WN, ZIGGURAT_R
+
+
+FUSED_ENV = "XBARSIM_FUSED"
+_VARIANTS = 64  # compiled variants allowed per fused function
+
+
+def use_fused(device: torch.device) -> bool:
+    """Whether the elementwise stages run as fused kernels (torch.compile): on CUDA
+    devices by default, where one kernel per stage instead of dozens of elementwise
+    passes over float64 and int64 temporaries is most of the speed. The environment
+    variable XBARSIM_FUSED = 0 runs them eagerly everywhere, 1 compiles them on any
+    device (the CPU included: the tests compare the two)."""
+    setting = os.environ.get(FUSED_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{FUSED_ENV} = {setting!r} is invalid: expected 'auto', '0' or '1'")
+    return setting == "1" or (setting == "auto" and device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def fused_version(fn):
+    """``fn`` compiled into fused kernels, once per process (shapes are dynamic, so
+    layers of other sizes reuse it). The arithmetic is fn's: integer hashing wraps as
+    in eager torch, and float64 stays float64. Each combination of the stages that are
+    on (noise, ADC errors, scales) is a variant of its own: dynamo's default limit of 8
+    per function is raised so that none of them falls back to eager."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def _signed(c: int) -> int:
@@ -82,48 +111,50 @@ def normals_from_hash(h: torch.Tensor) -> torch.Tensor:
 
 
 def _rejected(h: torch.Tensor, kn, wn, fn) -> torch.Tensor:
-    """``rng.normal_rejected`` on a vector of hashes: each element walks the same steps
-    (wedge tests and tail draws at its own k) until it is accepted."""
-    out = torch.empty(h.shape, dtype=torch.float64, device=h.device)
+    """``rng.normal_rejected`` on a vector of hashes. Every element walks the same steps
+    (wedge tests and tail draws at its own k) until it is accepted; here all of them
+    step together, masked, a few rounds per (fused) call, so that the number of
+    kernels and device syncs does not grow with the elements' longest walk."""
+    rounds = fused_version(_rejection_rounds) if use_fused(h.device) else _rejection_rounds
     k = torch.ones_like(h)
-    todo = torch.arange(h.numel(), device=h.device)
-    while todo.numel():
+    phase = torch.zeros(h.shape, dtype=torch.int8, device=h.device)  # _WEDGES, _TAIL or _DONE
+    out = torch.zeros(h.shape, dtype=torch.float64, device=h.device)
+    positive = torch.zeros(h.shape, dtype=torch.bool, device=h.device)
+    while True:
+        h, k, phase, out, positive = rounds(h, k, phase, out, positive, kn, wn, fn)
+        if not bool((phase != _DONE).any()):  # one sync per _ROUNDS steps; rarely more than one
+            return out
+
+
+_WEDGES, _TAIL, _DONE = 0, 1, 2
+_ROUNDS = 6  # steps per call: few elements need more
+
+
+def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn) -> tuple:
+    """``_ROUNDS`` steps of ``rng.normal_rejected`` for every element, masked by its
+    phase: the ziggurat (fast test, then the wedge test with the uniform of h + k; a
+    miss re-hashes h + k + 1), or the tail (two uniforms at k, k + 1) with the sign
+    of the hash that entered it. Elements that are done keep their value."""
+    for _ in range(_ROUNDS):
+        in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
         x, accepted, hz, iz = _fast(h, kn, wn)
-        done = accepted.clone()
-        out[todo[accepted]] = x[accepted]
-        tail = ~accepted & (iz == 0)
-        if tail.any():
-            idx = tail.nonzero().flatten()
-            out[todo[idx]] = _tail(h[idx], k[idx], hz[idx])
-            done |= tail
-        wedge = ~accepted & (iz != 0)
-        if wedge.any():
-            iw = iz[wedge]
-            u = _uniform(mix64(h[wedge] + k[wedge]))
-            inside = fn[iw] + u * (fn[iw - 1] - fn[iw]) < torch.exp(-0.5 * x[wedge] * x[wedge])
-            idx = wedge.nonzero().flatten()
-            out[todo[idx[inside]]] = x[wedge][inside]
-            done[idx[inside]] = True
-            again = idx[~inside]
-            h[again] = mix64(h[again] + k[again] + 1)
-            k[again] += 2
-        keep = ~done
-        todo, h, k = todo[keep], h[keep], k[keep]
-    return out
-
-
-def _tail(h: torch.Tensor, k: torch.Tensor, hz: torch.Tensor) -> torch.Tensor:
-    """The ziggurat's tail beyond R (Marsaglia's exponential method), per element."""
-    xx = torch.empty(h.shape, dtype=torch.float64, device=h.device)
-    todo = torch.arange(h.numel(), device=h.device)
-    while todo.numel():
         a = -torch.log(_uniform(mix64(h + k))) / ZIGGURAT_R
         b = -torch.log(_uniform(mix64(h + k + 1)))
-        k = k + 2
-        ok = b + b >= a * a
-        xx[todo[ok]] = a[ok]
-        todo, h, k = todo[~ok], h[~ok], k[~ok]
-    return torch.where(hz > 0, ZIGGURAT_R + xx, -ZIGGURAT_R - xx)
+        tail_ok = in_tail & (b + b >= a * a)
+        layer = torch.where(iz == 0, torch.ones_like(iz), iz)  # the wedge test's layer (iz = 0 is the tail)
+        wedge = in_wedges & ~accepted & (iz != 0)
+        inside = wedge & (fn[layer] + _uniform(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x))
+        enter_tail = in_wedges & ~accepted & (iz == 0)
+        take_x = in_wedges & accepted | inside
+        out = torch.where(take_x, x, torch.where(tail_ok, torch.where(positive, ZIGGURAT_R + a, -ZIGGURAT_R - a), out))
+        positive = torch.where(enter_tail, hz > 0, positive)
+        missed = wedge & ~inside
+        k_next = torch.where(missed | in_tail, k + 2, k)
+        h = torch.where(missed, mix64(h + k + 1), h)
+        k = k_next
+        phase = torch.where(take_x | tail_ok, torch.full_like(phase, _DONE),
+                            torch.where(enter_tail, torch.full_like(phase, _TAIL), phase))
+    return h, k, phase, out, positive
 
 
 def counter_normals(key: int, offset: int, n: int, device="cpu") -> torch.Tensor:
@@ -218,22 +249,69 @@ class ADCErrors(NamedTuple):
     nonlinearity: float
 
 
-def adc_transfer(v: torch.Tensor, r: int, fs: torch.Tensor, step: torch.Tensor, errors: ADCErrors,
-                 counters, tile_of) -> torch.Tensor:
-    """``kernels.grid_readout``'s ADC errors on tile row r's values v (vectors, n_out)
-    float64, before quantization."""
-    a = errors.nonlinearity
-    if a > 0:
-        v = fs * torch.tanh(a * v / fs) / math.tanh(a)
-    if errors.gain is not None:
-        v = v * errors.gain[r]
-    lsb = None
-    if errors.offset is not None:
-        lsb = errors.offset[r].expand_as(v)
-    if errors.noise_sigma > 0:
-        zeta = errors.noise_sigma * normals_from_hash(counter_hash(errors.keys[r][tile_of], counters))
-        lsb = zeta if lsb is None else lsb + zeta
-    return v if lsb is None else v + lsb * step
+def block_normals(key_of_column: torch.Tensor, first_vector: torch.Tensor, batch: int, columns: "ColumnMap",
+                  fused: bool) -> torch.Tensor:
+    """(batch, n_out) float64: normal (first_vector + i) * width + (j - start) of the
+    stream of output column j's tile, for i < batch. The fast path of every element
+    is one elementwise pass (a single fused kernel where ``fused``); the rare
+    rejections are then redone on the rejected elements alone."""
+    kn, wn, fn = _tables(key_of_column.device)
+    fast = fused_version(_fast_block) if fused else _fast_block
+    x, accepted = fast(key_of_column, first_vector, batch, columns.width, columns.offset, kn, wn)
+    rejected = (~accepted).view(-1).nonzero().view(-1)
+    if rejected.numel():
+        hashes = fused_version(_hashes_at) if fused else _hashes_at
+        h = hashes(rejected, key_of_column, first_vector, columns.width, columns.offset)
+        x.view(-1)[rejected] = _rejected(h, kn, wn, fn)
+    return x
+
+
+def _hashes_at(flat, key_of_column, first_vector, width, offset) -> torch.Tensor:
+    """The hashes of ``_fast_block`` at flat indices of its (batch, n_out) block."""
+    i, j = flat // width.shape[0], flat % width.shape[0]
+    return counter_hash(key_of_column[j], (i + first_vector) * width[j] + offset[j])
+
+
+def _fast_block(key_of_column, first_vector, batch: int, width, offset, kn, wn) -> tuple:
+    """The ziggurat's fast path on a block's hashes: (values, accepted)."""
+    counters = (torch.arange(batch, dtype=torch.int64, device=width.device)[:, None] + first_vector) * width + offset
+    x, accepted, _, _ = _fast(counter_hash(key_of_column, counters), kn, wn)
+    return x, accepted
+
+
+def read_block(partial: torch.Tensor, sd_pairs, sd_rows, z, fs, half: int, gain, offset, zeta, nonlinearity: float,
+               scale, divisor, acc: torch.Tensor) -> tuple:
+    """One tile row's read-out, elementwise: per-read noise (sd_pairs (vectors, n_out)
+    float32 variances or sd_rows (vectors,) float64 variances, times the normals z),
+    the ADC (full scales fs (n_out,), its errors: gain, offset and noise zeta (LSB),
+    tanh nonlinearity), the per-vector scale, the division by the digital scale and the
+    float32 sum into acc. Returns (acc, mask of the values beyond the ADC range): the
+    caller counts them, since a column sum inside a fused elementwise kernel is a
+    reduction over few outputs, which GPUs run slowly."""
+    v = partial.double()
+    if z is not None:
+        sd = torch.sqrt(sd_pairs).double() if sd_pairs is not None else torch.sqrt(sd_rows)[:, None]
+        v = v + sd * z
+    hits = None
+    if half >= 0:
+        if nonlinearity > 0:
+            v = fs * torch.tanh(nonlinearity * v / fs) / math.tanh(nonlinearity)
+        if gain is not None:
+            v = v * gain
+        lsb = None
+        if offset is not None:
+            lsb = offset.expand_as(v)
+        if zeta is not None:
+            lsb = zeta if lsb is None else lsb + zeta
+        if lsb is not None:
+            v = v + lsb * steps(fs, half)[0]
+        v, hits = quantize(v, fs, half)
+    if scale is not None:
+        v = v * scale[:, None]
+    v = v.float()
+    if divisor is not None:
+        v = v / divisor
+    return acc + v, hits
 
 
 def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
@@ -245,39 +323,49 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
     (R, C) int64; ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
-    ``errors`` the ADC's non-idealities or None. Returns (outputs (vectors, n_out) float32, saturated counts (R, C) int64)."""
+    ``errors`` the ADC's non-idealities or None. Returns (outputs (vectors, n_out)
+    float32, saturated counts (R, C) int64). On a GPU each tile row is two fused kernels
+    (the normals' fast path, then everything else; see :func:`fused_version`)."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
+    fused = use_fused(device)
+    step = fused_version(read_block) if fused else read_block
     tile_of = columns.tile
     noisy = var is not None or var_rows is not None
     errors = errors if half >= 0 else None
-    if noisy or (errors is not None and errors.noise_sigma > 0):  # normal (first_vector + i) * width + (j - start) of each tile's stream
-        counters = (torch.arange(batch, dtype=torch.int64, device=device)[:, None] + int(first_vector)) \
-            * columns.width + columns.offset
+    first = torch.tensor(int(first_vector), dtype=torch.int64, device=device)
     acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
     for r in range(n_blocks):
-        v = partial[r].double()
-        if noisy:
-            z = normals_from_hash(counter_hash(keys[r][tile_of], counters))
-            sd = torch.sqrt(var[r]).double() if var is not None else torch.sqrt(var_rows[r])[:, None]
-            v = v + sd * z
-        if half >= 0:
-            fs = ranges[r][tile_of]
-            if errors is not None:
-                v = adc_transfer(v, r, fs, steps(fs, half)[0], errors, counters, tile_of)
-            v, hits = quantize(v, fs, half)
+        z = block_normals(keys[r][tile_of], first, batch, columns, fused) if noisy else None
+        zeta = gain = offset = None
+        if errors is not None:
+            gain = None if errors.gain is None else errors.gain[r]
+            offset = None if errors.offset is None else errors.offset[r]
+            if errors.noise_sigma > 0:
+                zeta = errors.noise_sigma * block_normals(errors.keys[r][tile_of], first, batch, columns, fused)
+        acc, hits = step(partial[r], None if var is None else var[r], None if var_rows is None else var_rows[r],
+                         z, ranges[r][tile_of] if half >= 0 else None, half, gain, offset, zeta,
+                         0.0 if errors is None else errors.nonlinearity,
+                         None if scales is None else scales[r], None if divisor is None else divisor[r], acc)
+        if hits is not None:
             saturated[r] = torch.zeros(columns.n_tiles, dtype=torch.int64, device=device).index_add_(
                 0, tile_of, hits.sum(dim=0))
-        if scales is not None:
-            v = v * scales[r][:, None]
-        v = v.float()
-        if divisor is not None:
-            v = v / divisor[r]
-        acc += v
     if alpha != 1.0:
         acc *= np.float32(alpha)
     return acc, saturated
+
+
+def dac_values(x: torch.Tensor, full_scale: float, half: int) -> tuple:
+    """A DAC over x with one range: (converted float32, mask of values beyond the
+    range, count of non-finite values as a tensor); half < 0 passes values through."""
+    xd = x.double()
+    bad = (~torch.isfinite(xd)).sum()
+    if half >= 0:
+        q, hits = quantize(xd, full_scale, half)
+    else:
+        q, hits = xd, torch.zeros(xd.shape, dtype=torch.bool, device=xd.device)
+    return q.float(), hits, bad
 
 
 def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, seg_starts, want_squares: bool) -> tuple:
@@ -285,12 +373,7 @@ def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, seg_st
     range. Returns (converted float32, per pixel and channel segment the sum of the
     converted values squared (float32; None unless asked), the values beyond the range
     (float32), the count of non-finite values)."""
-    xd = pixels.double()
-    bad = int((~torch.isfinite(xd)).sum())
-    if half >= 0:
-        q, hits = quantize(xd, full_scale, half)
-    else:
-        q, hits = xd, torch.zeros(xd.shape, dtype=torch.bool, device=xd.device)
-    xq = q.float()
+    convert = fused_version(dac_values) if use_fused(pixels.device) else dac_values
+    xq, hits, bad = convert(pixels, float(full_scale), half)
     squares = range_sums(xq.double().square(), seg_starts).float() if want_squares else None
-    return xq, squares, range_sums(hits, seg_starts).float(), bad
+    return xq, squares, range_sums(hits, seg_starts).float(), int(bad)

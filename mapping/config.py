@@ -29,9 +29,13 @@ class MappingConfig(Config):
             first ones the calibration batches provide (a seeded random subset of the
             batch that overfills them), >= 16. A layer calibrates as soon as its sample
             is full.
-        max_rows_per_chunk: input vectors per tiled product, >= 1; bounds memory: a
-            convolution that unrolls holds this many unrolled vectors at a time, and one
-            that convolves per row block spends the same memory on its products.
+        max_rows_per_chunk: input vectors per tiled product on the CPU, >= 1; bounds
+            memory: a convolution that unrolls holds this many unrolled vectors at a
+            time, and one that convolves per row block spends the same memory on its
+            products. Outputs do not depend on it.
+        gpu_chunk_mb: on a GPU, the memory (MiB, >= 1) that one product's read-out may
+            hold; products are formed in as few chunks as keep within it. Outputs do
+            not depend on it.
     """
 
     scale: str = "layer"
@@ -41,6 +45,7 @@ class MappingConfig(Config):
     compensation_input: str = "calibration"
     calibration_rows: int = 4096
     max_rows_per_chunk: int = 8192
+    gpu_chunk_mb: int = 1024
 
     def validate(self) -> None:
         o = "MappingConfig"
@@ -52,3 +57,4 @@ class MappingConfig(Config):
         check_choice(o, "compensation_input", self.compensation_input, ("calibration", "one_hot", "ones"))
         check_int(o, "calibration_rows", self.calibration_rows, 16, 10 ** 8)
         check_int(o, "max_rows_per_chunk", self.max_rows_per_chunk, 1, 10 ** 9)
+        check_int(o, "gpu_chunk_mb", self.gpu_chunk_mb, 1, 10 ** 7)

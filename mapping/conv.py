@@ -127,14 +127,8 @@ class AnalogConv2d(AnalogLayer):
                                  f"is smaller than the kernel")
             out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
-            # a few images at a time, within the memory that max_rows_per_chunk unrolled
-            # vectors take: the convolution path holds only each row block's products
-            matrix = self.matrices[0]
-            vectors = matrix.mapping.max_rows_per_chunk
-            if convolve or calibrating:
-                floats_per_vector = (matrix.grid.grid_shape[0] * per_out * (2 if matrix.grid._var is not None else 1)
-                                     + per_out)
-                vectors = max(vectors, vectors * matrix.shape[1] // floats_per_vector)
+            # a few images at a time, within the memory a product may hold
+            vectors = self.matrices[0].vectors_per_chunk(unrolled=not (convolve or calibrating))
             chunk = max(1, vectors // (h_out * w_out))
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):

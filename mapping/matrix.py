@@ -19,6 +19,11 @@ from .config import MappingConfig
 COMPENSATION_ROWS = 128
 # one-hot reference vectors read at a time (each is a full product over the grid)
 _ONE_HOT_CHUNK = 256
+# bytes a GPU product holds per tile output of one vector while it is read out: the
+# products and their variances (float32), the normals (float64), their acceptance, the
+# sum and the range mask; an estimate (resnet56 at batch 1024 in one chunk per layer
+# peaked at 1.9x float's GPU memory on an H100)
+_GPU_BYTES_PER_OUTPUT = 48
 
 
 class AnalogMatrix(nn.Module):
@@ -117,8 +122,27 @@ class AnalogMatrix(nn.Module):
         self._require_ready()
         return self._chunked(x, lambda part: self._product(part, count=True), np.concatenate)
 
+    def vectors_per_chunk(self, unrolled: bool = True) -> int:
+        """Input vectors per product, which bounds the memory a layer's product holds.
+        On the CPU: ``mapping.max_rows_per_chunk`` unrolled vectors, or as many vectors
+        as spend the same memory on their products where the inputs are not unrolled
+        (convolutions). On a GPU: as many as keep the read-out's working set within
+        ``mapping.gpu_chunk_mb`` (GPU kernels want large products; few chunks keep the
+        launches few)."""
+        grid = self.grid
+        n_in, n_out = grid.shape
+        row_blocks = grid.grid_shape[0]
+        if grid.torch_device.type != "cpu":
+            per_vector = _GPU_BYTES_PER_OUTPUT * row_blocks * n_out + (4 * n_in if unrolled else 0)
+            return max(1, self.mapping.gpu_chunk_mb * 2 ** 20 // per_vector)
+        vectors = self.mapping.max_rows_per_chunk
+        if unrolled:
+            return vectors
+        floats_per_vector = row_blocks * n_out * (2 if grid._var_host is not None else 1) + n_out
+        return max(vectors, vectors * n_in // floats_per_vector)
+
     def _chunked(self, x, product, join):
-        chunk = self.mapping.max_rows_per_chunk
+        chunk = self.vectors_per_chunk()
         if x.shape[0] <= chunk:
             return product(x)
         return join([product(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])

@@ -33,7 +33,8 @@ def test_per_column_reference(rng):
 
 @pytest.mark.parametrize("field,value", [("scale", "row"), ("clip", "mean"), ("clip_value", 0.0),
                                          ("compensation_input", "zeros"), ("calibration_rows", 3),
-                                         ("drift_compensation", "on"), ("max_rows_per_chunk", 0)])
+                                         ("drift_compensation", "on"), ("max_rows_per_chunk", 0),
+                                         ("gpu_chunk_mb", 0)])
 def test_invalid_mapping_options(field, value):
     with pytest.raises(ValueError, match=f"MappingConfig.{field}"):
         MappingConfig(**{field: value})

@@ -3,6 +3,7 @@ form of PHYSICS.md section 7, calibration without signal, errors that name the t
 and bitwise determinism under any thread count."""
 import numpy as np
 import pytest
+import torch
 
 from crossbar import presets
 from mapping import AnalogMatrix, MappingConfig
@@ -71,6 +72,20 @@ def test_chunked_products_equal_one_product_bitwise(rng, config):
     # per-read noise is numbered by output element, so chunks continue one stream
     assert np.array_equal(outs[0], outs[1])
     assert counts[0] == counts[1] and counts[0]["dac_converted"] == 101 * 75 * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_on_cuda_chunks_sized_by_memory_equal_one_product_bitwise(rng):
+    w = rng.normal(size=(300, 600))
+    x = torch.from_numpy(rng.normal(size=(5000, 600)).astype(np.float32)).cuda()
+    outs = []
+    for mb in (1, 1024):  # about 1,100 vectors a chunk, then one chunk
+        a = AnalogMatrix(w, presets.pcm(rows=256, cols=256), seed=5, mapping=MappingConfig(gpu_chunk_mb=mb))
+        a.to("cuda").calibrate(x[:256]).at(3600.0)
+        outs.append(a.matmul(x))
+    assert a.vectors_per_chunk() >= 5000
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_weight_error_is_the_baselines_sigma(rng):

@@ -91,5 +91,7 @@ def test_on_cuda_a_model_runs_without_leaving_the_device():
     gpu.at(86400.0)
     y_cpu, y_gpu = cpu(X), gpu(X.cuda())
     assert y_gpu.device.type == "cuda"
-    assert (y_cpu != y_gpu.cpu()).float().mean() <= 0.05
+    # a step-edge flip in the drift compensation's reference read moves alpha, and with
+    # it every output of the layer by a rounding: compare values, not bits
     assert np.allclose(y_cpu.numpy(), y_gpu.cpu().numpy(), atol=0.02 * float(y_cpu.abs().max()))
+    assert torch.equal(y_cpu.argmax(1), y_gpu.cpu().argmax(1))

@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["crossbar", "crossbar.*", "mapping", "mapping.*", "eval", "eval.*"]),
+    package_data={"crossbar.devices": ["tables/*.csv"]},
     install_requires=[
         "numpy>=1.24",
         "numba>=0.58",

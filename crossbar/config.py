@@ -20,19 +20,23 @@ class DeviceConfig(Config):
 
     Attributes:
         model: device model name: ``"ideal"`` (exact programming, no noise),
-            ``"gaussian"`` (programming noise sigma_abs + sigma_rel * g) or ``"pcm"``
-            (the Nandakumar/Joshi PCM fits: programming noise, drift, 1/f noise).
+            ``"gaussian"`` (programming noise sigma_abs + sigma_rel * g), ``"pcm"``
+            (the Nandakumar/Joshi PCM fits: programming noise, drift, 1/f noise),
+            ``"hermes"`` (the HERMES chip's PCM fits), ``"reram"`` and
+            ``"reram_crosssim"`` (the Wan 2022 ReRAM fits as aihwkit and CrossSim give
+            them) or ``"table"`` (measured statistics from a CSV file; see ``table``).
         g_min: lowest programmable conductance, uS, in [0, g_max). Moving it off zero
             keeps the clamp of noisy conductances at 0 from acting.
         g_max: highest programmable conductance, uS, in (g_min, 1e6].
         prog_noise_scale: multiplier on the programming-noise sigma, in [0, 100].
         prog_sigma_abs: ``gaussian`` only: absolute programming sigma, uS, >= 0.
         prog_sigma_rel: ``gaussian`` only: programming sigma per uS of target, in [0, 10].
-        read_noise_1f: slow 1/f read noise, frozen per inference time (``pcm`` only).
+        read_noise_1f: slow 1/f read noise, frozen per inference time (``pcm``, ``hermes``).
         read_noise_1f_scale: multiplier on the 1/f sigma, in [0, 100].
         read_sigma_abs: fast per-read noise, absolute part, uS, >= 0.
         read_sigma_rel: fast per-read noise per uS of conductance, in [0, 10].
-        drift: conductance drift g(t) = g_prog ((t + t0)/t0)^-nu (``pcm`` only).
+        drift: conductance drift g(t) = g_prog ((t + t0)/t0)^-nu (``pcm``, ``hermes``,
+            ``table`` with drift columns), or ``reram``'s relaxation after programming.
         drift_scale: multiplier on the drift exponents nu, in [0, 100].
         t0: drift reference time, s, > 0.
         t_read: read pulse duration of the 1/f model, s, > 0.
@@ -41,6 +45,11 @@ class DeviceConfig(Config):
         stuck_min_fraction: fraction of devices stuck at g_min, in [0, 1].
         stuck_max_fraction: fraction of devices stuck at g_max, in [0, 1]; the two
             fractions sum to at most 1.
+        table: ``table`` only: the CSV file of the device's measured statistics
+            (PHYSICS.md section 11), read and validated when the config is made.
+        table_csv: that file's text, kept in the config (and so in every result) so
+            that a run stays reproducible when the file changes; filled from ``table``
+            unless given. Changing ``table`` (``replace``, ``with_path``) reads the new file.
     """
 
     model: str = "ideal"
@@ -60,12 +69,20 @@ class DeviceConfig(Config):
     levels: Optional[int] = None
     stuck_min_fraction: float = 0.0
     stuck_max_fraction: float = 0.0
+    table: Optional[str] = None
+    table_csv: Optional[str] = None
+
+    def replace(self, **changes) -> "DeviceConfig":
+        if "table" in changes and changes["table"] != self.table and "table_csv" not in changes:
+            changes["table_csv"] = None  # another file: read it, not the old one's text
+        return super().replace(**changes)
 
     def validate(self) -> None:
         from .devices import DEVICE_MODELS  # the registry knows what each model supports
 
         o = "DeviceConfig"
         check_choice(o, "model", self.model, sorted(DEVICE_MODELS))
+        self._load_table()
         check_number(o, "g_min", self.g_min, 0.0, 1e6, unit="uS")
         check_number(o, "g_max", self.g_max, 0.0, 1e6, lo_open=True, unit="uS")
         if not self.g_max > self.g_min:
@@ -90,6 +107,25 @@ class DeviceConfig(Config):
                 f"stuck_min_fraction + stuck_max_fraction must be <= 1"
             )
         DEVICE_MODELS[self.model].check_config(self)
+
+    def _load_table(self) -> None:
+        o = "DeviceConfig"
+        for name in ("table", "table_csv"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{o}.{name} = {value!r} is invalid: expected a string or None")
+        if self.model != "table":
+            if self.table is not None or self.table_csv is not None:
+                raise ValueError(f"{o}.table = {self.table!r} is invalid for model {self.model!r}: "
+                                 f"only model 'table' reads a table")
+            return
+        if self.table_csv is None and self.table is not None:
+            try:
+                with open(self.table, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as err:
+                raise ValueError(f"{o}.table = {self.table!r} is invalid: cannot read it: {err}") from None
+            object.__setattr__(self, "table_csv", text)  # frozen: set once, at construction
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class Config:
             if not isinstance(child, Config):
                 raise ValueError(f"{path!r}: {head!r} is a value, not a table of fields")
             value = child._with_path(rest, value)
-        return dataclasses.replace(self, **{head: value})
+        return self.replace(**{head: value})
 
     def get_path(self, path: str) -> Any:
         value: Any = self

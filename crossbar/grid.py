@@ -204,7 +204,7 @@ class TileGrid(nn.Module):
             g[:, rs, cs] = prog.g
             if nu is not None:
                 exps = self.device.drift_exponents(block, self._rng(k, _DRIFT))
-                exps[prog.stuck] = 0.0  # a stuck device keeps its conductance
+                exps[prog.stuck] = self.device.stuck_drift_state  # a stuck device keeps its conductance
                 nu[:, rs, cs] = exps
             self.counts["devices"][r, c] = block.size
             self.counts["prog_clamped"][r, c] = prog.clamped
@@ -239,6 +239,7 @@ class TileGrid(nn.Module):
         if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) or t < 0:
             raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s")
         t = float(t)
+        self.device.check_time(t)
         bits = time_bits(t)
         g_prog = self.g_prog.cpu().numpy()
         nu = self.nu.cpu().numpy() if self.nu.numel() else None

@@ -56,4 +56,31 @@ def pcm(rows: int = 256, cols: int = 256, dac_bits: Optional[int] = 8,
     return _tile(DeviceConfig(**params), rows, cols, dac_bits, adc_bits, dac_range_mode, adc_range_mode)
 
 
-PRESETS = {"ideal": ideal, "gaussian": gaussian, "pcm": pcm}
+def reram(rows: int = 256, cols: int = 256, dac_bits: Optional[int] = 8,
+          adc_bits: Optional[int] = 8, dac_range_mode: str = "calibrated",
+          adc_range_mode: str = "calibrated", **device) -> TileConfig:
+    """ReRAM (Wan et al. 2022; PHYSICS.md 12): programming noise and its relaxation at
+    1 s to 2 days, on 0-40 uS devices (the fit's g_max).
+
+    The fit has no read noise of its own; following aihwkit's note on it (about 1% of
+    the weight range per read), each device has a per-read sigma of 0.01 g_max / sqrt(2),
+    so that a pair's is 1% of g_max.
+    """
+    params = dict(model="reram", g_min=0.0, g_max=40.0, drift=True, read_sigma_abs=0.01 * 40.0 / 2 ** 0.5)
+    params.update(device)
+    return _tile(DeviceConfig(**params), rows, cols, dac_bits, adc_bits, dac_range_mode, adc_range_mode)
+
+
+def hermes(rows: int = 256, cols: int = 256, dac_bits: Optional[int] = 8,
+           adc_bits: Optional[int] = 8, dac_range_mode: str = "calibrated",
+           adc_range_mode: str = "calibrated", **device) -> TileConfig:
+    """PCM of the IBM HERMES chip (Le Gallo et al. 2023; PHYSICS.md 12): programming
+    noise, drift and 1/f noise on 0-20.7 uS devices, t0 = 300 s, t_read = 512 ns. The
+    fit's read noise is the 1/f term; no per-read sigma is added (set read_sigma_abs)."""
+    params = dict(model="hermes", g_min=0.0, g_max=20.7, drift=True, read_noise_1f=True, t0=300.0,
+                  t_read=512e-9)
+    params.update(device)
+    return _tile(DeviceConfig(**params), rows, cols, dac_bits, adc_bits, dac_range_mode, adc_range_mode)
+
+
+PRESETS = {"ideal": ideal, "gaussian": gaussian, "pcm": pcm, "reram": reram, "hermes": hermes}

@@ -2,7 +2,7 @@
 
 A TOML file (``xbarsim run --config FILE.toml``) names a preset and overrides any field:
 
-    preset = "pcm"          # ideal | gaussian | pcm: the base tile configuration
+    preset = "pcm"          # ideal | gaussian | pcm | reram | hermes: the base tile configuration
     repeats = 10
     times = [1, 3600, 86400]
     [tile]                  # any TileConfig field

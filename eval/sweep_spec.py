@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from crossbar.presets import PRESETS
 
 from .config import RunConfig, read_toml, run_config_from_dict
 from .datasets import DATASETS
@@ -38,6 +40,9 @@ CONFIG_ROOTS = ("tile", "mapping", "baseline")
 
 class SpecError(ValueError):
     """A sweep specification that cannot run; raised before any work starts."""
+
+
+DEVICE_MODEL_PATH = "tile.device.model"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class SweepSpec:
     eval_samples: int
     fold_batchnorm: bool
     base: RunConfig
+    base_data: dict = field(compare=False)  # [base] as written: a device-model axis rebuilds on that model's preset
     points: tuple          # of dicts: dotted path -> value
     swept: tuple           # the dotted paths that vary, in spec order
     canonical: str         # JSON of everything above: a changed spec changes it
@@ -65,13 +71,32 @@ class SweepSpec:
         return point.get(name, getattr(self, name))
 
     def point_config(self, point: dict) -> RunConfig:
-        """The RunConfig of one point: the base with the point's paths applied."""
-        cfg = self.base.with_path("times", (float(self.setting(point, "time")),)).with_path("repeats", self.repeats)
+        """The RunConfig of one point: the base with the point's paths applied. A point
+        that sets ``tile.device.model`` to a model with a preset of its name starts
+        from that preset (its g_max, t0, noise and drift settings), with [base]'s own
+        overrides on top: devices differ in more than their name."""
+        base = self.base
+        model = point.get(DEVICE_MODEL_PATH)
+        if model in PRESETS:
+            base = run_config_from_dict({**self.base_data, "preset": model})
+        cfg = base.with_path("times", (float(self.setting(point, "time")),)).with_path("repeats", self.repeats)
+        # the fields of one configuration change together (a device model and the
+        # settings it needs cannot be valid one at a time)
+        groups: dict = {}
         for path, value in point.items():
+            if path == DEVICE_MODEL_PATH and model in PRESETS:
+                continue
             if path.split(".")[0] in CONFIG_ROOTS:
                 if path in ("baseline.eta", "baseline.snr_db") and not isinstance(value, (list, tuple)):
                     value = (value,)
-                cfg = cfg.with_path(path, value)
+                parent, _, leaf = path.rpartition(".")
+                groups.setdefault(parent, {})[leaf] = value
+        for parent, changes in groups.items():
+            try:
+                cfg = cfg.with_path(parent, cfg.get_path(parent).replace(**changes))
+            except ValueError as err:
+                paths = ", ".join(f"{parent}.{leaf} = {value!r}" for leaf, value in changes.items())
+                raise ValueError(f"{paths}: {err}") from None
         return cfg
 
     def point_seed(self, point: dict) -> int:
@@ -162,7 +187,9 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
             _fail(f"{source}: {name} = {settings[name]!r} is invalid: expected true or false")
     for name in POINT_FIELDS:
         _check_point_value(base, name, settings[name], source)
-    spec = SweepSpec(base=base, points=tuple(points), swept=tuple(swept), canonical="", **settings)
+    base_data = dict(data.get("base", {}))
+    spec = SweepSpec(base=base, base_data=base_data, points=tuple(points), swept=tuple(swept), canonical="",
+                     **settings)
     # every point must build before any work starts, and no two may be the same
     # experiment (counted twice, one point would narrow its own CI in the plots)
     resolved = {}
@@ -183,7 +210,8 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
                   f"list each point once")
         resolved[same] = i
     canonical = json.dumps({**settings, "base": base.to_dict(), "points": points, "swept": swept}, sort_keys=True)
-    return SweepSpec(base=base, points=tuple(points), swept=tuple(swept), canonical=canonical, **settings)
+    return SweepSpec(base=base, base_data=base_data, points=tuple(points), swept=tuple(swept), canonical=canonical,
+                     **settings)
 
 
 def load_spec(path: str) -> SweepSpec:

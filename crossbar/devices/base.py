@@ -11,8 +11,9 @@ its programming sigma and, where it has them, drift exponents and slow-noise sig
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -45,6 +46,13 @@ class Device:
     has_slow_noise: ClassVar[bool] = False
     has_read_noise: ClassVar[bool] = True
     uses_prog_sigma: ClassVar[bool] = False
+    #: (first, last) inference time in s that the model's fit covers; None: no stated bound
+    fit_times: ClassVar[Optional[tuple]] = None
+    #: the largest g_max (uS) the model's fit covers; None: no bound
+    fit_g_max: ClassVar[Optional[float]] = None
+    #: the drift state a stuck device keeps (a drift exponent of 0: it never moves)
+    stuck_drift_state: ClassVar[float] = 0.0
+    _warned: ClassVar[set] = set()  # models that have warned of a time outside their fit
 
     def __init__(self, config) -> None:
         self.config = config
@@ -65,18 +73,38 @@ class Device:
             for f in ("read_sigma_abs", "read_sigma_rel"):
                 if getattr(cfg, f) != 0.0:
                     refuse(f, getattr(cfg, f))
+        if cls.fit_g_max is not None and cfg.g_max > cls.fit_g_max:
+            raise ValueError(f"DeviceConfig.g_max = {cfg.g_max!r} is invalid for model {cls.name!r}: its fit "
+                             f"covers conductances up to {cls.fit_g_max} uS")
         if not cls.uses_prog_sigma:
             for f in ("prog_sigma_abs", "prog_sigma_rel"):
                 if getattr(cfg, f) != 0.0:
                     refuse(f, getattr(cfg, f))
 
+    def check_time(self, t: float) -> None:
+        """Warn, once per model and process, of an inference time t > 0 outside the
+        times the model's fit covers (the fit's end values hold there)."""
+        if self.fit_times is None or t == 0:
+            return
+        first, last = self.fit_times
+        if not first <= t <= last and self.name not in Device._warned:
+            Device._warned.add(self.name)
+            warnings.warn(f"device model {self.name!r}: t = {t:g} s is outside the times its fit covers, "
+                          f"[{first:g}, {last:g}] s; the fit's end values hold there (warned once)", stacklevel=3)
+
     # -- hooks ---------------------------------------------------------------------------
+    def programming_mean(self, g_target: np.ndarray) -> np.ndarray:
+        """Mean programmed conductance, uS, for targets g_target (the target itself
+        unless the model has a measured bias)."""
+        return g_target
+
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
         """Standard deviation of the programming error, uS, before prog_noise_scale."""
         return np.zeros_like(g_target)
 
     def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Drift exponents nu, drawn once per device at programming."""
+        """Drift exponents nu, drawn once per device at programming (more generally the
+        per-device state that ``conductance_at`` evolves from)."""
         return np.zeros_like(g_target)
 
     def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
@@ -93,6 +121,7 @@ class Device:
             step = (cfg.g_max - cfg.g_min) / (cfg.levels - 1)
             g = cfg.g_min + np.round((g - cfg.g_min) / step) * step
         sigma = self.programming_sigma(g) * cfg.prog_noise_scale
+        g = self.programming_mean(g)
         if np.any(sigma > 0):
             g = g + sigma * rng_noise.standard_normal(g.shape)
         # Conductance cannot be negative; the clamp biases devices near 0 upwards, so

@@ -21,14 +21,26 @@ class PCMDevice(Device):
         c0, c1, c2 = PROG_COEFFS
         return (c0 + c1 * x + c2 * x * x) * (g_max / FIT_G_MAX)
 
+    def drift_statistics(self, g_target: np.ndarray) -> tuple:
+        """(mu_nu, sigma_nu) of the normal whose magnitude is nu (PHYSICS.md section 3)."""
+        # x -> 0 sends both fits to their upper clip; the floor only avoids log(0)
+        log_x = np.log(np.maximum(g_target / self.config.g_max, 1e-12))
+        return np.clip(-0.0155 * log_x + 0.0244, 0.049, 0.1), np.clip(-0.0125 * log_x - 0.0059, 0.008, 0.045)
+
     def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not self.config.drift:
             return np.zeros_like(g_target)
-        # x -> 0 sends both fits to their upper clip; the floor only avoids log(0)
-        log_x = np.log(np.maximum(g_target / self.config.g_max, 1e-12))
-        mu = np.clip(-0.0155 * log_x + 0.0244, 0.049, 0.1)
-        sigma = np.clip(-0.0125 * log_x - 0.0059, 0.008, 0.045)
+        mu, sigma = self.drift_statistics(g_target)
         return np.abs(mu + sigma * rng.standard_normal(g_target.shape)) * self.config.drift_scale
+
+    def as_table(self, g_target: np.ndarray) -> dict:
+        """This fit's statistics at g_target as the columns of a device table (PHYSICS.md
+        section 11): programming, drift and the per-read sigma at g_target (the 1/f
+        noise has no column; a table device has none)."""
+        g = np.asarray(g_target, dtype=np.float64)
+        mu, sigma = self.drift_statistics(g)
+        return {"prog_mean": g, "prog_std": self.programming_sigma(g) * self.config.prog_noise_scale,
+                "nu_mean": mu, "nu_std": sigma, "read_std": np.sqrt(self.read_variance(g))}
 
     def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
         cfg = self.config

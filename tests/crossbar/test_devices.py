@@ -90,3 +90,165 @@ def test_pcm_one_over_f_sigma(g_t, t):
     # frozen per time: the same generator state gives the same sample
     again, _ = dev.conductance_at(g, np.zeros(N), t, lambda: np.random.default_rng(5).standard_normal(N))
     assert np.array_equal(g_read, again)
+
+
+# -- ReRAM (Wan et al. 2022), HERMES PCM (Le Gallo et al. 2023), measured tables ---------
+
+def quartic(c, x):
+    return sum(ci * x ** i for i, ci in enumerate(c))
+
+
+RERAM_1S = (0.348, 16.030, -43.853, 45.393, -16.815)
+RERAM_1D = (0.701, 22.086, -50.773, 47.095, -16.458)
+RERAM_2D = (0.782, 20.274, -43.507, 37.062, -11.934)
+
+
+@pytest.mark.parametrize("g_max", [40.0, 20.0])
+@pytest.mark.parametrize("x", [0.1, 0.5, 1.0])
+def test_reram_programming_noise_is_the_one_second_fit(g_max, x):
+    cfg = DeviceConfig(model="reram", g_max=g_max)
+    check_mean_std(programmed(cfg, x * g_max).g, x * g_max, quartic(RERAM_1S, x) * g_max / 40.0)
+
+
+@pytest.mark.parametrize("t,coeffs", [(86400.0, (RERAM_1D,)), (2 * 86400.0, (RERAM_2D,)),
+                                      (float(np.sqrt(86400.0)), (RERAM_1S, RERAM_1D))])  # midway in log t
+def test_reram_relaxation_is_a_frozen_draw_around_the_target(t, coeffs):
+    cfg = DeviceConfig(model="reram", g_max=40.0, drift=True)
+    dev = make_device(cfg)
+    g_t = np.full(N, 20.0)
+    p = dev.program(g_t, np.random.default_rng(0), np.random.default_rng(1))
+    state = dev.drift_exponents(g_t, np.random.default_rng(2))
+    g, below = dev.conductance_at(p.g, state, t, lambda: np.random.default_rng(3).standard_normal(N))
+    sigma = np.mean([quartic(c, 0.5) for c in coeffs])
+    check_mean_std(g, 20.0, sigma)
+    assert not below.any()
+    again, _ = dev.conductance_at(p.g, state, t, lambda: np.random.default_rng(3).standard_normal(N))
+    assert np.array_equal(g, again)
+
+
+def test_reram_clamp_stuck_devices_and_the_warning_outside_the_fit(monkeypatch):
+    from crossbar.devices import Device
+    monkeypatch.setattr(Device, "_warned", set())
+    cfg = DeviceConfig(model="reram", g_max=40.0, drift=True, stuck_max_fraction=0.1)
+    dev = make_device(cfg)
+    g_t = np.zeros(N)
+    p = dev.program(g_t, np.random.default_rng(0), np.random.default_rng(1))
+    state = dev.drift_exponents(g_t, np.random.default_rng(2))
+    state[p.stuck] = dev.stuck_drift_state
+    g, below = dev.conductance_at(p.g, state, 86400.0, lambda: np.random.default_rng(3).standard_normal(N))
+    assert np.array_equal(g[p.stuck], p.g[p.stuck]) and np.all(g[p.stuck] == 40.0)
+    free = int((~p.stuck).sum())  # half of the free devices fall below 0 and are clamped, and counted
+    assert abs(int(below.sum()) - free / 2) < 5 * np.sqrt(free / 4) and not below[p.stuck].any()
+    with pytest.warns(UserWarning, match=r"'reram': t = 2.592e\+06 s is outside the times its fit covers"):
+        dev.check_time(30 * 86400.0)
+    dev.check_time(365 * 86400.0)  # once per model: no second warning (warnings are errors here)
+    dev.check_time(3600.0)
+
+
+def test_reram_crosssim_fit():
+    cfg = DeviceConfig(model="reram_crosssim", g_max=39.0)
+    for g_t in (0.0 + 5.0, 20.0, 39.0):
+        sigma = 1.536e-4 * g_t ** 3 - 1.167e-2 * g_t ** 2 + 2.374e-1 * g_t + 1.053
+        check_mean_std(programmed(cfg, g_t).g, g_t, sigma)
+    with pytest.raises(ValueError, match="g_max = 40.0 is invalid for model 'reram_crosssim'.*39.26 uS"):
+        DeviceConfig(model="reram_crosssim", g_max=40.0)
+
+
+@pytest.mark.parametrize("x", [0.05, 0.5, 1.0])
+def test_hermes_programming_noise(x):
+    cfg = DeviceConfig(model="hermes", g_max=20.7)
+    c = (0.16603222, 4.71806468, -8.48101252, 4.68961419)
+    check_mean_std(programmed(cfg, x * 20.7).g, x * 20.7, quartic(c, x))
+    with pytest.raises(ValueError, match="g_max = 25.0 is invalid for model 'hermes'"):
+        DeviceConfig(model="hermes", g_max=25.0)
+
+
+@pytest.mark.parametrize("x", [0.05, 0.2, 0.8])
+def test_hermes_drift_and_one_over_f(x):
+    cfg = DeviceConfig(model="hermes", g_max=20.7, drift=True, read_noise_1f=True, t0=300.0, t_read=512e-9)
+    dev = make_device(cfg)
+    g = np.full(N, x * 20.7)
+    nu = dev.drift_exponents(g, np.random.default_rng(3))
+    mu = np.clip(-0.0387 * np.log(x) - 0.0182, 0.072, 0.13) if x < 0.0945 else -0.0436 * x * x - 0.0126 * x + 0.0736
+    sd = np.clip(-0.0117 * np.log(x) - 0.0057, 0.0091, 0.04) if x < 0.3055 else -0.0118 * x * x + 0.0093 * x + 0.0073
+    folded = sd * np.sqrt(2 / np.pi) * np.exp(-mu ** 2 / (2 * sd ** 2)) + mu * (1 - 2 * norm.cdf(-mu / sd))
+    assert abs(nu.mean() - folded) < 5 * nu.std() / np.sqrt(N)
+    t = 86400.0
+    q_s = np.clip(-0.0117 * np.log(x) - 0.0069, 0.015, 0.04) if x < 0.16 else \
+        0.0069 * x ** 3 - 0.0280 * x ** 2 + 0.0211 * x + 0.0123
+    g_read, _ = dev.conductance_at(g, np.zeros(N), t, lambda: np.random.default_rng(5).standard_normal(N))
+    check_mean_std(g_read, x * 20.7, x * 20.7 * q_s * np.sqrt(np.log((t + 300.0 + 512e-9) / (2 * 512e-9))))
+
+
+def write(tmp_path, text, name="dev.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("g_target,prog_std\n1,0.1\n", "row 1: missing column 'prog_mean'"),
+    ("g_target,prog_mean,prog_std,colour\n1,1,0.1,2\n", "row 1: unknown column 'colour'"),
+    ("g_target,prog_mean,prog_std\n1,1,0.1\n3,3,0.2\n2,2,0.1\n", "row 4: column 'g_target' = 2 does not increase"),
+    ("g_target,prog_mean,prog_std\n1,1,0.1\n2,2,-0.2\n", "row 3: column 'prog_std' = -0.2 is negative"),
+    ("g_target,prog_mean,prog_std\n1,1,abc\n", "row 2: column 'prog_std' = 'abc' is not a finite number"),
+    ("g_target,prog_mean,prog_std,nu_mean\n1,1,0.1,0.05\n", "row 1: columns 'nu_mean' and 'nu_std' go together"),
+    ("g_target,prog_mean,prog_std\n1,1\n", "row 2: 2 cells for 3 columns"),
+])
+def test_device_tables_are_validated_with_file_row_and_column(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=f"device table {path}: {message}"):
+        DeviceConfig(model="table", table=path)
+
+
+def test_a_table_is_kept_in_the_config_and_the_results(tmp_path):
+    path = write(tmp_path, "g_target,prog_mean,prog_std\n0,0.5,0.1\n10,10,1\n")
+    cfg = DeviceConfig(model="table", table=path)
+    (tmp_path / "dev.csv").write_text("g_target,prog_mean,prog_std\n0,0,9\n")  # the file changes afterwards
+    again = DeviceConfig.from_json(cfg.to_json())
+    assert again.table_csv == cfg.table_csv and "0,0.5,0.1" in again.table_csv
+    other = write(tmp_path, "g_target,prog_mean,prog_std\n0,0,0.3\n", "other.csv")
+    assert cfg.with_path("table", other).table_csv.endswith("0,0,0.3\n")
+    # linear between rows, the end rows outside
+    p = programmed(DeviceConfig(model="table", table_csv=cfg.table_csv), 5.0)
+    check_mean_std(p.g, 5.25, 0.55)
+    check_mean_std(programmed(DeviceConfig(model="table", table_csv=cfg.table_csv), 20.0).g, 10.0, 1.0)
+    with pytest.raises(ValueError, match="drift = True is invalid for device table .*no nu_mean/nu_std"):
+        DeviceConfig(model="table", table=path, drift=True)
+    with pytest.raises(ValueError, match="table = 'x.csv' is invalid for model 'pcm'"):
+        DeviceConfig(model="pcm", table="x.csv")
+    with pytest.raises(ValueError, match="table = '/no/such.csv' is invalid: cannot read it"):
+        DeviceConfig(model="table", table="/no/such.csv")
+
+
+def test_the_example_table_is_the_pcm_fit_and_reproduces_it():
+    from crossbar import presets
+    from crossbar.devices import EXAMPLE_TABLE, example_table_csv
+    with open(EXAMPLE_TABLE, encoding="utf-8") as f:
+        assert f.read() == example_table_csv()  # the shipped file is what the generator writes
+    pcm = presets.pcm(read_noise_1f=False).device
+    table = DeviceConfig(model="table", table=EXAMPLE_TABLE, drift=True, g_max=25.0)
+    for g_t in (3.1, 12.6, 22.4):  # between the table's rows
+        p_pcm, p_table = programmed(pcm, g_t, seed=10), programmed(table, g_t, seed=20)
+        assert p_table.g.mean() == pytest.approx(p_pcm.g.mean(), rel=0.01)
+        assert p_table.g.std() == pytest.approx(p_pcm.g.std(), rel=0.01)
+        day = []
+        for cfg, p, seed in ((pcm, p_pcm, 11), (table, p_table, 21)):
+            dev = make_device(cfg)
+            nu = dev.drift_exponents(np.full(N, g_t), np.random.default_rng(seed))
+            day.append(dev.conductance_at(p.g, nu, 86400.0, None)[0].mean())
+        assert day[1] == pytest.approx(day[0], rel=0.02)
+        assert make_device(table).read_variance(np.array([g_t])) == pytest.approx(0.01)
+
+
+def test_presets_of_the_published_devices_and_run_configs_that_name_them():
+    from crossbar import presets
+    from eval.config import run_config_from_dict
+    reram, hermes = presets.reram().device, presets.hermes().device
+    assert (reram.model, reram.g_max, reram.drift, reram.read_noise_1f) == ("reram", 40.0, True, False)
+    assert reram.read_sigma_abs == pytest.approx(0.4 / np.sqrt(2))  # a pair: 1% of g_max per read
+    assert (hermes.model, hermes.g_max, hermes.t0, hermes.t_read) == ("hermes", 20.7, 300.0, 512e-9)
+    assert hermes.drift and hermes.read_noise_1f and hermes.read_sigma_abs == 0.0
+    for name, device in (("reram", reram), ("hermes", hermes)):
+        assert run_config_from_dict({"preset": name}).tile.device == device
+        assert DeviceConfig.from_json(device.to_json()) == device

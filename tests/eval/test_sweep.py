@@ -159,3 +159,18 @@ def test_plot_three_fields(tmp_path):
     written = plot_sweep(tmp_path)
     assert len(written) == 2
     assert all(mpimg.imread(p).shape[1] > 800 for p in written)  # two panels, split by model
+
+
+def test_a_device_model_axis_starts_each_point_from_that_devices_preset(tmp_path):
+    table = tmp_path / "dev.csv"
+    table.write_text("g_target,prog_mean,prog_std\n0,0,0.2\n25,25,0.5\n")
+    spec = parse_spec({"base": {"preset": "pcm", "tile": {"adc": {"bits": 6}}},
+                       "grid": {"tile.device.model": ["pcm", "reram", "hermes"]},
+                       "points": [{"tile.device.model": "table", "tile.device.table": str(table),
+                                   "tile.device.drift": False, "tile.device.read_noise_1f": False}]})
+    devices = [spec.point_config(p).tile for p in spec.points]
+    assert [d.device.model for d in devices] == ["pcm", "reram", "hermes", "table"]
+    assert [d.device.g_max for d in devices] == [25.0, 40.0, 20.7, 25.0]
+    assert devices[2].device.t0 == 300.0 and devices[1].device.drift and not devices[1].device.read_noise_1f
+    assert all(d.adc.bits == 6 for d in devices)  # [base]'s own overrides stay
+    assert devices[3].device.table_csv == table.read_text()  # recorded with the point's configuration

@@ -2,11 +2,13 @@
 from .batchnorm import fold_batchnorm
 from .conductance import conductances_to_weights, reference_weight, weights_to_conductances
 from .config import MappingConfig
-from .convert import ANALOG_LAYERS, AnalogModel, convert
+from .attention import AnalogMultiheadAttention
+from .recurrent import AnalogRNNBase
+from .convert import ANALOG_LAYERS, AnalogModel, analog_type_for, convert, register_layer
 from .conv import AnalogConv2d
 from .layers import AnalogLayer, AnalogLinear
 from .matrix import AnalogMatrix
 
 __all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "MappingConfig",
            "convert", "fold_batchnorm", "weights_to_conductances", "conductances_to_weights",
-           "reference_weight", "ANALOG_LAYERS"]
+           "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for"]

@@ -15,13 +15,48 @@ from crossbar.seeding import SeedLike, as_seed_sequence, derive
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
 from .inputs import batch_inputs, call_model
+from .attention import AnalogMultiheadAttention
 from .conv import AnalogConv2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
+from .recurrent import AnalogRNNBase
 from .devices import resolve_device
 from .memory import release_free_memory
 
-# torch layer type -> analog wrapper; everything else stays digital
-ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d}
+# torch layer type -> analog counterpart (a class with from_torch(layer, tile_config, seed,
+# mapping, name)); subclasses of these types map too (see analog_type_for); everything
+# else stays digital
+ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d,
+                 nn.MultiheadAttention: AnalogMultiheadAttention,
+                 nn.RNN: AnalogRNNBase, nn.LSTM: AnalogRNNBase, nn.GRU: AnalogRNNBase}
+
+
+def register_layer(torch_type: type, analog_type: type) -> None:
+    """Map modules of ``torch_type`` (and its subclasses) with ``analog_type`` in every later
+    ``convert``: a class with ``from_torch(layer, tile_config, seed, mapping, name)``
+    returning a module whose matrix products run in analog layers (``AnalogLayer``),
+    such as the built-in ``AnalogLinear`` for a Linear subclass that computes its own way."""
+    if not (isinstance(torch_type, type) and issubclass(torch_type, nn.Module)):
+        raise ValueError(f"torch_type = {torch_type!r} is invalid: expected a torch.nn.Module subclass")
+    if not (isinstance(analog_type, type) and callable(getattr(analog_type, "from_torch", None))):
+        raise ValueError(f"analog_type = {analog_type!r} is invalid: expected a class with a "
+                         f"from_torch(layer, tile_config, seed, mapping, name) classmethod")
+    ANALOG_LAYERS[torch_type] = analog_type
+
+
+def analog_type_for(module: nn.Module) -> tuple:
+    """(the analog counterpart of module, or None; why it has none). A subclass of a
+    mapped type maps as its base does unless it overrides ``forward``: its computation
+    would then not be the one the tiles run (register it to map it anyway)."""
+    kind = type(module)
+    if kind in ANALOG_LAYERS:
+        return ANALOG_LAYERS[kind], ""
+    for base in kind.__mro__[1:]:
+        if base in ANALOG_LAYERS:
+            if kind.forward is not base.forward:
+                return None, (f"{kind.__name__} subclasses {base.__name__} with a forward of its own; "
+                              f"mapping.register_layer({kind.__name__}, ...) maps it")
+            return ANALOG_LAYERS[base], ""
+    return None, ""
 
 
 @contextmanager
@@ -156,7 +191,9 @@ class AnalogModel(nn.Module):
 def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
             device=None) -> AnalogModel:
-    """A new module in which every Linear, Conv1d and Conv2d runs on programmed tiles.
+    """A new module in which every matrix layer of a mapped type (``ANALOG_LAYERS``: Linear,
+    Conv1d, Conv2d, MultiheadAttention, RNN, LSTM, GRU, their subclasses that keep the
+    base's forward, and registered types) runs on programmed tiles.
 
     The original model is untouched. Layers that cannot be mapped stay digital and are
     named in a warning and in ``report``. Each layer's tiles draw from their own
@@ -179,27 +216,29 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     module = copy.deepcopy(model).cpu().float().eval()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
-    report, digital = [], []
-    targets = [(name, m) for name, m in module.named_modules() if type(m) in ANALOG_LAYERS and name]
-    if type(module) in ANALOG_LAYERS:
-        targets = [("", module)]
-    for index, (name, layer) in enumerate(targets):
+    report, digital, refused = [], [], {}
+    targets = []
+    for name, m in module.named_modules():
+        if any(name.startswith(t + ".") for t, _, _ in targets if t):
+            continue  # inside a module mapped whole (an attention's out_proj)
+        analog_type, why = analog_type_for(m)
+        if analog_type is not None:
+            targets.append((name, m, analog_type))
+            if not name:
+                break  # the model itself is one mapped layer
+        elif why:
+            refused[name] = why
+    for index, (name, layer, analog_type) in enumerate(targets):
         layer_seed = derive(root_seed, index)
         label = name or type(layer).__name__
-        analog = ANALOG_LAYERS[type(layer)].from_torch(layer, tile_config, layer_seed, mapping, label)
+        analog = analog_type.from_torch(layer, tile_config, layer_seed, mapping, label)
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, child, analog)
         else:
             module = analog
-        tiles = sum(m.n_tiles for m in analog.matrices)
-        report.append({
-            "layer": label, "type": type(layer).__name__, "where": "analog",
-            "matrix": [len(analog.matrices)] + list(analog.matrices[0].shape),
-            "tiles": tiles, "devices": 2 * sum(m.shape[0] * m.shape[1] for m in analog.matrices),
-            "clipped_weights": sum(m.clipped_weights for m in analog.matrices),
-        })
-    analog_names = {name for name, _ in targets}
+        report.extend(_analog_entries(name, label, layer, analog))
+    analog_names = {name for name, _, _ in targets}
     for m in module.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False  # its nested-tensor fast path would bypass the analog layers
@@ -212,6 +251,27 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             report.append({"layer": name, "type": type(m).__name__, "where": "digital",
                            "parameters": sum(p.numel() for p in own)})
     if digital:
-        warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(digital)}", stacklevel=2)
+        named = [f"{name} ({refused[name]})" if name in refused else name for name in digital]
+        warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=2)
     analog_model = AnalogModel(module, report, digital)
     return analog_model if device is None else analog_model.to(device)
+
+
+def _analog_entries(name: str, label: str, layer: nn.Module, analog: nn.Module) -> list:
+    """Report entries of one mapped module (at module path ``name``): one per analog layer
+    in it (the module itself, or the projections of an attention, named by their module
+    paths), and what of it stays digital."""
+    parts = [(label, analog)] if isinstance(analog, AnalogLayer) else \
+        [(f"{name}.{n}" if name else n, m) for n, m in analog.named_modules() if isinstance(m, AnalogLayer)]
+    entries = [{
+        "layer": part_label, "type": type(layer).__name__, "where": "analog",
+        "matrix": [len(part.matrices)] + list(part.matrices[0].shape),
+        "tiles": sum(m.n_tiles for m in part.matrices),
+        "devices": 2 * sum(m.shape[0] * m.shape[1] for m in part.matrices),
+        "clipped_weights": sum(m.clipped_weights for m in part.matrices),
+    } for part_label, part in parts]
+    digital_part = getattr(analog, "DIGITAL_PART", None)
+    if digital_part:
+        entries.append({"layer": label, "type": type(layer).__name__, "where": "digital", "parameters": 0,
+                        "computes": digital_part})
+    return entries

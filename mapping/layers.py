@@ -143,8 +143,14 @@ class AnalogLinear(AnalogLayer):
 
     @classmethod
     def from_torch(cls, layer: nn.Linear, tile_config, seed, mapping, name: str) -> "AnalogLinear":
-        m = AnalogMatrix(layer.weight.detach().double().numpy(), tile_config, seed, mapping, name)
-        return cls([m], layer.weight, layer.bias, name)
+        return cls.from_weight(layer.weight, layer.bias, tile_config, seed, mapping, name)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], tile_config, seed, mapping,
+                    name: str) -> "AnalogLinear":
+        """A weight (out, in) and an optional bias (out,) on tiles, as nn.Linear holds them."""
+        m = AnalogMatrix(weight.detach().double().numpy(), tile_config, seed, mapping, name)
+        return cls([m], weight, bias, name)
 
     def _group_weight(self, g: int) -> torch.Tensor:
         return self.weight

@@ -1,0 +1,136 @@
+"""nn.RNN, nn.LSTM and nn.GRU with their weight matrices on tiles.
+
+Each layer and direction has two analog linear layers: input-to-hidden (W_ih, with b_ih)
+over the whole sequence at once, and hidden-to-hidden (W_hh, with b_hh) once per time
+step, as hardware reads it. The gates (sigmoids, tanh and their products) and the state
+updates are digital, with torch's equations (its documentation of each module):
+
+    RNN   h' = act(W_ih x + b_ih + W_hh h + b_hh)
+    LSTM  i, f, g, o = W_ih x + b_ih + W_hh h + b_hh; c' = s(f) c + s(i) tanh(g); h' = s(o) tanh(c')
+    GRU   r, z, n_x = W_ih x + b_ih; r_h, z_h, n_h = W_hh h + b_hh; r = s(r + r_h), z = s(z + z_h),
+          n = tanh(n_x + r n_h), h' = (1 - z) n + z h
+
+``num_layers``, ``bidirectional``, ``batch_first``, ``bias``, unbatched inputs and initial
+states behave as in torch; dropout between layers acts in training mode only, as there.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossbar.seeding import derive
+
+from .layers import AnalogLinear
+
+DIGITAL_PART = "gates (sigmoid, tanh and their products) and the state updates"
+
+
+class AnalogRNNBase(nn.Module):
+    """The analog counterpart of nn.RNN, nn.LSTM and nn.GRU (``mode`` says which)."""
+
+    DIGITAL_PART = DIGITAL_PART
+
+    def __init__(self, cells: dict, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        for name, layer in cells.items():  # named as torch names the weights: ih_l0, hh_l1_reverse, ...
+            self.add_module(name, layer)
+        self.mode, self.hidden_size, self.num_layers = rnn.mode, rnn.hidden_size, rnn.num_layers
+        self.input_size, self.batch_first, self.dropout = rnn.input_size, rnn.batch_first, rnn.dropout
+        self.directions = 2 if rnn.bidirectional else 1
+        self.bidirectional = rnn.bidirectional
+
+    @classmethod
+    def from_torch(cls, rnn: nn.RNNBase, tile_config, seed, mapping, name: str) -> "AnalogRNNBase":
+        if getattr(rnn, "proj_size", 0):
+            raise ValueError(f"layer {name!r}: LSTM(proj_size={rnn.proj_size}) is not supported on tiles; "
+                             f"convert an LSTM without projections")
+        cells = {}
+        for layer in range(rnn.num_layers):
+            for direction in range(2 if rnn.bidirectional else 1):
+                suffix = _suffix(layer, direction)
+                for kind in ("ih", "hh"):
+                    cells[kind + suffix] = AnalogLinear.from_weight(
+                        getattr(rnn, f"weight_{kind}{suffix}"), getattr(rnn, f"bias_{kind}{suffix}", None),
+                        tile_config, derive(seed, len(cells)), mapping, f"{name}.{kind}{suffix}")
+        return cls(cells, rnn)
+
+    def forward(self, x: torch.Tensor, hx=None):
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise ValueError("analog recurrent layers take padded tensors, not PackedSequence: pad the batch "
+                             "(torch.nn.utils.rnn.pad_packed_sequence) before the layer")
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch, _ = x.shape
+        h0, c0 = self._initial_states(hx, batch, batched, x)
+        last_h, last_c = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                suffix = _suffix(layer, direction)
+                out, h, c = self._run_direction(getattr(self, "ih" + suffix), getattr(self, "hh" + suffix), x, h0[k],
+                                                None if c0 is None else c0[k], reverse=direction == 1)
+                outputs.append(out)
+                last_h.append(h)
+                last_c.append(c)
+            x = outputs[0] if self.directions == 1 else torch.cat(outputs, dim=2)
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                x = F.dropout(x, p=self.dropout)
+        h_n = torch.stack(last_h)
+        out = x if not self.batch_first or not batched else x.transpose(0, 1)
+        if not batched:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+        if self.mode == "LSTM":
+            c_n = torch.stack(last_c)
+            return out, (h_n, c_n if batched else c_n.squeeze(1))
+        return out, h_n
+
+    def _initial_states(self, hx, batch: int, batched: bool, x: torch.Tensor) -> tuple:
+        shape = (self.num_layers * self.directions, batch, self.hidden_size)
+        zeros = x.new_zeros(shape)
+        if hx is None:
+            return zeros, (zeros if self.mode == "LSTM" else None)
+        states = hx if self.mode == "LSTM" else (hx,)
+        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
+            raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
+        states = tuple(s if batched else s.unsqueeze(1) for s in states)
+        for s in states:
+            if tuple(s.shape) != shape:
+                raise RuntimeError(f"Expected hidden size {shape}, got {tuple(s.shape)}")
+        return (states[0], states[1]) if self.mode == "LSTM" else (states[0], None)
+
+    def _run_direction(self, ih: AnalogLinear, hh: AnalogLinear, x: torch.Tensor, h: torch.Tensor,
+                       c: Optional[torch.Tensor], reverse: bool):
+        steps, batch, _ = x.shape
+        gates_x = ih(x.reshape(steps * batch, -1)).view(steps, batch, -1)  # the whole sequence at once
+        outputs = [None] * steps
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        for t in order:
+            gates_h = hh(h)
+            h, c = self._step(gates_x[t], gates_h, h, c)
+            outputs[t] = h
+        return torch.stack(outputs), h, c
+
+    def _step(self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]) -> tuple:
+        if self.mode == "LSTM":
+            i, f, g, o = (gx + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if self.mode == "GRU":
+            r_x, z_x, n_x = gx.chunk(3, dim=1)
+            r_h, z_h, n_h = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
+            n = torch.tanh(n_x + r * n_h)
+            return (1 - z) * n + z * h, None
+        act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
+        return act(gx + gh), None
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")

@@ -279,10 +279,10 @@ def _fast_block(key_of_column, first_vector, batch: int, width, offset, kn, wn) 
     return x, accepted
 
 
-def read_block(partial: torch.Tensor, sd_pairs, sd_rows, z, fs, half: int, gain, offset, zeta, nonlinearity: float,
+def read_block(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, gain, offset, zeta, nonlinearity: float,
                scale, divisor, acc: torch.Tensor) -> tuple:
-    """One tile row's read-out, elementwise: per-read noise (sd_pairs (vectors, n_out)
-    float32 variances or sd_rows (vectors,) float64 variances, times the normals z),
+    """One tile row's read-out, elementwise: per-read noise (the square roots of
+    var_pairs (vectors, n_out) float32 or var_rows (vectors,) float64, times the normals z),
     the ADC (full scales fs (n_out,), its errors: gain, offset and noise zeta (LSB),
     tanh nonlinearity), the per-vector scale, the division by the digital scale and the
     float32 sum into acc. Returns (acc, mask of the values beyond the ADC range): the
@@ -290,7 +290,7 @@ def read_block(partial: torch.Tensor, sd_pairs, sd_rows, z, fs, half: int, gain,
     reduction over few outputs, which GPUs run slowly."""
     v = partial.double()
     if z is not None:
-        sd = torch.sqrt(sd_pairs).double() if sd_pairs is not None else torch.sqrt(sd_rows)[:, None]
+        sd = torch.sqrt(var_pairs).double() if var_pairs is not None else torch.sqrt(var_rows)[:, None]
         v = v + sd * z
     hits = None
     if half >= 0:

@@ -11,6 +11,7 @@ device configuration (``DeviceConfig.table_csv``), so results record what was us
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from typing import Dict
 
@@ -73,6 +74,20 @@ def parse_table(text: str, source: str) -> Dict[str, np.ndarray]:
     return columns
 
 
+@functools.lru_cache(maxsize=32)
+def _parsed(text: str, source: str) -> Dict[str, np.ndarray]:
+    columns = parse_table(text, source)
+    for values in columns.values():
+        values.flags.writeable = False  # shared by every device made from this text
+    return columns
+
+
+def _columns(config) -> Dict[str, np.ndarray]:
+    """The validated columns of a config's table, parsed once per text (the config's
+    validation and every grid's device read the same one)."""
+    return _parsed(config.table_csv, config.table or "given as DeviceConfig.table_csv")
+
+
 def table_csv(g_target: np.ndarray, **columns: np.ndarray) -> str:
     """CSV text of a device table: g_target and the named columns (see module doc)."""
     names = ["g_target"] + [n for n in REQUIRED[1:] + OPTIONAL if n in columns]
@@ -90,7 +105,7 @@ class TableDevice(Device):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.columns = parse_table(config.table_csv, config.table or "(inline)")
+        self.columns = _columns(config)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -98,7 +113,7 @@ class TableDevice(Device):
         if cfg.table_csv is None:
             raise ValueError("DeviceConfig.table = None is invalid for model 'table': give the CSV file of the "
                              "device's measured statistics (PHYSICS.md section 11)")
-        header = parse_table(cfg.table_csv, cfg.table or "(inline)")
+        header = _columns(cfg)
         if cfg.drift and "nu_mean" not in header:
             raise ValueError(f"DeviceConfig.drift = True is invalid for device table {cfg.table}: it has no "
                              f"nu_mean/nu_std columns")

@@ -2,17 +2,21 @@
 
 Models: the W2 CNN (conv 3->32, conv 32->64, maxpool, conv 64->128, maxpool, linear
 8192->256, linear 256->10), and the built-in vgg, resnet20 and resnet56 (batch norm
-folded into the weights, as hardware holds it). Default torch initialisation, a batch of
-256 inputs uniform in [0, 1]; pcm devices at t = 1 day with drift, 1/f and per-read
+folded into the weights, as hardware holds it), a batch of 256 inputs uniform in [0, 1];
+and a small transformer encoder (4 layers, d_model 256, 8 heads, feed-forward 1024,
+sequence 128, a mean-pooled linear head to 10 classes; its attention scores and
+softmax digital), a batch of 32 standard normal sequences. Default torch
+initialisation; pcm devices at t = 1 day with drift, 1/f and per-read
 noise, drift compensation, 8-bit DAC and ADC, through the public API (convert,
 calibrate, at, forward). Each model's float and analog runs happen in processes of
 their own, so that each peak RSS is that run's alone; times are medians of --repeats
 forward passes after a warm-up. The last line is JSON: ``ratio`` (the worst model),
 ``ratio_<model>`` and ``memory_ratio_<model>`` for each (targets: every ratio <= 2.5,
-every memory ratio <= 2.0 on the CPU; on a GPU at batch 1024, every ratio <= 3.0 and
-every memory ratio <= 3.0).
+every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU at batch
+1024, every ratio <= 3.0 and every memory ratio <= 3.0).
 
-    python benchmarks/bench_network.py [--models cnn,resnet20] [--batch 256] [--profile] [--device cuda]
+    python benchmarks/bench_network.py [--models cnn,transformer] [--batch 256] [--transformer-batch 32]
+                                       [--profile] [--device cuda]
 
 With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
 memory (torch's allocator) rather than of process RSS.
@@ -37,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import gpu_peak_mb, median_time, peak_rss_mb  # noqa: E402
 
 T_DAY = 86400.0
-MODELS = ("cnn", "vgg", "resnet20", "resnet56")
+MODELS = ("cnn", "vgg", "resnet20", "resnet56", "transformer")
+SEQUENCE, D_MODEL = 128, 256
 
 
 def w2_cnn() -> nn.Module:
@@ -49,16 +54,37 @@ def w2_cnn() -> nn.Module:
     )
 
 
+class SmallTransformer(nn.Module):
+    """A transformer encoder classifying sequences by their mean token."""
+
+    def __init__(self, layers: int = 4, heads: int = 8, feedforward: int = 1024, classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(D_MODEL, heads, feedforward, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(D_MODEL, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
 def build(name: str) -> nn.Module:
     from eval.models import build_model
 
     torch.manual_seed(0)
-    model = w2_cnn() if name == "cnn" else build_model(name, (3, 32, 32), 10, batchnorm=name.startswith("resnet"))
+    if name == "cnn":
+        model = w2_cnn()
+    elif name == "transformer":
+        model = SmallTransformer()
+    else:
+        model = build_model(name, (3, 32, 32), 10, batchnorm=name.startswith("resnet"))
     return model.eval()
 
 
-def inputs(batch: int) -> torch.Tensor:
-    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+def inputs(name: str, batch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    if name == "transformer":
+        return torch.randn(batch, SEQUENCE, D_MODEL, generator=generator)
+    return torch.rand(batch, 3, 32, 32, generator=generator)
 
 
 def _sync(device):
@@ -66,7 +92,7 @@ def _sync(device):
 
 
 def run_float(name: str, batch: int, repeats: int, device: torch.device) -> dict:
-    model, x = build(name).to(device), inputs(batch).to(device)
+    model, x = build(name).to(device), inputs(name, batch).to(device)
     with torch.no_grad():
         float_s = median_time(lambda: model(x), repeats=repeats, sync=_sync(device))
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
@@ -77,7 +103,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     import mapping
     from crossbar import presets
 
-    model, x = build(name), inputs(batch)
+    model, x = build(name), inputs(name, batch)
     config = presets.pcm(rows=256, cols=256, dac_bits=8, adc_bits=8)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -111,24 +137,30 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="images per batch of the convolutional models")
+    parser.add_argument("--transformer-batch", type=int, default=32, help="sequences per batch of the transformer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print each analog forward's profile to stderr")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.part:
         device = torch.device(args.device)
         result = (run_float(models[0], args.batch, args.repeats, device) if args.part == "float"
                   else run_analog(models[0], args.batch, args.repeats, args.profile, device))
         print(json.dumps(result))
         return
-    summary = {"batch": args.batch, "torch_threads": torch.get_num_threads(), "device": args.device}
+    summary = {"batch": args.batch, "transformer_batch": args.transformer_batch,
+               "torch_threads": torch.get_num_threads(), "device": args.device}
     for name in models:
         result = {}
+        batch = args.transformer_batch if name == "transformer" else args.batch
         for part in ("float", "analog"):
-            command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(args.batch),
+            command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(batch),
                        "--repeats", str(args.repeats), "--device", args.device] + (["--profile"] if args.profile else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             if args.profile and part == "analog":

@@ -6,9 +6,12 @@ from .attention import AnalogMultiheadAttention
 from .recurrent import AnalogRNNBase
 from .convert import ANALOG_LAYERS, AnalogModel, analog_type_for, convert, register_layer
 from .conv import AnalogConv2d
+from .conv3d import AnalogConv3d
+from .conv_transpose import AnalogConvTranspose2d
 from .layers import AnalogLayer, AnalogLinear
 from .matrix import AnalogMatrix
 
-__all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "MappingConfig",
+__all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "AnalogConv3d",
+           "AnalogConvTranspose2d", "MappingConfig",
            "convert", "fold_batchnorm", "weights_to_conductances", "conductances_to_weights",
            "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for"]

@@ -6,13 +6,13 @@ import copy
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode) in which every BatchNorm that directly follows
-    a Conv1d/Conv2d/Linear used nowhere else is folded into that layer's weight and
+    a Conv1d/2d/3d, ConvTranspose1d/2d or Linear used nowhere else is folded into that layer's weight and
     bias and replaced by Identity. BatchNorms without such a predecessor stay."""
     model = copy.deepcopy(model).eval()
     try:
@@ -32,7 +32,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Linear):
             fused = fuse_linear_bn_eval(layer, norm)
         else:
-            fused = fuse_conv_bn_eval(layer, norm)
+            fused = fuse_conv_bn_eval(layer, norm, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
         _set_module(model, prev.target, fused)
         _set_module(model, node.target, nn.Identity())
     return model

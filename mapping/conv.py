@@ -75,12 +75,7 @@ class AnalogConv2d(AnalogLayer):
         if one_d:
             weight = weight.unsqueeze(2)  # (out, in/g, 1, k)
         groups = layer.groups
-        per_group = weight.shape[0] // groups
-        matrices = [
-            AnalogMatrix(cls._matrix(weight[g * per_group:(g + 1) * per_group]).double().numpy(),
-                         tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
-            for g in range(groups)
-        ]
+        matrices = group_matrices(weight, groups, tile_config, seed, mapping, name)
         # F.pad order, last dimension first: (left, right, top, bottom)
         pad = tuple(layer._reversed_padding_repeated_twice)
         if one_d:
@@ -97,21 +92,29 @@ class AnalogConv2d(AnalogLayer):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        self._check_shape(x, self.weight.shape[1] * self.groups)
+        return self._forward(x, self.pad)
+
+    def _check_shape(self, x: torch.Tensor, c_in: int) -> None:
+        spatial = 1 if self.one_d else 2
+        if x.dim() != spatial + 2 or x.shape[1] != c_in:
+            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
+                             f"(batch, {c_in}{', length' if self.one_d else ', height, width'})")
+
+    def _forward(self, x: torch.Tensor, pad: tuple) -> torch.Tensor:
+        """The convolution of a checked input after padding it by ``pad`` (F.pad order:
+        left, right, top, bottom; negative values crop)."""
         with torch.no_grad():
             if self.one_d:
                 x = x.unsqueeze(2)
-            c_in = self.weight.shape[1] * self.groups
-            if x.dim() != 4 or x.shape[1] != c_in:
-                raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
-                                 f"expected (batch, {c_in}, ...)")
             calibrating = self._calibration is not None
             dac = self.matrices[0].tile_config.dac
             # per-vector ranges and bit-serial cycles work on unrolled vectors
             convolve = not (self.unrolled or calibrating or dac.range_mode == "per_vector" or dac.cycles > 1)
-            left, right, top, bottom = self.pad
+            left, right, top, bottom = pad
             # symmetric zero padding is the convolution's own (DAC(0) = 0): no padded copy
-            conv_padding, pad = (0, 0), self.pad
-            if convolve and self.padding_mode == "zeros" and left == right and top == bottom:
+            conv_padding = (0, 0)
+            if convolve and self.padding_mode == "zeros" and left == right >= 0 and top == bottom >= 0:
                 conv_padding, pad = (top, left), (0, 0, 0, 0)
             if any(pad):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -363,6 +366,16 @@ class _Block:
     segments: tuple
     box: torch.Tensor
     edges: list
+
+
+def group_matrices(weight: torch.Tensor, groups: int, tile_config, seed, mapping, name: str) -> list:
+    """One AnalogMatrix per group of a convolution weight (out, in/groups, *kernel), each
+    (out/groups, in/groups x kernel) in torch's (channel, *kernel) order, on its own
+    sub-stream of ``seed``."""
+    per_group = weight.shape[0] // groups
+    return [AnalogMatrix(weight[g * per_group:(g + 1) * per_group].reshape(per_group, -1).double().numpy(),
+                         tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
+            for g in range(groups)]
 
 
 def _stack(parts: list) -> torch.Tensor:

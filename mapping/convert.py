@@ -17,6 +17,8 @@ from .config import MappingConfig
 from .inputs import batch_inputs, call_model
 from .attention import AnalogMultiheadAttention
 from .conv import AnalogConv2d
+from .conv3d import AnalogConv3d
+from .conv_transpose import AnalogConvTranspose2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
 from .recurrent import AnalogRNNBase
 from .devices import resolve_device
@@ -26,6 +28,8 @@ from .memory import release_free_memory
 # mapping, name)); subclasses of these types map too (see analog_type_for); everything
 # else stays digital
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d,
+                 nn.Conv3d: AnalogConv3d, nn.ConvTranspose2d: AnalogConvTranspose2d,
+                 nn.ConvTranspose1d: AnalogConvTranspose2d,
                  nn.MultiheadAttention: AnalogMultiheadAttention,
                  nn.RNN: AnalogRNNBase, nn.LSTM: AnalogRNNBase, nn.GRU: AnalogRNNBase}
 
@@ -192,8 +196,8 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
             device=None) -> AnalogModel:
     """A new module in which every matrix layer of a mapped type (``ANALOG_LAYERS``: Linear,
-    Conv1d, Conv2d, MultiheadAttention, RNN, LSTM, GRU, their subclasses that keep the
-    base's forward, and registered types) runs on programmed tiles.
+    Conv1d/2d/3d, ConvTranspose1d/2d, MultiheadAttention, RNN, LSTM, GRU, their subclasses
+    that keep the base's forward, and registered types) runs on programmed tiles.
 
     The original model is untouched. Layers that cannot be mapped stay digital and are
     named in a warning and in ``report``. Each layer's tiles draw from their own

@@ -1,4 +1,4 @@
-"""Convolutions: the per-row-block convolution path against the unrolled path on the
+"""Convolutions (transposed ones too): the per-row-block convolution path against the unrolled path on the
 same chip (the same noise numbering, so they agree even with noise on), and DAC counts
 that are exact for what the hardware converts."""
 import warnings
@@ -16,6 +16,9 @@ LAYERS = [
     lambda: nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect"),
     lambda: nn.Conv2d(9, 4, (5, 3), stride=(1, 2), padding=(2, 0), padding_mode="circular"),
     lambda: nn.Conv1d(12, 6, 5, stride=2, padding=2),
+    # transposed convolutions run as the convolution they equal: the same two paths
+    lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+    lambda: nn.ConvTranspose1d(8, 5, 4, stride=3, padding=4, dilation=2),  # crops: padding > d (k - 1)
 ]
 
 
@@ -28,7 +31,8 @@ def analog_layer(make, config, seed=0):
 
 
 def inputs(layer, batch=6, size=11, scale=1.0):
-    shape = (batch, layer.in_channels, size) if isinstance(layer, nn.Conv1d) else (batch, layer.in_channels, size, size)
+    one_d = isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d))
+    shape = (batch, layer.in_channels, size) if one_d else (batch, layer.in_channels, size, size)
     return torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * scale
 
 

@@ -1,5 +1,6 @@
 """Whole converted models on the torch engine (the GPU path, here on the CPU device)
-against the Numba engine: linear and convolution layers (both conv paths), drift
+against the Numba engine: linear, convolution (both conv paths), transposed and 3-d
+convolution layers, drift
 compensation, counts and state_dict round trips."""
 import warnings
 
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.gpu
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, groups=2),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 7 * 7, 10)).eval()
+                         nn.ReLU(), nn.ConvTranspose2d(6, 4, 3, stride=2, padding=2, output_padding=1), nn.ReLU(),
+                         nn.Unflatten(1, (1, 4)), nn.Conv3d(1, 2, (2, 3, 3), stride=(1, 2, 2)), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(2 * 3 * 5 * 5, 10)).eval()
 
 
 def converted(config, seed=0, **kwargs):

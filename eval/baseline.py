@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mapping import ANALOG_LAYERS
+from mapping import is_digital_bias, mapped_modules
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def layer_sigma(weight: torch.Tensor, normalization: str, level: float) -> float:
@@ -27,13 +27,14 @@ def layer_sigma(weight: torch.Tensor, normalization: str, level: float) -> float
 
 
 def noised_tensors(model: nn.Module, noise_bias: bool, noise_batchnorm: bool) -> list:
-    """(module name, parameter name) of the tensors the baseline perturbs."""
+    """(module name, parameter name) of the tensors the baseline perturbs, in the model's
+    order: the weights that ``mapping.convert`` puts on tiles (and the mapped modules'
+    biases, if asked), and batch-norm parameters if asked."""
+    mapped = {name for name, _, _ in mapped_modules(model)[0]}
     chosen = []
     for name, m in model.named_modules():
-        if type(m) in ANALOG_LAYERS:
-            chosen.append((name, "weight"))
-            if noise_bias and m.bias is not None:
-                chosen.append((name, "bias"))
+        if name in mapped:
+            chosen += [(name, p) for p, _ in m.named_parameters() if noise_bias or not is_digital_bias(p)]
         elif noise_batchnorm and isinstance(m, _NORMS) and m.affine:
             chosen += [(name, "weight"), (name, "bias")]
     return chosen
@@ -45,10 +46,9 @@ def noisy_copy(model: nn.Module, normalization: str, level: float, rng: np.rando
     normalisation with explicit per-tensor sigmas (keys "module.param")."""
     noisy = copy.deepcopy(model).eval()
     used = {}
-    modules = dict(noisy.named_modules())
     for module_name, param in noised_tensors(noisy, noise_bias, noise_batchnorm):
-        tensor = getattr(modules[module_name], param)
         key = f"{module_name}.{param}" if module_name else param
+        tensor = noisy.get_parameter(key)
         sigma = sigmas[key] if sigmas is not None else layer_sigma(tensor, normalization, level)
         noise = rng.standard_normal(tuple(tensor.shape)) * sigma
         with torch.no_grad():

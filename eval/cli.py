@@ -61,23 +61,41 @@ def _version(args) -> int:
 
 def _train(args) -> int:
     from .datasets import load_dataset
+    from .hwa import describe
     from .train import (DEFAULT_EPOCHS, accuracy, check_checkpoint_path, save_checkpoint, seeded_model, train,
                         training_record)
 
+    hwa = _hwa_config(args)
     model_name, batchnorm = args.model or "cnn", bool(args.batchnorm)
+    suffix = "" if hwa.plain else f"-hwa-{hwa.mode}"
     out = check_checkpoint_path(args.out or f"checkpoints/{args.dataset}-{model_name}-"
-                                            f"{'bn' if batchnorm else 'nobn'}.pt")
+                                            f"{'bn' if batchnorm else 'nobn'}{suffix}.pt")
     data = load_dataset(args.dataset, args.data_dir)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[data.name]
     seed = args.seed if args.seed is not None else 0
-    record = training_record(data, model_name, batchnorm, epochs, seed)
+    record = training_record(data, model_name, batchnorm, epochs, seed, hwa)
     model = seeded_model(model_name, data, batchnorm, seed)
-    losses = train(model, data, epochs, seed=seed, progress=_progress(args))
+    losses = train(model, data, epochs, seed=seed, progress=_progress(args), hwa=hwa)
     acc = accuracy(model, data.batches("test"))
     save_checkpoint(out, model, record, acc)
-    print(f"trained {model_name} on {data.name} for {epochs} epochs (seed {seed}): loss {losses[0]:.3f} -> "
-          f"{losses[-1]:.3f}, test accuracy {100 * acc:.2f}%\ncheckpoint: {out}")
+    print(f"trained {model_name} on {data.name} for {epochs} epochs (seed {seed}), {describe(record.get('hwa'))}: "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, test accuracy {100 * acc:.2f}%\ncheckpoint: {out}")
     return 0
+
+
+def _hwa_config(args):
+    """The [hwa] of --config, with --hwa, --hwa-eta and --hwa-clip on top."""
+    from .hwa import HWAConfig, load_hwa_config
+
+    hwa = load_hwa_config(args.config) if args.config else HWAConfig()
+    for option, key in (("hwa", "mode"), ("hwa_eta", "eta"), ("hwa_clip", "clip_sigma")):
+        value = getattr(args, option)
+        if value is not None:  # an option given on the command line wins over --config
+            hwa = hwa.with_path(key, value)
+    if args.hwa_eta is not None and hwa.mode != "additive":
+        raise ValueError(f"--hwa-eta {args.hwa_eta} is the additive mode's noise level; training mode is "
+                         f"{hwa.mode!r}: add --hwa additive")
+    return hwa
 
 
 def _check_checkpoint_options(args, meta: dict) -> None:
@@ -96,6 +114,7 @@ def _run(args) -> int:
     from .datasets import default_cache_dir, load_dataset
     from mapping.devices import resolve_device
     from .experiment import run_experiment
+    from .hwa import describe
     from .outputs import check_writable_dir
     from .plots import plot_accuracy_vs_time, plot_histograms
     from .results import table, versions, write_results
@@ -122,7 +141,9 @@ def _run(args) -> int:
         model, meta, checkpoint = train_or_load(data, args.model or "cnn", bool(args.batchnorm),
                                                 default_cache_dir(), args.epochs, seed=config.seed,
                                                 progress=progress)
-    training = {k: meta.get(k) for k in ("epochs", "seed", "recipe", "data_fingerprint", "test_accuracy")}
+    training = {k: meta.get(k) for k in ("epochs", "seed", "recipe", "data_fingerprint", "test_accuracy", "hwa")}
+    if args.checkpoint:
+        print(f"checkpoint {checkpoint}: {meta['model']} trained {describe(meta.get('hwa'))}")
     results = {"dataset": data.name, "data_fingerprint": data.fingerprint(), "model": meta["model"],
                "batchnorm": meta["batchnorm"], "checkpoint": str(checkpoint), "training": training,
                "seed": config.seed, "fold_batchnorm": args.fold_batchnorm, "config": config.to_dict(),
@@ -191,9 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "chips for a seed on any device")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("train", help="train a model and save a checkpoint")
+    p = sub.add_parser("train", help="train a model (plainly or for the chip) and save a checkpoint")
     _add_data_model_options(p)
-    p.add_argument("--out", help="checkpoint path (default ./checkpoints/DATASET-MODEL-bn|nobn.pt)")
+    p.add_argument("--out", help="checkpoint path (default ./checkpoints/DATASET-MODEL-bn|nobn[-hwa-MODE].pt)")
+    p.add_argument("--hwa", choices=["off", "additive", "device"],
+                   help="hardware-aware training: weight noise per batch, additive (eta x std(W)) or the "
+                        "configured tiles' device errors (default off, or the --config file's [hwa] mode)")
+    p.add_argument("--hwa-eta", type=float, help="additive noise level eta (default 0.1)")
+    p.add_argument("--hwa-clip", type=float, metavar="K",
+                   help="clip weights on tiles to +-K std after every step (default 0: off)")
+    p.add_argument("--config", help="TOML file: an [hwa] table with every setting (eval/hwa.py), and the "
+                                    "preset, [tile] and [mapping] the device mode draws from")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sweep", help="evaluate a grid of configurations (resumable), then plot it")

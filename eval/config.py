@@ -16,6 +16,8 @@ A TOML file (``xbarsim run --config FILE.toml``) names a preset and overrides an
     [baseline]
     normalization = "snr_db"
     snr_db = [10, 20, 30]
+    [hwa]                   # hardware-aware training (xbarsim train --config; see eval/hwa.py)
+    mode = "device"
 """
 from __future__ import annotations
 
@@ -194,7 +196,15 @@ def read_toml(path: str, label: str, error: type = ValueError) -> dict:
 
 
 def load_run_config(path: str) -> RunConfig:
+    """A RunConfig from a TOML file. An ``[hwa]`` table (the training settings of
+    ``xbarsim train --config``, so that one file describes the chip for both) is
+    validated and left to training."""
     data = read_toml(path, f"--config {path}")
+    if "hwa" in data:
+        from .hwa import load_hwa_config
+
+        load_hwa_config(path)
+        data.pop("hwa")
     try:
         return run_config_from_dict(data)
     except ValueError as err:

@@ -164,11 +164,9 @@ def validation_tile_config(tile: TileConfig, cfg: ValidationConfig) -> TileConfi
 def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
     """Per mapped weight tensor: sqrt(2) sigma_abs max|W| / (g_max - g_min) (PHYSICS.md 7)."""
     dev = tile.device
-    modules = dict(model.named_modules())
-    return {f"{name}.weight" if name else "weight":
-            float(np.sqrt(2) * dev.prog_sigma_abs * modules[name].weight.detach().abs().max().item()
-                  / (dev.g_max - dev.g_min))
-            for name, _ in noised_tensors(model, False, False)}
+    keys = [f"{name}.{param}" if name else param for name, param in noised_tensors(model, False, False)]
+    return {key: float(np.sqrt(2) * dev.prog_sigma_abs * model.get_parameter(key).detach().abs().max().item()
+                       / (dev.g_max - dev.g_min)) for key in keys}
 
 
 def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ import crossbar
 from mapping.inputs import call_model
 
 from .datasets import Dataset
+from .hwa import HWAConfig, WeightNoise, clip_weights, straight_through_converters
 from .models import build_model
 
 DEFAULT_EPOCHS = {"digits": 40, "mnist": 3, "cifar10": 15, "cifar100": 15}
@@ -45,12 +47,21 @@ def seeded_model(name: str, data: Dataset, batchnorm: bool, seed: int) -> nn.Mod
 
 
 def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float = RECIPE["lr"],
-          batch_size: int = RECIPE["batch_size"], progress: bool = True) -> list:
-    """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch.
+          batch_size: int = RECIPE["batch_size"], progress: bool = True, hwa: Optional[HWAConfig] = None,
+          after_step: Optional[Callable[[int, nn.Module], None]] = None) -> list:
+    """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch
+    (of the losses at the noisy weights, where ``hwa`` injects noise).
 
-    The sample order and any randomness inside the model (dropout) come from ``seed``;
-    the global torch RNG is restored afterwards."""
+    ``hwa`` trains for the chip (:mod:`eval.hwa`; None or the default HWAConfig: plainly,
+    bitwise as without it). ``after_step(step, model)`` is called after every optimizer
+    step (and the clipping that follows it), e.g. to log or check weights. The sample
+    order, any randomness inside the model (dropout) and the injected noise come from
+    ``seed``; the global torch RNG is restored afterwards."""
     _check_epochs(epochs)
+    hwa = hwa if hwa is not None else HWAConfig()
+    if not isinstance(hwa, HWAConfig):
+        raise ValueError(f"hwa = {hwa!r} is invalid: expected an eval.hwa.HWAConfig or None")
+    noise = WeightNoise(model, hwa, seed) if hwa.mode != "off" else None
     order_rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(data.train_x) + batch_size - 1) // batch_size)
@@ -58,7 +69,8 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     bar = tqdm(total=steps, desc=f"training on {data.name}", unit="step", disable=not progress, leave=False)
-    with torch.random.fork_rng(devices=[]):
+    step = 0
+    with torch.random.fork_rng(devices=[]), straight_through_converters(model, hwa.dac_bits, hwa.adc_bits):
         torch.manual_seed(seed)
         for _ in range(epochs):
             model.train()
@@ -68,11 +80,17 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
                 idx = perm[i:i + batch_size]
                 if len(idx) < 2:  # batch norm cannot train on a single sample
                     continue
-                loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
-                opt.zero_grad()
-                loss.backward()
+                with noise.applied() if noise is not None else nullcontext():
+                    loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
+                    opt.zero_grad()
+                    loss.backward()  # the gradient at the noisy weights, for the clean ones
                 opt.step()
                 sched.step()
+                if hwa.clip_sigma:
+                    clip_weights(model, hwa.clip_sigma)
+                step += 1
+                if after_step is not None:
+                    after_step(step, model)
                 total += loss.item() * len(idx)
                 count += len(idx)
                 bar.update(1)
@@ -96,11 +114,17 @@ def accuracy(model: nn.Module, batches) -> float:
     return correct / total
 
 
-def training_record(data: Dataset, model_name: str, batchnorm: bool, epochs: int, seed: int) -> dict:
-    """Everything that decides a trained model's weights."""
-    return {"dataset": data.name, "data_fingerprint": data.fingerprint(), "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes, "model": model_name, "batchnorm": batchnorm, "epochs": epochs,
-            "seed": seed, "recipe": dict(RECIPE)}
+def training_record(data: Dataset, model_name: str, batchnorm: bool, epochs: int, seed: int,
+                    hwa: Optional[HWAConfig] = None) -> dict:
+    """Everything that decides a trained model's weights; ``hwa`` only where training was
+    hardware-aware (so plainly trained models keep the keys they always had)."""
+    record = {"dataset": data.name, "data_fingerprint": data.fingerprint(), "input_shape": list(data.input_shape),
+              "num_classes": data.num_classes, "model": model_name, "batchnorm": batchnorm, "epochs": epochs,
+              "seed": seed, "recipe": dict(RECIPE)}
+    hwa_record = hwa.record() if hwa is not None else None
+    if hwa_record is not None:
+        record["hwa"] = hwa_record
+    return record
 
 
 def training_key(record: dict) -> str:
@@ -163,16 +187,19 @@ def load_checkpoint(path, data: Optional[Dataset] = None, model_name: Optional[s
 
 
 def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Path, epochs: Optional[int] = None,
-                  seed: int = 0, progress: bool = True) -> tuple:
+                  seed: int = 0, progress: bool = True, hwa: Optional[HWAConfig] = None) -> tuple:
     """(model, metadata, path): the cached checkpoint for this data (by fingerprint),
-    model, batch norm, epochs, seed and recipe, trained and cached if missing."""
+    model, batch norm, epochs, seed, recipe and hardware-aware training, trained and
+    cached if missing."""
     epochs = _check_epochs(epochs if epochs is not None else DEFAULT_EPOCHS[data.name])
-    record = training_record(data, model_name, batchnorm, epochs, seed)
-    name = f"{data.name}-{model_name}-{'bn' if batchnorm else 'nobn'}-e{epochs}-s{seed}-{training_key(record)}.pt"
+    record = training_record(data, model_name, batchnorm, epochs, seed, hwa)
+    mode = f"-hwa-{record['hwa']['mode']}" if "hwa" in record else ""
+    name = (f"{data.name}-{model_name}-{'bn' if batchnorm else 'nobn'}-e{epochs}-s{seed}{mode}-"
+            f"{training_key(record)}.pt")
     path = Path(cache_dir) / "checkpoints" / name
     if not path.is_file():
         model = seeded_model(model_name, data, batchnorm, seed)
-        train(model, data, epochs, seed=seed, progress=progress)
+        train(model, data, epochs, seed=seed, progress=progress, hwa=hwa)
         save_checkpoint(path, model, record, accuracy(model, data.batches("test")))
     model, meta = load_checkpoint(path, data, model_name, batchnorm)
     if meta.get("data_fingerprint") != record["data_fingerprint"]:

@@ -4,7 +4,8 @@ from .conductance import conductances_to_weights, reference_weight, weights_to_c
 from .config import MappingConfig
 from .attention import AnalogMultiheadAttention
 from .recurrent import AnalogRNNBase
-from .convert import ANALOG_LAYERS, AnalogModel, analog_type_for, convert, register_layer
+from .convert import (ANALOG_LAYERS, AnalogModel, analog_type_for, convert, is_digital_bias, mapped_modules,
+                      on_tiles, register_layer, tile_parameters)
 from .conv import AnalogConv2d
 from .conv3d import AnalogConv3d
 from .conv_transpose import AnalogConvTranspose2d
@@ -14,4 +15,5 @@ from .matrix import AnalogMatrix
 __all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "AnalogConv3d",
            "AnalogConvTranspose2d", "MappingConfig",
            "convert", "fold_batchnorm", "weights_to_conductances", "conductances_to_weights",
-           "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for"]
+           "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for",
+           "mapped_modules", "on_tiles", "tile_parameters", "is_digital_bias"]

@@ -63,6 +63,15 @@ class AnalogMultiheadAttention(nn.Module):
     def projections(self) -> list:
         return [self.q_proj, self.k_proj, self.v_proj, self.out_proj]
 
+    def weights_held(self) -> dict:
+        """The weights the tiles hold now, in nn.MultiheadAttention's parameter names
+        (see AnalogLayer.weights_held)."""
+        q, k, v = (p.weights_held()["weight"] for p in self.projections[:3])
+        held = {"in_proj_weight": torch.cat([q, k, v])} if self._qkv_same_embed_dim else \
+            {"q_proj_weight": q, "k_proj_weight": k, "v_proj_weight": v}
+        held["out_proj.weight"] = self.out_proj.weights_held()["weight"]
+        return held
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,

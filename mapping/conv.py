@@ -89,6 +89,9 @@ class AnalogConv2d(AnalogLayer):
         per_group = self.weight.shape[0] // self.groups
         return self._matrix(self.weight[g * per_group:(g + 1) * per_group])
 
+    def _torch_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.squeeze(2) if self.one_d else weight
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

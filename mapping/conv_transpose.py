@@ -52,6 +52,13 @@ class AnalogConvTranspose2d(AnalogConv2d):
                    unit_height(layer.padding, 0), unit_height(layer.output_padding, 0),
                    unit_height(layer.dilation, 1))
 
+    def _torch_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """The equivalent convolution's weight back to (in, out/groups, *kernel)."""
+        per_group = weight.shape[0] // self.groups
+        weight = torch.cat([weight[g * per_group:(g + 1) * per_group].transpose(0, 1)
+                            for g in range(self.groups)]).flip(2, 3)
+        return weight.squeeze(2) if self.one_d else weight
+
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         self._check_input(x)
         self._check_shape(x, self.weight.shape[1] * self.groups)

@@ -216,26 +216,14 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     mapping = mapping if mapping is not None else MappingConfig()
     if not isinstance(mapping, MappingConfig):
         raise ValueError(f"mapping = {mapping!r} is invalid: expected a mapping.MappingConfig")
-    root_seed = as_seed_sequence(seed)
+    root_seed = as_seed_sequence(seed)  # a bad seed fails before any copying
     module = copy.deepcopy(model).cpu().float().eval()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
-    report, digital, refused = [], [], {}
-    targets = []
-    for name, m in module.named_modules():
-        if any(name.startswith(t + ".") for t, _, _ in targets if t):
-            continue  # inside a module mapped whole (an attention's out_proj)
-        analog_type, why = analog_type_for(m)
-        if analog_type is not None:
-            targets.append((name, m, analog_type))
-            if not name:
-                break  # the model itself is one mapped layer
-        elif why:
-            refused[name] = why
-    for index, (name, layer, analog_type) in enumerate(targets):
-        layer_seed = derive(root_seed, index)
+    report, digital = [], []
+    targets, refused = mapped_modules(module)
+    for name, layer, analog in on_tiles(targets, tile_config, root_seed, mapping):
         label = name or type(layer).__name__
-        analog = analog_type.from_torch(layer, tile_config, layer_seed, mapping, label)
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, child, analog)
@@ -259,6 +247,47 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=2)
     analog_model = AnalogModel(module, report, digital)
     return analog_model if device is None else analog_model.to(device)
+
+
+def mapped_modules(model: nn.Module) -> tuple:
+    """What ``convert`` puts on tiles: ([(module path, module, analog type)] in the model's
+    order, {module path: why a subclass of a mapped type stays digital}). Modules inside
+    a mapped one (an attention's out_proj) belong to it."""
+    targets, refused = [], {}
+    for name, m in model.named_modules():
+        if any(name.startswith(t + ".") for t, _, _ in targets if t):
+            continue
+        analog_type, why = analog_type_for(m)
+        if analog_type is not None:
+            targets.append((name, m, analog_type))
+            if not name:
+                break  # the model itself is one mapped layer
+        elif why:
+            refused[name] = why
+    return targets, refused
+
+
+def on_tiles(targets: list, tile_config: TileConfig, seed: SeedLike, mapping: MappingConfig):
+    """(module path, module, its analog counterpart) for each of ``mapped_modules``'
+    targets, programmed: the i-th draws from sub-stream i of ``seed``."""
+    root_seed = as_seed_sequence(seed)
+    for index, (name, layer, analog_type) in enumerate(targets):
+        label = name or type(layer).__name__
+        yield name, layer, analog_type.from_torch(layer, tile_config, derive(root_seed, index), mapping, label)
+
+
+def is_digital_bias(parameter_name: str) -> bool:
+    """A mapped module's parameters are its tile weights and its biases, which stay
+    digital (bias, in_proj_bias, out_proj.bias, bias_ih_l0, ...)."""
+    return "bias" in parameter_name.rsplit(".", 1)[-1]
+
+
+def tile_parameters(model: nn.Module) -> list:
+    """(mapped module path, parameter name) of every weight ``convert`` puts on tiles, in
+    the model's order (e.g. ("0", "weight"), ("attn", "in_proj_weight"),
+    ("attn", "out_proj.weight"), ("lstm", "weight_hh_l0"))."""
+    return [(name, p) for name, m, _ in mapped_modules(model)[0]
+            for p, _ in m.named_parameters() if not is_digital_bias(p)]
 
 
 def _analog_entries(name: str, label: str, layer: nn.Module, analog: nn.Module) -> list:

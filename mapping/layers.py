@@ -121,6 +121,18 @@ class AnalogLayer(nn.Module):
         compensation), both (out, in) float64 in the tiles' unrolled order."""
         return [(self._group_weight(g).double().cpu().numpy(), m.weight_read()) for g, m in enumerate(self.matrices)]
 
+    def weights_held(self) -> dict:
+        """{parameter name: the weights the tiles hold now}, in the float module's names and
+        layouts (its ``weight``), float32: (G+ - G-) / scale at the current time with drift
+        compensation, clipped weights at their clip value. What the chip computes with,
+        read without per-read noise or converters."""
+        read = torch.cat([torch.from_numpy(m.weight_read()) for m in self.matrices])
+        return {"weight": self._torch_layout(read.reshape(self.weight.shape).float())}
+
+    def _torch_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in this layer's buffer layout -> the float module's parameter layout."""
+        return weight
+
     def counts(self) -> dict:
         total = {}
         for m in self.matrices:

@@ -57,6 +57,11 @@ class AnalogRNNBase(nn.Module):
                         tile_config, derive(seed, len(cells)), mapping, f"{name}.{kind}{suffix}")
         return cls(cells, rnn)
 
+    def weights_held(self) -> dict:
+        """The weights the tiles hold now, in torch's parameter names (weight_ih_l0, ...;
+        see AnalogLayer.weights_held)."""
+        return {f"weight_{name}": cell.weights_held()["weight"] for name, cell in self.named_children()}
+
     def forward(self, x: torch.Tensor, hx=None):
         if isinstance(x, nn.utils.rnn.PackedSequence):
             raise ValueError("analog recurrent layers take padded tensors, not PackedSequence: pad the batch "

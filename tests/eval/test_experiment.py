@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from crossbar import TileConfig
 from eval.baseline import noisy_copy
@@ -78,6 +79,15 @@ def test_baseline_noises_bias_and_batchnorm_only_on_request(digits):
     assert all(k.endswith("weight") and k in ("1.weight", "4.weight", "7.weight") for k in sigmas)
     _, sigmas = noisy_copy(model, "std", 0.1, np.random.default_rng(0), noise_bias=True, noise_batchnorm=True)
     assert {"1.bias", "2.weight", "2.bias"} <= set(sigmas)
+
+
+def test_baseline_noises_the_weights_convert_puts_on_tiles_in_attention_and_recurrent_layers():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "lstm": nn.LSTM(8, 4)})
+    noisy, sigmas = noisy_copy(model, "std", 0.1, np.random.default_rng(0))
+    assert list(sigmas) == ["attn.in_proj_weight", "attn.out_proj.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    for key, p in model.named_parameters():
+        assert torch.equal(p, noisy.get_parameter(key)) == (key not in sigmas)
 
 
 def test_validation_passes_for_gaussian_and_fails_with_a_3_bit_adc(digits, trained_mlp):

@@ -166,3 +166,24 @@ def test_counts_report_clipping_and_saturation():
     assert counts["0"]["dac_clipped"] > 0
     assert counts["0"]["dac_converted"] == 64 * 40 * 3  # the 70 outputs span three 32-column tiles
     assert counts["2"]["adc_converted"] == 64 * 10 * 3  # 70 inputs span three 32-row tiles
+
+
+def test_weights_held_are_the_float_weights_in_torchs_names_and_layouts_on_ideal_tiles():
+    torch.manual_seed(7)
+    model = nn.ModuleDict({
+        "linear": nn.Linear(30, 7), "conv1": nn.Conv1d(4, 6, 3, groups=2), "conv2": nn.Conv2d(3, 5, (2, 3)),
+        "conv3": nn.Conv3d(2, 4, 2), "up1": nn.ConvTranspose1d(4, 6, 3, groups=2),
+        "up2": nn.ConvTranspose2d(6, 3, (2, 3), groups=3), "attn": nn.MultiheadAttention(12, 2),
+        "attn_kv": nn.MultiheadAttention(12, 2, kdim=5, vdim=7), "gru": nn.GRU(5, 9, bidirectional=True),
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analog = convert(model, presets.ideal(rows=16, cols=8), seed=0)
+    keys = []
+    for name in model:
+        for key, held in analog.module[name].weights_held().items():
+            want = model[name].get_parameter(key).detach()
+            assert held.shape == want.shape and held.dtype == torch.float32
+            assert float((held - want).abs().max()) <= 1e-6 * float(want.abs().max())
+            keys.append(f"{name}.{key}")
+    assert keys == [f"{n}.{p}" for n, p in mapping.tile_parameters(model)]

@@ -1,0 +1,271 @@
+"""Hardware-aware (HWA) training: train with the chip's weight errors in the loop.
+
+Noise is injected into the weights that ``mapping.convert`` puts on tiles, fresh for
+every batch, for that batch's forward and backward pass; the optimizer then updates the
+clean weights with the gradient taken at the noisy ones (Joshi et al., Nature
+Communications 11:2473, 2020; Rasch et al., Nature Communications 14:5282, 2023).
+Biases and batch-norm parameters stay clean, as they stay digital on the chip. Modes:
+
+- ``additive``: W + sigma xi, xi ~ N(0, 1) per weight, sigma = eta std(W) or eta max|W|
+  per weight tensor: exactly the baseline's noise (PHYSICS.md section 7).
+- ``device``: the weights a freshly programmed chip holds (``mapping.convert``'s own
+  code: the configured tiles' mapping, programming noise, drift to a time drawn per
+  batch log-uniformly from [t_min, t_max], the 1/f sample at that time and global drift
+  compensation), read back in weight units (``weights_held``). Per-read noise, IR drop
+  and the converters are not weight errors and are not in it; quantization is below.
+
+Independently of the mode: weights on tiles clipped to +-k std(W) of their tensor after
+every optimizer step (keeps max|W|, and so the conductance scale, from being set by a few
+outliers), and straight-through DAC/ADC quantization of the inputs and outputs (before
+the digital bias) of Linear and convolution layers, with ranges set by each batch's
+largest magnitude, as a calibrated converter with percentile 100 would set them.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from crossbar import TileConfig
+from crossbar.configbase import Config, _fail, check_choice, check_int, check_number
+from crossbar.presets import PRESETS
+from crossbar.seeding import derive
+from mapping import AnalogLayer, MappingConfig, mapped_modules, on_tiles, tile_parameters
+
+MODES = ("off", "additive", "device")
+# sub-streams of the training seed (the sample order uses the seed itself, on torch's generator)
+_NOISE_STREAM, _TIME_STREAM, _CHIP_STREAM = 1, 2, 3
+_MAX_BITS = 24
+
+
+@dataclass(frozen=True)
+class HWAConfig(Config):
+    """How a model is trained for the chip; the default trains plainly.
+
+    Attributes:
+        mode: weight noise per batch: ``"off"``, ``"additive"`` or ``"device"`` (module docstring).
+        normalization: additive sigma per weight tensor: ``"std"`` (eta std(W)) or ``"max"`` (eta max|W|).
+        eta: additive noise level, in [0, 100].
+        t_min: device mode: earliest inference time drawn, s, in (0, 1e10].
+        t_max: device mode: latest inference time drawn, s, in [t_min, 1e10]; times are
+            log-uniform in [t_min, t_max] (equal: that time).
+        clip_sigma: clip weights on tiles to +-clip_sigma std(W) of their tensor after every
+            step, in [0, 100]; 0: no clipping.
+        dac_bits: straight-through input quantization in training, bits in [2, 24], or None (off).
+        adc_bits: straight-through output quantization in training, bits in [2, 24], or None (off).
+        tile: device mode: the tiles whose weight errors are injected (any preset; its
+            converters are not used, see dac_bits/adc_bits).
+        mapping: device mode: the weight mapping (scale, clip, drift compensation).
+    """
+
+    mode: str = "off"
+    normalization: str = "std"
+    eta: float = 0.1
+    t_min: float = 1.0
+    t_max: float = 31536000.0
+    clip_sigma: float = 0.0
+    dac_bits: Optional[int] = None
+    adc_bits: Optional[int] = None
+    tile: TileConfig = field(default_factory=lambda: PRESETS["pcm"]())
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+
+    def validate(self) -> None:
+        o = "HWAConfig"
+        check_choice(o, "mode", self.mode, MODES)
+        check_choice(o, "normalization", self.normalization, ("std", "max"))
+        check_number(o, "eta", self.eta, 0.0, 100.0)
+        check_number(o, "t_min", self.t_min, 0.0, 1e10, lo_open=True, unit="s")
+        check_number(o, "t_max", self.t_max, self.t_min, 1e10, unit="s")
+        check_number(o, "clip_sigma", self.clip_sigma, 0.0, 100.0)
+        check_int(o, "dac_bits", self.dac_bits, 2, _MAX_BITS, optional=True)
+        check_int(o, "adc_bits", self.adc_bits, 2, _MAX_BITS, optional=True)
+        for name, kind in (("tile", TileConfig), ("mapping", MappingConfig)):
+            if not isinstance(getattr(self, name), kind):
+                _fail(o, name, getattr(self, name), f"expected a {kind.__name__}")
+
+    @property
+    def plain(self) -> bool:
+        """Nothing of the chip in training: plain training, bitwise."""
+        return self.mode == "off" and self.clip_sigma == 0 and self.dac_bits is None and self.adc_bits is None
+
+    def record(self) -> Optional[dict]:
+        """What of this config decides the trained weights (None: plain training), for
+        checkpoints and the model cache's key."""
+        if self.plain:
+            return None
+        out = {"mode": self.mode, "clip_sigma": self.clip_sigma, "dac_bits": self.dac_bits, "adc_bits": self.adc_bits}
+        if self.mode == "additive":
+            out.update(normalization=self.normalization, eta=self.eta)
+        if self.mode == "device":
+            out.update(t_min=self.t_min, t_max=self.t_max, tile=self.tile.to_dict(), mapping=self.mapping.to_dict())
+        return out
+
+
+def describe(record: Optional[dict]) -> str:
+    """How a checkpoint was trained, from its ``hwa`` record: "plainly" or "for the chip: ..."."""
+    from .results import format_duration
+
+    if not record:
+        return "plainly"
+    parts = []
+    if record["mode"] == "additive":
+        parts.append(f"additive weight noise, eta {record['eta']:g} x {record['normalization']}(W)")
+    elif record["mode"] == "device":
+        device = record["tile"]["device"]["model"]
+        times = f"{format_duration(record['t_min'])} to {format_duration(record['t_max'])}"
+        parts.append(f"device weight noise ({device} tiles, times {times})")
+    if record["clip_sigma"]:
+        parts.append(f"weights clipped to {record['clip_sigma']:g} std")
+    for kind in ("dac", "adc"):
+        if record[f"{kind}_bits"]:
+            parts.append(f"{record[f'{kind}_bits']}-bit {kind.upper()} (straight-through)")
+    return "for the chip: " + ", ".join(parts)
+
+
+def load_hwa_config(path: str) -> HWAConfig:
+    """An HWAConfig from a TOML file: its ``[hwa]`` table, with ``preset``, ``[tile]`` and
+    ``[mapping]`` at the top level as in a run configuration (the same file may drive
+    ``xbarsim run``: its other run settings are validated, and used by run only)."""
+    from .config import read_toml, run_config_from_dict
+
+    data = read_toml(path, f"--config {path}")
+    try:
+        hwa = data.pop("hwa", {})
+        if not isinstance(hwa, dict):
+            raise ValueError(f"hwa = {hwa!r} is invalid: expected a table of fields")
+        misplaced = sorted({"tile", "mapping", "preset"} & set(hwa))
+        if misplaced:
+            raise ValueError(f"hwa.{misplaced[0]}: give preset, [tile] and [mapping] at the top level of the file, "
+                             f"not inside [hwa]")
+        run = run_config_from_dict(data)
+        return HWAConfig.from_dict({**hwa, "tile": run.tile, "mapping": run.mapping})
+    except ValueError as err:
+        raise ValueError(f"--config {path}: {err}") from None
+
+
+def _int_seed(seed: np.random.SeedSequence) -> int:
+    return int(seed.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class WeightNoise:
+    """The noise of one training run: ``draw()`` gives the next batch's (noisy weights,
+    time), one tensor per weight on tiles (``mapping.tile_parameters`` order), and
+    ``applied()`` puts them in place for a forward and backward pass and restores the
+    clean weights bitwise."""
+
+    def __init__(self, model: nn.Module, config: HWAConfig, seed: int) -> None:
+        self.model, self.config, self.seed = model, config, seed
+        self.keys = [f"{name}.{p}" if name else p for name, p in tile_parameters(model)]
+        self.generator = torch.Generator().manual_seed(_int_seed(derive(seed, _NOISE_STREAM)))
+        self.time_rng = np.random.default_rng(derive(seed, _TIME_STREAM))
+        self.step = 0
+        if config.mode == "device":  # the converters are not weight errors; ideal ones need no ranges
+            self.tile = config.tile.with_path("dac.bits", None).with_path("adc.bits", None)
+
+    def chip_seed(self, step: int) -> np.random.SeedSequence:
+        """The seed of the chip drawn at ``step`` (as ``mapping.convert(model, tile, seed)``)."""
+        return derive(self.seed, _CHIP_STREAM, step)
+
+    def draw(self) -> tuple:
+        """(noisy weights, time): the next batch's weights, and its inference time (device
+        mode; None otherwise)."""
+        step, self.step = self.step, self.step + 1
+        params = [self.model.get_parameter(key) for key in self.keys]
+        if self.config.mode == "additive":
+            return [p.detach() + torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * self._sigma(p)
+                    for p in params], None
+        t_min, t_max = self.config.t_min, self.config.t_max
+        t = t_min if t_min == t_max else math.exp(self.time_rng.uniform(math.log(t_min), math.log(t_max)))
+        held = {}
+        targets, _ = mapped_modules(self.model)
+        for name, _, analog in on_tiles(targets, self.tile, self.chip_seed(step), self.config.mapping):
+            layers = [analog] if isinstance(analog, AnalogLayer) else \
+                [m for m in analog.modules() if isinstance(m, AnalogLayer)]
+            for layer in layers:
+                layer.at(t)
+            held.update({f"{name}.{p}" if name else p: w for p, w in analog.weights_held().items()})
+        return [held[key].to(p.dtype) for key, p in zip(self.keys, params)], t
+
+    def _sigma(self, weight: torch.Tensor) -> float:
+        w = weight.detach()
+        if self.config.normalization == "max":
+            return self.config.eta * float(w.abs().max())
+        return self.config.eta * float(w.std()) if w.numel() > 1 else 0.0
+
+    @contextmanager
+    def applied(self):
+        """The next batch's noise on the weights while the block runs."""
+        noisy, _ = self.draw()
+        params = [self.model.get_parameter(key) for key in self.keys]
+        clean = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, w in zip(params, noisy):
+                p.copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(params, clean):
+                    p.copy_(c)
+
+
+def clip_weights(model: nn.Module, k: float) -> None:
+    """Clip every weight on tiles to +-k std of its tensor (taken before clipping)."""
+    with torch.no_grad():
+        for name, p in tile_parameters(model):
+            w = model.get_parameter(f"{name}.{p}" if name else p)
+            if w.numel() > 1:
+                bound = k * float(w.std())
+                w.clamp_(-bound, bound)
+
+
+def _quantized(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x quantized to 2^(bits-1) - 1 steps per sign over +-max|x|, gradient passed
+    straight through."""
+    full_scale = x.detach().abs().max()
+    if not full_scale > 0:
+        return x
+    step = full_scale / (2 ** (bits - 1) - 1)
+    return x + (torch.round(x.detach() / step) * step - x.detach())
+
+
+@contextmanager
+def straight_through_converters(model: nn.Module, dac_bits: Optional[int], adc_bits: Optional[int]):
+    """DAC quantization of each Linear/convolution layer's input and ADC quantization of
+    its output before the bias, straight through, while the block runs."""
+    handles = []
+    if dac_bits is None and adc_bits is None:
+        yield
+        return
+    for name, m, _ in mapped_modules(model)[0]:
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise ValueError(f"HWAConfig.dac_bits/adc_bits: straight-through converters act on the inputs and "
+                             f"outputs of Linear and convolution layers; {name or 'the model'!r} is a "
+                             f"{type(m).__name__} (its products are inside its forward): train it without them")
+    try:
+        for _, m, _ in mapped_modules(model)[0]:
+            if dac_bits is not None:
+                handles.append(m.register_forward_pre_hook(
+                    lambda module, args, bits=dac_bits: (_quantized(args[0], bits),) + tuple(args[1:])))
+            if adc_bits is not None:
+                handles.append(m.register_forward_hook(
+                    lambda module, args, out, bits=adc_bits: _adc(module, out, bits)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _adc(module: nn.Module, out: torch.Tensor, bits: int) -> torch.Tensor:
+    if module.bias is None:
+        return _quantized(out, bits)
+    shape = [1] * out.dim()
+    # Linear: features last; a convolution: channels before its spatial dimensions
+    shape[-1 if isinstance(module, nn.Linear) else out.dim() - len(module.kernel_size) - 1] = -1
+    bias = module.bias.view(shape)
+    return _quantized(out - bias, bits) + bias

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crossbar import TileConfig
+from crossbar import ADCConfig, DACConfig, TileConfig
 from crossbar.configbase import Config, _fail, check_choice, check_int, check_number
 from crossbar.presets import PRESETS
 from crossbar.seeding import derive
@@ -165,7 +165,7 @@ class WeightNoise:
         self.time_rng = np.random.default_rng(derive(seed, _TIME_STREAM))
         self.step = 0
         if config.mode == "device":  # the converters are not weight errors; ideal ones need no ranges
-            self.tile = config.tile.with_path("dac.bits", None).with_path("adc.bits", None)
+            self.tile = config.tile.replace(dac=DACConfig(), adc=ADCConfig())
 
     def chip_seed(self, step: int) -> np.random.SeedSequence:
         """The seed of the chip drawn at ``step`` (as ``mapping.convert(model, tile, seed)``)."""

@@ -75,6 +75,16 @@ def test_device_noise_is_the_weights_the_converted_chip_holds():
     assert t_later != t and not torch.equal(later[0], noisy[0])
 
 
+def test_device_noise_works_for_tiles_whose_converters_need_bits():
+    # bit-serial DACs and ADC errors are valid only with finite converters; the device mode
+    # replaces the converters (not weight errors) with ideal ones instead of unsetting bits
+    tile = presets.pcm().with_path("dac.bits_per_cycle", 2).with_path("adc.offset_sigma", 0.5)
+    model = wide_mlp()
+    noisy, _ = WeightNoise(model, HWAConfig(mode="device", tile=tile), seed=0).draw()
+    error = float((noisy[0] - model[0].weight.detach()).std() / model[0].weight.detach().std())
+    assert 0.05 < error < 0.5  # a PCM chip's effective eta (0.12 to 0.19 at 1 x noise in the main job)
+
+
 def test_device_noise_with_gaussian_programming_noise_is_the_baseline_at_the_equivalent_sigma():
     # PHYSICS.md section 7: W_read = W + sqrt(2) sigma_abs max|W| / (g_max - g_min) xi
     model = wide_mlp()

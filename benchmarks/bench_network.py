@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
+    for option in ("batch", "transformer_batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: expected an integer >= 1")
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")

@@ -91,7 +91,10 @@ def _hwa_config(args):
     for option, key in (("hwa", "mode"), ("hwa_eta", "eta"), ("hwa_clip", "clip_sigma")):
         value = getattr(args, option)
         if value is not None:  # an option given on the command line wins over --config
-            hwa = hwa.with_path(key, value)
+            try:
+                hwa = hwa.replace(**{key: value})
+            except ValueError as err:
+                raise ValueError(f"--{option.replace('_', '-')} {value}: {err}") from None
     if args.hwa_eta is not None and hwa.mode != "additive":
         raise ValueError(f"--hwa-eta {args.hwa_eta} is the additive mode's noise level; training mode is "
                          f"{hwa.mode!r}: add --hwa additive")

@@ -200,12 +200,13 @@ def load_run_config(path: str) -> RunConfig:
     ``xbarsim train --config``, so that one file describes the chip for both) is
     validated and left to training."""
     data = read_toml(path, f"--config {path}")
-    if "hwa" in data:
-        from .hwa import load_hwa_config
-
-        load_hwa_config(path)
-        data.pop("hwa")
+    table = data.pop("hwa", None)
     try:
-        return run_config_from_dict(data)
+        config = run_config_from_dict(data)
+        if table is not None:
+            from .hwa import hwa_config_from
+
+            hwa_config_from(table, config)
+        return config
     except ValueError as err:
         raise ValueError(f"--config {path}: {err}") from None

@@ -34,8 +34,12 @@ from torch import nn
 from crossbar import ADCConfig, DACConfig, TileConfig
 from crossbar.configbase import Config, _fail, check_choice, check_int, check_number
 from crossbar.presets import PRESETS
+from crossbar.rng import stream_key
 from crossbar.seeding import derive
 from mapping import AnalogLayer, MappingConfig, mapped_modules, on_tiles, tile_parameters
+
+from .baseline import layer_sigma
+from .results import format_duration
 
 MODES = ("off", "additive", "device")
 # sub-streams of the training seed (the sample order uses the seed itself, on torch's generator)
@@ -108,8 +112,6 @@ class HWAConfig(Config):
 
 def describe(record: Optional[dict]) -> str:
     """How a checkpoint was trained, from its ``hwa`` record: "plainly" or "for the chip: ..."."""
-    from .results import format_duration
-
     if not record:
         return "plainly"
     parts = []
@@ -134,22 +136,23 @@ def load_hwa_config(path: str) -> HWAConfig:
     from .config import read_toml, run_config_from_dict
 
     data = read_toml(path, f"--config {path}")
+    table = data.pop("hwa", {})
     try:
-        hwa = data.pop("hwa", {})
-        if not isinstance(hwa, dict):
-            raise ValueError(f"hwa = {hwa!r} is invalid: expected a table of fields")
-        misplaced = sorted({"tile", "mapping", "preset"} & set(hwa))
-        if misplaced:
-            raise ValueError(f"hwa.{misplaced[0]}: give preset, [tile] and [mapping] at the top level of the file, "
-                             f"not inside [hwa]")
-        run = run_config_from_dict(data)
-        return HWAConfig.from_dict({**hwa, "tile": run.tile, "mapping": run.mapping})
+        return hwa_config_from(table, run_config_from_dict(data))
     except ValueError as err:
         raise ValueError(f"--config {path}: {err}") from None
 
 
-def _int_seed(seed: np.random.SeedSequence) -> int:
-    return int(seed.generate_state(1, np.uint64)[0] >> np.uint64(1))
+def hwa_config_from(table, run) -> HWAConfig:
+    """An HWAConfig from a file's ``[hwa]`` table and the file's run configuration (its
+    tiles and mapping)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"hwa = {table!r} is invalid: expected a table of fields")
+    misplaced = sorted({"tile", "mapping", "preset"} & set(table))
+    if misplaced:
+        raise ValueError(f"hwa.{misplaced[0]}: give preset, [tile] and [mapping] at the top level of the file, "
+                         f"not inside [hwa]")
+    return HWAConfig.from_dict({**table, "tile": run.tile, "mapping": run.mapping})
 
 
 class WeightNoise:
@@ -161,7 +164,7 @@ class WeightNoise:
     def __init__(self, model: nn.Module, config: HWAConfig, seed: int) -> None:
         self.model, self.config, self.seed = model, config, seed
         self.keys = [f"{name}.{p}" if name else p for name, p in tile_parameters(model)]
-        self.generator = torch.Generator().manual_seed(_int_seed(derive(seed, _NOISE_STREAM)))
+        self.generator = torch.Generator().manual_seed(stream_key(derive(seed, _NOISE_STREAM)))
         self.time_rng = np.random.default_rng(derive(seed, _TIME_STREAM))
         self.step = 0
         if config.mode == "device":  # the converters are not weight errors; ideal ones need no ranges
@@ -177,25 +180,19 @@ class WeightNoise:
         step, self.step = self.step, self.step + 1
         params = [self.model.get_parameter(key) for key in self.keys]
         if self.config.mode == "additive":
-            return [p.detach() + torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * self._sigma(p)
-                    for p in params], None
+            sigmas = [layer_sigma(p, self.config.normalization, self.config.eta) for p in params]
+            return [p.detach() + torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * sigma
+                    for p, sigma in zip(params, sigmas)], None
         t_min, t_max = self.config.t_min, self.config.t_max
         t = t_min if t_min == t_max else math.exp(self.time_rng.uniform(math.log(t_min), math.log(t_max)))
         held = {}
         targets, _ = mapped_modules(self.model)
         for name, _, analog in on_tiles(targets, self.tile, self.chip_seed(step), self.config.mapping):
-            layers = [analog] if isinstance(analog, AnalogLayer) else \
-                [m for m in analog.modules() if isinstance(m, AnalogLayer)]
-            for layer in layers:
-                layer.at(t)
+            for layer in analog.modules():  # the module itself, or an attention's projections
+                if isinstance(layer, AnalogLayer):
+                    layer.at(t)
             held.update({f"{name}.{p}" if name else p: w for p, w in analog.weights_held().items()})
         return [held[key].to(p.dtype) for key, p in zip(self.keys, params)], t
-
-    def _sigma(self, weight: torch.Tensor) -> float:
-        w = weight.detach()
-        if self.config.normalization == "max":
-            return self.config.eta * float(w.abs().max())
-        return self.config.eta * float(w.std()) if w.numel() > 1 else 0.0
 
     @contextmanager
     def applied(self):
@@ -242,13 +239,14 @@ def straight_through_converters(model: nn.Module, dac_bits: Optional[int], adc_b
     if dac_bits is None and adc_bits is None:
         yield
         return
-    for name, m, _ in mapped_modules(model)[0]:
+    targets, _ = mapped_modules(model)
+    for name, m, _ in targets:
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             raise ValueError(f"HWAConfig.dac_bits/adc_bits: straight-through converters act on the inputs and "
                              f"outputs of Linear and convolution layers; {name or 'the model'!r} is a "
                              f"{type(m).__name__} (its products are inside its forward): train it without them")
     try:
-        for _, m, _ in mapped_modules(model)[0]:
+        for _, m, _ in targets:
             if dac_bits is not None:
                 handles.append(m.register_forward_pre_hook(
                     lambda module, args, bits=dac_bits: (_quantized(args[0], bits),) + tuple(args[1:])))

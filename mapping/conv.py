@@ -32,7 +32,7 @@ from crossbar import torch_engine
 from crossbar.kernels import pixel_dac_convert
 from crossbar.seeding import derive
 
-from .layers import AnalogLayer
+from .layers import AnalogLayer, group_rows
 from .matrix import AnalogMatrix
 
 class AnalogConv2d(AnalogLayer):
@@ -63,11 +63,6 @@ class AnalogConv2d(AnalogLayer):
         for g in range(self.groups):
             self._block_kernels(g)
 
-    @staticmethod
-    def _matrix(weight: torch.Tensor) -> torch.Tensor:
-        """(out, c, kh, kw) -> (out, c * kh * kw), the unrolled vectors' order."""
-        return weight.reshape(weight.shape[0], -1)
-
     @classmethod
     def from_torch(cls, layer, tile_config, seed, mapping, name: str) -> "AnalogConv2d":
         one_d = isinstance(layer, nn.Conv1d)
@@ -85,20 +80,17 @@ class AnalogConv2d(AnalogLayer):
             stride, dilation = (1, stride[0]), (1, dilation[0])
         return cls(matrices, weight, layer.bias, name, stride, dilation, pad, layer.padding_mode, groups, one_d)
 
-    def _group_weight(self, g: int) -> torch.Tensor:
-        per_group = self.weight.shape[0] // self.groups
-        return self._matrix(self.weight[g * per_group:(g + 1) * per_group])
-
     def _torch_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.squeeze(2) if self.one_d else weight
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        self._check_shape(x, self.weight.shape[1] * self.groups)
+        self._check_shape(x)
         return self._forward(x, self.pad)
 
-    def _check_shape(self, x: torch.Tensor, c_in: int) -> None:
+    def _check_shape(self, x: torch.Tensor) -> None:
+        c_in = self.weight.shape[1] * self.groups
         spatial = 1 if self.one_d else 2
         if x.dim() != spatial + 2 or x.shape[1] != c_in:
             raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
@@ -375,9 +367,7 @@ def group_matrices(weight: torch.Tensor, groups: int, tile_config, seed, mapping
     """One AnalogMatrix per group of a convolution weight (out, in/groups, *kernel), each
     (out/groups, in/groups x kernel) in torch's (channel, *kernel) order, on its own
     sub-stream of ``seed``."""
-    per_group = weight.shape[0] // groups
-    return [AnalogMatrix(weight[g * per_group:(g + 1) * per_group].reshape(per_group, -1).double().numpy(),
-                         tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
+    return [AnalogMatrix(group_rows(weight, groups, g).double().numpy(), tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
             for g in range(groups)]
 
 

@@ -34,10 +34,6 @@ class AnalogConv3d(AnalogLayer):
         return cls(matrices, weight, layer.bias, name, tuple(layer.stride), tuple(layer.dilation),
                    tuple(layer._reversed_padding_repeated_twice), layer.padding_mode, layer.groups)
 
-    def _group_weight(self, g: int) -> torch.Tensor:
-        per_group = self.weight.shape[0] // self.groups
-        return self.weight[g * per_group:(g + 1) * per_group].reshape(per_group, -1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         c_in = self.weight.shape[1] * self.groups

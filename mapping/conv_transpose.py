@@ -39,10 +39,7 @@ class AnalogConvTranspose2d(AnalogConv2d):
         if one_d:
             weight = weight.unsqueeze(2)
         groups = layer.groups
-        per_group = weight.shape[0] // groups
-        # per group (in/g, out/g) -> (out/g, in/g), taps flipped: the equivalent convolution
-        conv_weight = torch.cat([weight[g * per_group:(g + 1) * per_group].transpose(0, 1)
-                                 for g in range(groups)]).flip(2, 3).contiguous()
+        conv_weight = _swapped_and_flipped(weight, groups).contiguous()  # the equivalent convolution's
         matrices = group_matrices(conv_weight, groups, tile_config, seed, mapping, name)
 
         def unit_height(values, height):  # a 1-d layer's settings as (height, width)
@@ -54,14 +51,12 @@ class AnalogConvTranspose2d(AnalogConv2d):
 
     def _torch_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """The equivalent convolution's weight back to (in, out/groups, *kernel)."""
-        per_group = weight.shape[0] // self.groups
-        weight = torch.cat([weight[g * per_group:(g + 1) * per_group].transpose(0, 1)
-                            for g in range(self.groups)]).flip(2, 3)
+        weight = _swapped_and_flipped(weight, self.groups)
         return weight.squeeze(2) if self.one_d else weight
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         self._check_input(x)
-        self._check_shape(x, self.weight.shape[1] * self.groups)
+        self._check_shape(x)
         with torch.no_grad():
             output_padding = self._output_padding(x, output_size)
             kernel = self.weight.shape[2:]
@@ -116,3 +111,9 @@ class AnalogConvTranspose2d(AnalogConv2d):
         return (super().extra_repr() + f", transposed: stride={self.t_stride}, padding={self.t_padding}, "
                 f"output_padding={self.t_output_padding}")
 
+
+def _swapped_and_flipped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per group, in and out channels swapped, and the taps flipped: a transposed
+    convolution's (in, out/g, kh, kw) weight to its equivalent convolution's
+    (out, in/g, kh, kw), and back (the map is its own inverse)."""
+    return torch.cat([w.transpose(0, 1) for w in weight.chunk(groups)]).flip(2, 3)

@@ -21,6 +21,13 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+def group_rows(weight: torch.Tensor, groups: int, g: int) -> torch.Tensor:
+    """Group g of a weight (out, in/groups, *kernel) as the matrix its tiles hold:
+    (out/groups, in/groups x kernel), torch's (channel, *kernel) order."""
+    per_group = weight.shape[0] // groups
+    return weight[g * per_group:(g + 1) * per_group].reshape(per_group, -1)
+
+
 # Why a layer reported as analog can go uncalled, for the errors that say so.
 NOT_CALLED_WHY = ("the model computed without it, either through a fused fast path that reads its weight "
                   "directly (such paths are switched off for converted models; a custom module may still "
@@ -31,8 +38,9 @@ NOT_CALLED_WHY = ("the model computed without it, either through a fused fast pa
 class AnalogLayer(nn.Module):
     """Base analog layer: ``groups`` weight matrices on tiles plus a digital bias.
 
-    Subclasses implement ``_unroll`` (input -> (vectors, context) per group) and
-    ``_fold`` (products -> output tensor)."""
+    Subclasses supply ``forward`` (their input as vectors of each group through
+    ``_product``, the products back in their output's shape) and, where the float
+    module's weight layout is not the buffer's, ``_torch_layout``."""
 
     def __init__(self, matrices: list, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str) -> None:
         super().__init__()
@@ -44,9 +52,10 @@ class AnalogLayer(nn.Module):
         self._calibration_rng: Optional[np.random.Generator] = None
         self.called = False  # set by every product: AnalogModel checks that no layer was bypassed
 
-    # each group's (out/groups, in/groups) weight matrix, from the float weight
     def _group_weight(self, g: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Group g's (out/groups, in/groups x kernel) matrix of the float weight, in the
+        tiles' unrolled order."""
+        return group_rows(self.weight, len(self.matrices), g)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """The dtypes the float layer accepts: its own (a converted model is float32)."""
@@ -163,9 +172,6 @@ class AnalogLinear(AnalogLayer):
         """A weight (out, in) and an optional bias (out,) on tiles, as nn.Linear holds them."""
         m = AnalogMatrix(weight.detach().double().numpy(), tile_config, seed, mapping, name)
         return cls([m], weight, bias, name)
-
-    def _group_weight(self, g: int) -> torch.Tensor:
-        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

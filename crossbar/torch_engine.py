@@ -7,8 +7,9 @@ outputs on either engine:
 - the counter-based normals of ``rng.py`` (SplitMix64 hash of (key, counter) into a
   128-layer ziggurat), computed on int64 tensors: multiplication and addition wrap
   modulo 2^64 exactly as uint64 does, and a logical right shift is an arithmetic one
-  masked to the bits that remain. Rare rejections (about 1.3%) run the ziggurat's slow
-  path on the rejected elements only, step by step, as ``rng.normal_rejected`` does;
+  masked to the bits that remain. The rare rejections (2.7% of normals) run the
+  ziggurat's slow path on the rejected elements only, step by step, as
+  ``rng.normal_rejected`` does;
 - converters in float64 with the same step, inverse step and round half away from zero;
 - float32 division by the digital scale and float32 accumulation over row blocks, in
   row-block order.
@@ -115,15 +116,24 @@ def _rejected(h: torch.Tensor, kn, wn, fn) -> torch.Tensor:
     (wedge tests and tail draws at its own k) until it is accepted; here all of them
     step together, masked, a few rounds per (fused) call, so that the number of
     kernels and device syncs does not grow with the elements' longest walk."""
-    rounds = fused_version(_rejection_rounds) if use_fused(h.device) else _rejection_rounds
-    k = torch.ones_like(h)
-    phase = torch.zeros(h.shape, dtype=torch.int8, device=h.device)  # _WEDGES, _TAIL or _DONE
-    out = torch.zeros(h.shape, dtype=torch.float64, device=h.device)
-    positive = torch.zeros(h.shape, dtype=torch.bool, device=h.device)
+    return _finish_walks(_start_walks(h), kn, wn, fn)
+
+
+def _start_walks(h: torch.Tensor) -> tuple:
+    """The walks' state (h, k, phase, out, positive) before their first step."""
+    return (h, torch.ones_like(h), torch.zeros(h.shape, dtype=torch.int8, device=h.device),  # phase _WEDGES
+            torch.zeros(h.shape, dtype=torch.float64, device=h.device),
+            torch.zeros(h.shape, dtype=torch.bool, device=h.device))
+
+
+def _finish_walks(state: tuple, kn, wn, fn) -> torch.Tensor:
+    """Step every walk until all are done (their steps are unchanged once done): the
+    normals."""
+    rounds = fused_version(_rejection_rounds) if use_fused(state[0].device) else _rejection_rounds
     while True:
-        h, k, phase, out, positive = rounds(h, k, phase, out, positive, kn, wn, fn)
-        if not bool((phase != _DONE).any()):  # one sync per _ROUNDS steps; rarely more than one
-            return out
+        state = rounds(*state, kn, wn, fn)
+        if not bool((state[2] != _DONE).any()):  # one sync per _ROUNDS steps; rarely more than one
+            return state[3]
 
 
 _WEDGES, _TAIL, _DONE = 0, 1, 2
@@ -249,48 +259,18 @@ class ADCErrors(NamedTuple):
     nonlinearity: float
 
 
-def block_normals(key_of_column: torch.Tensor, first_vector: torch.Tensor, batch: int, columns: "ColumnMap",
-                  fused: bool) -> torch.Tensor:
-    """(batch, n_out) float64: normal (first_vector + i) * width + (j - start) of the
-    stream of output column j's tile, for i < batch. The fast path of every element
-    is one elementwise pass (a single fused kernel where ``fused``); the rare
-    rejections are then redone on the rejected elements alone."""
-    kn, wn, fn = _tables(key_of_column.device)
-    fast = fused_version(_fast_block) if fused else _fast_block
-    x, accepted = fast(key_of_column, first_vector, batch, columns.width, columns.offset, kn, wn)
-    rejected = (~accepted).view(-1).nonzero().view(-1)
-    if rejected.numel():
-        hashes = fused_version(_hashes_at) if fused else _hashes_at
-        h = hashes(rejected, key_of_column, first_vector, columns.width, columns.offset)
-        x.view(-1)[rejected] = _rejected(h, kn, wn, fn)
-    return x
-
-
-def _hashes_at(flat, key_of_column, first_vector, width, offset) -> torch.Tensor:
-    """The hashes of ``_fast_block`` at flat indices of its (batch, n_out) block."""
-    i, j = flat // width.shape[0], flat % width.shape[0]
-    return counter_hash(key_of_column[j], (i + first_vector) * width[j] + offset[j])
-
-
-def _fast_block(key_of_column, first_vector, batch: int, width, offset, kn, wn) -> tuple:
-    """The ziggurat's fast path on a block's hashes: (values, accepted)."""
-    counters = (torch.arange(batch, dtype=torch.int64, device=width.device)[:, None] + first_vector) * width + offset
-    x, accepted, _, _ = _fast(counter_hash(key_of_column, counters), kn, wn)
-    return x, accepted
-
-
-def read_block(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, gain, offset, zeta, nonlinearity: float,
-               scale, divisor, acc: torch.Tensor) -> tuple:
-    """One tile row's read-out, elementwise: per-read noise (the square roots of
-    var_pairs (vectors, n_out) float32 or var_rows (vectors,) float64, times the normals z),
-    the ADC (full scales fs (n_out,), its errors: gain, offset and noise zeta (LSB),
-    tanh nonlinearity), the per-vector scale, the division by the digital scale and the
-    float32 sum into acc. Returns (acc, mask of the values beyond the ADC range): the
-    caller counts them, since a column sum inside a fused elementwise kernel is a
-    reduction over few outputs, which GPUs run slowly."""
+def read_values(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, gain, offset, zeta,
+                nonlinearity: float, scale, divisor) -> tuple:
+    """Tile outputs read out, elementwise, every argument broadcast to ``partial``'s
+    shape: per-read noise (the square roots of var_pairs (float32) or var_rows
+    (float64), times the normals z), the ADC (full scales fs, its errors: gain, offset
+    and noise zeta (LSB), tanh nonlinearity), the per-vector scale and the division by
+    the digital scale. Returns (float32 values, mask of the values beyond the ADC range
+    or None): the caller counts the mask, since a column sum inside a fused elementwise
+    kernel is a reduction over few outputs, which GPUs run slowly."""
     v = partial.double()
     if z is not None:
-        sd = torch.sqrt(var_pairs).double() if var_pairs is not None else torch.sqrt(var_rows)[:, None]
+        sd = torch.sqrt(var_pairs).double() if var_pairs is not None else torch.sqrt(var_rows)
         v = v + sd * z
     hits = None
     if half >= 0:
@@ -307,11 +287,11 @@ def read_block(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, gai
             v = v + lsb * steps(fs, half)[0]
         v, hits = quantize(v, fs, half)
     if scale is not None:
-        v = v * scale[:, None]
+        v = v * scale
     v = v.float()
     if divisor is not None:
         v = v / divisor
-    return acc + v, hits
+    return v, hits
 
 
 def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
@@ -324,36 +304,160 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     (R, C) int64; ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
     ``errors`` the ADC's non-idealities or None. Returns (outputs (vectors, n_out)
-    float32, saturated counts (R, C) int64). On a GPU each tile row is two fused kernels
-    (the normals' fast path, then everything else; see :func:`fused_version`)."""
+    float32, saturated counts (R, C) int64).
+
+    Every tile output of the grid is read in one call, whatever the row blocks (on a
+    GPU one fused kernel: a call of a compiled function costs far more host time than
+    the kernel it launches), with every normal from the ziggurat's fast path. The
+    outputs that drew one of its rare rejections (2.7% of normals) are then read again
+    with exact normals and replace the first values, and the row blocks are summed in
+    order."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
     fused = use_fused(device)
-    step = fused_version(read_block) if fused else read_block
     tile_of = columns.tile
-    noisy = var is not None or var_rows is not None
     errors = errors if half >= 0 else None
-    first = torch.tensor(int(first_vector), dtype=torch.int64, device=device)
+    args = _ReadArgs(partial, var, var_rows, ranges[:, tile_of] if half >= 0 else None, half,
+                     None if errors is None else errors.gain, None if errors is None else errors.offset,
+                     0.0 if errors is None else errors.nonlinearity, scales, divisor)
+    streams = []  # (column keys (R, n_out), factor): each normal an output draws per row block
+    if var is not None or var_rows is not None:
+        streams.append((keys[:, tile_of], 1.0))
+    if errors is not None and errors.noise_sigma > 0:
+        streams.append((errors.keys[:, tile_of], float(errors.noise_sigma)))
+    kn, wn, fn = _tables(device)
+    read = fused_version(_read_fast) if fused else _read_fast
+    values, hits, rejected = read(*args, tuple(k for k, _ in streams), tuple(f for _, f in streams),
+                                  int(first_vector), columns.width, columns.offset, kn, wn)
+    if rejected is not None:
+        flat = rejected.view(-1).nonzero().view(-1)
+        if flat.numel():
+            exact, exact_hits = _read_exact(args, streams, flat, int(first_vector), columns, fused)
+            values.view(n_blocks, -1)[:, flat] = exact
+            if hits is not None:
+                hits.view(n_blocks, -1)[:, flat] = exact_hits
     acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
+    for r in range(n_blocks):  # the digital sum, in row-block order as the Numba kernel adds
+        acc += values[r]
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
-    for r in range(n_blocks):
-        z = block_normals(keys[r][tile_of], first, batch, columns, fused) if noisy else None
-        zeta = gain = offset = None
-        if errors is not None:
-            gain = None if errors.gain is None else errors.gain[r]
-            offset = None if errors.offset is None else errors.offset[r]
-            if errors.noise_sigma > 0:
-                zeta = errors.noise_sigma * block_normals(errors.keys[r][tile_of], first, batch, columns, fused)
-        acc, hits = step(partial[r], None if var is None else var[r], None if var_rows is None else var_rows[r],
-                         z, ranges[r][tile_of] if half >= 0 else None, half, gain, offset, zeta,
-                         0.0 if errors is None else errors.nonlinearity,
-                         None if scales is None else scales[r], None if divisor is None else divisor[r], acc)
-        if hits is not None:
-            saturated[r] = torch.zeros(columns.n_tiles, dtype=torch.int64, device=device).index_add_(
-                0, tile_of, hits.sum(dim=0))
+    if hits is not None:
+        saturated.index_add_(1, tile_of, hits.sum(dim=1))
     if alpha != 1.0:
         acc *= np.float32(alpha)
     return acc, saturated
+
+
+class _ReadArgs(NamedTuple):
+    """What a read-out takes besides its normals: ``partial`` (R, vectors, n_out),
+    ``var`` like it, ``var_rows`` and ``scales`` (R, vectors), ``fs``, ``gain``,
+    ``offset`` and ``divisor`` (R, n_out); None where absent."""
+
+    partial: torch.Tensor
+    var: Optional[torch.Tensor]
+    var_rows: Optional[torch.Tensor]
+    fs: Optional[torch.Tensor]
+    half: int
+    gain: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    nonlinearity: float
+    scales: Optional[torch.Tensor]
+    divisor: Optional[torch.Tensor]
+
+
+def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
+               keys: tuple, factors: tuple, first_vector: int, width, col_offset, kn, wn) -> tuple:
+    """The read-out of every tile output (R, vectors, n_out), each normal from the
+    ziggurat's fast path: normal (first_vector + i) * width + offset of output column
+    j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
+    (R, n_out) key of each column, its normals times ``factors``. Returns (values,
+    ADC range mask, (vectors, n_out) mask of the outputs that drew a rejected normal
+    in some row block (None without noise))."""
+    vectors = torch.arange(partial.shape[1], dtype=torch.int64, device=partial.device)[:, None]
+    counters = (vectors + first_vector) * width + col_offset
+    rejected = None
+    drawn = []
+    for key, factor in zip(keys, factors):
+        x, accepted, _, _ = _fast(counter_hash(key[:, None, :], counters), kn, wn)
+        drawn.append(x if factor == 1.0 else factor * x)
+        missed = (~accepted).any(dim=0)
+        rejected = missed if rejected is None else rejected | missed
+    z, zeta = _by_stream(drawn, var is not None or var_rows is not None)
+
+    def per_column(a):  # (R, n_out) -> (R, 1, n_out)
+        return None if a is None else a[:, None, :]
+
+    def per_vector(a):  # (R, vectors) -> (R, vectors, 1)
+        return None if a is None else a[:, :, None]
+
+    values, hits = read_values(partial, var, per_vector(var_rows), z, per_column(fs), half, per_column(gain),
+                               per_column(offset), zeta, nonlinearity, per_vector(scales), per_column(divisor))
+    return values, hits, rejected
+
+
+def _by_stream(drawn: list, read_noise: bool) -> tuple:
+    """(z, zeta) from the normals drawn, per-read noise's first."""
+    if read_noise:
+        return drawn[0], drawn[1] if len(drawn) > 1 else None
+    return None, drawn[0] if drawn else None
+
+
+def _read_exact(args: _ReadArgs, streams: list, flat: torch.Tensor, first_vector: int, columns: ColumnMap,
+                fused: bool) -> tuple:
+    """The read-out of the outputs at ``flat`` (indices into (vectors, n_out)) with
+    exact normals: (their values (R, E), their ADC range masks (R, E) or None). One
+    call gathers their inputs, walks their normals ``_ROUNDS`` steps and reads them;
+    in the rare case that a walk is longer (about 1 normal in 10^10), the walks are
+    finished and the outputs read again."""
+    keys, factors = tuple(k for k, _ in streams), tuple(f for _, f in streams)
+    kn, wn, fn = _tables(flat.device)
+    exact = fused_version(_read_walked) if fused else _read_walked
+    values, hits, state = exact(*args, keys, factors, flat, first_vector, columns.width, columns.offset, kn, wn, fn)
+    if bool((state[2] != _DONE).any()):
+        normals = _finish_walks(state, kn, wn, fn)
+        read = fused_version(_read_gathered) if fused else _read_gathered
+        values, hits = read(_gathered(args, flat), normals, factors)
+    return values, hits
+
+
+def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
+                 keys: tuple, factors: tuple, flat, first_vector: int, width, col_offset, kn, wn, fn) -> tuple:
+    """:func:`_read_exact`'s one call: (values, ADC range masks, the walks' state); the
+    values are exact where every walk is done."""
+    args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
+    j = flat % partial.shape[2]
+    counters = (flat // partial.shape[2] + first_vector) * width[j] + col_offset[j]
+    h = torch.stack([counter_hash(key[:, j], counters) for key in keys])  # (streams, R, E)
+    state = _rejection_rounds(*_start_walks(h), kn, wn, fn)
+    values, hits = _read_gathered(_gathered(args, flat), state[3], factors)
+    return values, hits, state
+
+
+def _gathered(args: _ReadArgs, flat: torch.Tensor) -> _ReadArgs:
+    """The read-out's inputs at outputs ``flat`` alone, each (R, E)."""
+    n_blocks, _, n_out = args.partial.shape
+    i, j = flat // n_out, flat % n_out
+
+    def per_output(a):
+        return None if a is None else a.reshape(n_blocks, -1)[:, flat]
+
+    def per_column(a):
+        return None if a is None else a[:, j]
+
+    def per_vector(a):
+        return None if a is None else a[:, i]
+
+    return _ReadArgs(per_output(args.partial), per_output(args.var), per_vector(args.var_rows),
+                     per_column(args.fs), args.half, per_column(args.gain), per_column(args.offset),
+                     args.nonlinearity, per_vector(args.scales), per_column(args.divisor))
+
+
+def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tuple:
+    """The read-out of gathered outputs (:func:`_gathered`) with their normals
+    (streams, R, E), each stream's times its factor: (values, ADC range mask)."""
+    drawn = [z if factor == 1.0 else factor * z for z, factor in zip(normals, factors)]
+    z, zeta = _by_stream(drawn, args.var is not None or args.var_rows is not None)
+    return read_values(args.partial, args.var, args.var_rows, z, args.fs, args.half, args.gain, args.offset, zeta,
+                       args.nonlinearity, args.scales, args.divisor)
 
 
 def dac_values(x: torch.Tensor, full_scale: float, half: int) -> tuple:

@@ -108,6 +108,30 @@ def test_torch_engine_refuses_inputs_it_cannot_take():
         grid.engine = "cuda"
 
 
+def test_walks_longer_than_one_call_are_finished_and_read_again(monkeypatch):
+    """Outputs that drew a rejected normal are read again with exact normals, their
+    walks stepped _ROUNDS times in one call; the rare longer walks are finished
+    after it. With one step per round many walks outlast the call: the outputs and
+    counts must not change."""
+    config = presets.pcm(rows=32, cols=24).with_path("adc.noise_sigma", 0.5)  # both noise streams
+    x = np.random.default_rng(11).uniform(-1, 1, (120, 70)).astype(np.float32)
+    grid, *_ = programmed_grid(config, 70, 50, seed=8)
+    grid.calibrate(x[:40])
+    grid.engine = "torch"
+    finished = []
+    original = torch_engine._finish_walks
+    monkeypatch.setattr(torch_engine, "_finish_walks", lambda *a: finished.append(1) or original(*a))
+    results = []
+    for rounds in (torch_engine._ROUNDS, 1):
+        monkeypatch.setattr(torch_engine, "_ROUNDS", rounds)
+        grid.at(60.0)
+        grid.reset_counts()
+        results.append((grid.product(torch.from_numpy(x)), grid.count_totals(), len(finished)))
+    (y0, c0, n0), (y1, c1, n1) = results
+    assert n1 > n0  # the short walks ran out, and were finished
+    assert torch.equal(y0, y1) and c0 == c1
+
+
 def _step_differences(got, want, grid):
     """(fraction of outputs that differ, largest difference in ADC steps of the widest
     tile range times the row blocks that sum into an output)."""

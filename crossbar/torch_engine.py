@@ -320,19 +320,21 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     args = _ReadArgs(partial, var, var_rows, ranges[:, tile_of] if half >= 0 else None, half,
                      None if errors is None else errors.gain, None if errors is None else errors.offset,
                      0.0 if errors is None else errors.nonlinearity, scales, divisor)
-    streams = []  # (column keys (R, n_out), factor): each normal an output draws per row block
+    # each normal an output draws per row block: its stream's (R, n_out) column keys, and factor
+    streams, factors = [], []
     if var is not None or var_rows is not None:
-        streams.append((keys[:, tile_of], 1.0))
+        streams, factors = [keys[:, tile_of]], [1.0]
     if errors is not None and errors.noise_sigma > 0:
-        streams.append((errors.keys[:, tile_of], float(errors.noise_sigma)))
-    kn, wn, fn = _tables(device)
+        streams.append(errors.keys[:, tile_of])
+        factors.append(float(errors.noise_sigma))
+    streams, factors = tuple(streams), tuple(factors)
+    kn, wn, _ = _tables(device)
     read = fused_version(_read_fast) if fused else _read_fast
-    values, hits, rejected = read(*args, tuple(k for k, _ in streams), tuple(f for _, f in streams),
-                                  int(first_vector), columns.width, columns.offset, kn, wn)
+    values, hits, rejected = read(*args, streams, factors, int(first_vector), columns.width, columns.offset, kn, wn)
     if rejected is not None:
         flat = rejected.view(-1).nonzero().view(-1)
         if flat.numel():
-            exact, exact_hits = _read_exact(args, streams, flat, int(first_vector), columns, fused)
+            exact, exact_hits = _read_exact(args, streams, factors, flat, int(first_vector), columns, fused)
             values.view(n_blocks, -1)[:, flat] = exact
             if hits is not None:
                 hits.view(n_blocks, -1)[:, flat] = exact_hits
@@ -401,14 +403,13 @@ def _by_stream(drawn: list, read_noise: bool) -> tuple:
     return None, drawn[0] if drawn else None
 
 
-def _read_exact(args: _ReadArgs, streams: list, flat: torch.Tensor, first_vector: int, columns: ColumnMap,
-                fused: bool) -> tuple:
+def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor, first_vector: int,
+                columns: ColumnMap, fused: bool) -> tuple:
     """The read-out of the outputs at ``flat`` (indices into (vectors, n_out)) with
     exact normals: (their values (R, E), their ADC range masks (R, E) or None). One
     call gathers their inputs, walks their normals ``_ROUNDS`` steps and reads them;
     in the rare case that a walk is longer (about 1 normal in 10^10), the walks are
     finished and the outputs read again."""
-    keys, factors = tuple(k for k, _ in streams), tuple(f for _, f in streams)
     kn, wn, fn = _tables(flat.device)
     exact = fused_version(_read_walked) if fused else _read_walked
     values, hits, state = exact(*args, keys, factors, flat, first_vector, columns.width, columns.offset, kn, wn, fn)

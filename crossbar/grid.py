@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import TileConfig
 from .devices import make_device
-from . import torch_engine
+from . import deferred, torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .rng import stream_key
 from .wires import effective_conductance
@@ -477,14 +477,28 @@ class TileGrid(nn.Module):
         self.counts["adc_converted"] += cols * batch
         for name, value in (("dac_clipped", clipped_per_block), ("adc_saturated", saturated)):
             if isinstance(value, torch.Tensor):
+                # a new tensor, never an in-place sum: a deferred pass's rewind keeps the old one
                 running = self._device_counts.get(name)
-                self._device_counts[name] = value if running is None else running.add_(value)
+                self._device_counts[name] = value if running is None else running + value
             else:
                 self._add_count(name, np.asarray(value, np.int64))
 
     def _add_count(self, name: str, value: np.ndarray) -> None:
         """Add (R,) clipped-input counts (every tile of a row block) or (R, C) counts."""
         self.counts[name] += value[:, None] if name == "dac_clipped" else value
+
+    def read_state(self) -> tuple:
+        """What a read changes: (vectors read, conversion counts on the host (copies),
+        running counts on the device (their tensors, which no read changes in place))."""
+        return (self._vectors_read, {name: self.counts[name].copy() for name in CONVERSION_COUNTS},
+                dict(self._device_counts))
+
+    def restore_read_state(self, state: tuple) -> None:
+        """Put the grid back as ``read_state`` found it: the next read draws the same noise."""
+        self._vectors_read, host, device = state
+        for name, value in host.items():
+            self.counts[name][...] = value
+        self._device_counts = dict(device)
 
     def _sync_counts(self) -> None:
         running, self._device_counts = self._device_counts, {}
@@ -572,9 +586,12 @@ class TileGrid(nn.Module):
         xq, scales, clipped, bad = torch_engine.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
                                                             self.config.dac.range_mode == "per_vector",
                                                             self.row_starts)
-        if bad:
+        checks = deferred.current()
+        if checks is not None:  # the pass runs again, checked, and refuses x then
+            checks.flag(bad)
+        elif bool(bad):
             first = int(torch.nonzero(~torch.isfinite(x))[0, 1])
-            self._refuse_non_finite(bad, first)
+            self._refuse_non_finite(int(bad), first)
         return xq, scales, clipped
 
     def read_out_torch(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
@@ -588,9 +605,12 @@ class TileGrid(nn.Module):
             errors = torch_engine.ADCErrors(self.adc_gain if self.adc_gain.numel() else None,
                                             self.adc_offset if self.adc_offset.numel() else None,
                                             self._adc_keys_t, float(adc.noise_sigma), float(adc.nonlinearity))
+        checks = deferred.current()
+        if checks is not None:
+            checks.enter(self)
         out, saturated = torch_engine.readout(partial, var, var_rows, self._columns, self._keys_t,
                                               self._vectors_read, self._ranges_on_device(ranges), self._adc_half,
-                                              scales, divisor, float(alpha), errors)
+                                              scales, divisor, float(alpha), errors, checks)
         self._vectors_read += batch
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)

@@ -14,6 +14,10 @@ outputs on either engine:
 - float32 division by the digital scale and float32 accumulation over row blocks, in
   row-block order.
 
+Within a converted model's forward pass (``crossbar.deferred``) nothing is read from the
+device until the pass ends: the outputs to read again exactly are compacted into a
+buffer of fixed size, and the checks become device flags.
+
 On the CPU device the two engines agree bitwise (the tests hold them to it); sums of
 squares for the read-noise variance are float64 reductions whose order differs between
 engines, so with per-read noise on, a value on an ADC step edge can round the other way.
@@ -28,7 +32,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, WN, ZIGGURAT_R
+from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, REJECTION_RATE, WN, ZIGGURAT_R
 
 
 FUSED_ENV = "XBARSIM_FUSED"
@@ -137,7 +141,14 @@ def _finish_walks(state: tuple, kn, wn, fn) -> torch.Tensor:
 
 
 _WEDGES, _TAIL, _DONE = 0, 1, 2
-_ROUNDS = 6  # steps per call: few elements need more
+# Steps per call. A walk outlasts k steps mostly in the tail: it is entered by 5.7e-4 of
+# all normals, and each of its steps fails with probability 0.0689, so k steps are
+# outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
+# for 12. Checked reads finish the walks that outlast 6 steps; a deferred pass walks 12
+# steps, since a pass of 10^9 normals (resnet56 at batch 1024) meets one of 6 or more
+# in one pass of two, and one of 12 in one pass of 10^7 (which runs again, checked).
+_ROUNDS = 6
+_DEFERRED_CALLS = 2
 
 
 def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn) -> tuple:
@@ -186,8 +197,8 @@ def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
     tensor that broadcasts): (values, mask of values beyond the range)."""
     a = v.abs()
     clipped = a > full_scale
-    if half == 0:
-        fs = torch.as_tensor(full_scale, dtype=torch.float64, device=v.device)
+    if half == 0:  # (a fill, not torch.as_tensor: no copy from the host on a GPU)
+        fs = full_scale if isinstance(full_scale, torch.Tensor) else torch.full_like(v, full_scale)
         return torch.where(v >= 0, fs, -fs).expand_as(v).clone(), clipped
     step, inv_step = steps(full_scale, half)
     q = torch.clamp(torch.floor(a * inv_step + 0.5), max=float(half)) * step
@@ -196,10 +207,10 @@ def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
 
 def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool, row_starts) -> tuple:
     """``kernels.grid_dac_convert``: (converted float32 (batch, n_in), per-vector scales
-    (R, batch) float64 or None, clipped values per row block (R,) int64, non-finite
-    values in x)."""
+    (R, batch) float64 or None, clipped values per row block (R,) int64, the count of
+    non-finite values in x as a device tensor)."""
     xd = x.double()
-    bad = int((~torch.isfinite(xd)).sum())
+    bad = (~torch.isfinite(xd)).sum()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     n_blocks = len(row_starts) - 1
     scales = torch.empty((n_blocks, x.shape[0]), dtype=torch.float64, device=x.device) if per_vector else None
@@ -296,22 +307,25 @@ def read_values(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, ga
 
 def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
             ranges: torch.Tensor, half: int, scales, divisor, alpha: float,
-            errors: Optional[ADCErrors] = None) -> tuple:
+            errors: Optional[ADCErrors] = None, checks=None) -> tuple:
     """``kernels.grid_readout``: every tile's per-read noise and ADC, the division by the
     digital scale and the float32 sum over row blocks, times alpha. ``partial`` (R,
     vectors, n_out) float32; ``var`` (R, vectors, n_out) float32 or None; ``var_rows``
     (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
     (R, C) int64; ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
-    ``errors`` the ADC's non-idealities or None. Returns (outputs (vectors, n_out)
-    float32, saturated counts (R, C) int64).
+    ``errors`` the ADC's non-idealities or None; ``checks`` a pass's
+    :class:`~crossbar.deferred.DeferredChecks` (None: check at once). Returns (outputs
+    (vectors, n_out) float32, saturated counts (R, C) int64).
 
     Every tile output of the grid is read in one call, whatever the row blocks (on a
     GPU one fused kernel: a call of a compiled function costs far more host time than
     the kernel it launches), with every normal from the ziggurat's fast path. The
     outputs that drew one of its rare rejections (2.7% of normals) are then read again
     with exact normals and replace the first values, and the row blocks are summed in
-    order."""
+    order. With ``checks``, nothing is read from the device: those outputs are found
+    in a buffer of fixed size (:func:`rejected_bound`) and a buffer too small or a walk
+    too long is flagged there."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
     fused = use_fused(device)
@@ -332,21 +346,47 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     read = fused_version(_read_fast) if fused else _read_fast
     values, hits, rejected = read(*args, streams, factors, int(first_vector), columns.width, columns.offset, kn, wn)
     if rejected is not None:
-        flat = rejected.view(-1).nonzero().view(-1)
+        if checks is None:
+            flat = rejected.nonzero().view(-1)
+        else:
+            flat = _bounded_indices(rejected, n_blocks * len(streams), checks)
         if flat.numel():
-            exact, exact_hits = _read_exact(args, streams, factors, flat, int(first_vector), columns, fused)
-            values.view(n_blocks, -1)[:, flat] = exact
+            exact, exact_hits = _read_exact(args, streams, factors, flat, int(first_vector), columns, fused, checks)
+            values[:, flat] = exact  # a padding index lands in the spare column
             if hits is not None:
-                hits.view(n_blocks, -1)[:, flat] = exact_hits
+                hits[:, flat] = exact_hits
+    n = batch * n_out
     acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
-    for r in range(n_blocks):  # the digital sum, in row-block order as the Numba kernel adds
-        acc += values[r]
+    for block in values[:, :n].view(n_blocks, batch, n_out):  # the digital sum, in row-block order
+        acc += block                                           # as the Numba kernel adds
+    column_hits = None if hits is None else hits[:, :n].view(n_blocks, batch, n_out).sum(dim=1)
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
-    if hits is not None:
-        saturated.index_add_(1, tile_of, hits.sum(dim=1))
+    if column_hits is not None:
+        saturated.index_add_(1, tile_of, column_hits)
     if alpha != 1.0:
         acc *= np.float32(alpha)
     return acc, saturated
+
+
+def rejected_bound(outputs: int, draws: int) -> int:
+    """A buffer size for the outputs, of ``outputs``, that draw at least one rejected
+    normal among their ``draws`` normals: each does so independently (the hashes of
+    distinct counters and keys) with probability p = 1 - (1 - REJECTION_RATE)^draws;
+    the binomial mean plus 10 standard deviations, plus 16 for small means, is exceeded
+    far less often than once in 10^20 read-outs (and is flagged when it is)."""
+    p = 1.0 - (1.0 - REJECTION_RATE) ** draws
+    mean = outputs * p
+    return min(outputs, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 16.0))
+
+
+def _bounded_indices(rejected: torch.Tensor, draws: int, checks) -> torch.Tensor:
+    """The indices of the outputs that drew a rejected normal (``rejected``, flat), with
+    no read of the device: :func:`rejected_bound` of them, padded with one past the
+    last output (the read-out's spare column); more of them than that is flagged."""
+    n = rejected.numel()
+    size = rejected_bound(n, draws)
+    checks.flag(rejected.sum() > size)
+    return torch.nonzero_static(rejected, size=size, fill_value=n).view(-1)
 
 
 class _ReadArgs(NamedTuple):
@@ -372,8 +412,9 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
     ziggurat's fast path: normal (first_vector + i) * width + offset of output column
     j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
     (R, n_out) key of each column, its normals times ``factors``. Returns (values,
-    ADC range mask, (vectors, n_out) mask of the outputs that drew a rejected normal
-    in some row block (None without noise))."""
+    ADC range mask, each (R, vectors x n_out + 1) with a spare column, the flat
+    (vectors x n_out,) mask of the outputs that drew a rejected normal in some row
+    block (None without noise))."""
     vectors = torch.arange(partial.shape[1], dtype=torch.int64, device=partial.device)[:, None]
     counters = (vectors + first_vector) * width + col_offset
     rejected = None
@@ -393,7 +434,16 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
 
     values, hits = read_values(partial, var, per_vector(var_rows), z, per_column(fs), half, per_column(gain),
                                per_column(offset), zeta, nonlinearity, per_vector(scales), per_column(divisor))
-    return values, hits, rejected
+    return _spare_column(values), _spare_column(hits), None if rejected is None else rejected.reshape(-1)
+
+
+def _spare_column(a: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(R, vectors, n_out) -> (R, vectors x n_out + 1): one column more, where the
+    padding of a bounded exact re-read (:func:`_bounded_indices`) writes."""
+    if a is None:
+        return None
+    flat = a.reshape(a.shape[0], -1)
+    return torch.cat([flat, torch.zeros((a.shape[0], 1), dtype=a.dtype, device=a.device)], dim=1)
 
 
 def _by_stream(drawn: list, read_noise: bool) -> tuple:
@@ -404,16 +454,20 @@ def _by_stream(drawn: list, read_noise: bool) -> tuple:
 
 
 def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor, first_vector: int,
-                columns: ColumnMap, fused: bool) -> tuple:
-    """The read-out of the outputs at ``flat`` (indices into (vectors, n_out)) with
-    exact normals: (their values (R, E), their ADC range masks (R, E) or None). One
-    call gathers their inputs, walks their normals ``_ROUNDS`` steps and reads them;
-    in the rare case that a walk is longer (about 1 normal in 10^10), the walks are
-    finished and the outputs read again."""
+                columns: ColumnMap, fused: bool, checks=None) -> tuple:
+    """The read-out of the outputs at ``flat`` (indices into (vectors, n_out); one past
+    the last is padding) with exact normals: (their values (R, E), their ADC range
+    masks (R, E) or None). One call gathers their inputs, walks their normals
+    ``_ROUNDS`` steps (``_DEFERRED_CALLS`` times that with ``checks``) and reads them.
+    In the rare case that a walk is longer, the walks are finished and the outputs
+    read again, or, with ``checks``, that is flagged there."""
     kn, wn, fn = _tables(flat.device)
     exact = fused_version(_read_walked) if fused else _read_walked
-    values, hits, state = exact(*args, keys, factors, flat, first_vector, columns.width, columns.offset, kn, wn, fn)
-    if bool((state[2] != _DONE).any()):
+    values, hits, state, unfinished = exact(*args, keys, factors, flat, first_vector, columns.width,
+                                            columns.offset, kn, wn, fn, 1 if checks is None else _DEFERRED_CALLS)
+    if checks is not None:
+        checks.flag(unfinished)
+    elif bool(unfinished):
         normals = _finish_walks(state, kn, wn, fn)
         read = fused_version(_read_gathered) if fused else _read_gathered
         values, hits = read(_gathered(args, flat), normals, factors)
@@ -421,16 +475,21 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
 
 
 def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-                 keys: tuple, factors: tuple, flat, first_vector: int, width, col_offset, kn, wn, fn) -> tuple:
-    """:func:`_read_exact`'s one call: (values, ADC range masks, the walks' state); the
-    values are exact where every walk is done."""
+                 keys: tuple, factors: tuple, flat, first_vector: int, width, col_offset, kn, wn, fn,
+                 calls: int) -> tuple:
+    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps: (values, ADC range masks, the walks' state,
+    whether a walk is unfinished); the values are exact where every walk is done.
+    Padding (one past the last output) reads the last output."""
     args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
+    flat = flat.clamp(max=partial.shape[1] * partial.shape[2] - 1)
     j = flat % partial.shape[2]
     counters = (flat // partial.shape[2] + first_vector) * width[j] + col_offset[j]
     h = torch.stack([counter_hash(key[:, j], counters) for key in keys])  # (streams, R, E)
-    state = _rejection_rounds(*_start_walks(h), kn, wn, fn)
+    state = _start_walks(h)
+    for _ in range(calls):
+        state = _rejection_rounds(*state, kn, wn, fn)
     values, hits = _read_gathered(_gathered(args, flat), state[3], factors)
-    return values, hits, state
+    return values, hits, state, (state[2] != _DONE).any()
 
 
 def _gathered(args: _ReadArgs, flat: torch.Tensor) -> _ReadArgs:
@@ -477,8 +536,8 @@ def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, seg_st
     """``kernels.pixel_dac_convert``: a layer input (pixels, channels) through one DAC
     range. Returns (converted float32, per pixel and channel segment the sum of the
     converted values squared (float32; None unless asked), the values beyond the range
-    (float32), the count of non-finite values)."""
+    (float32), the count of non-finite values as a device tensor)."""
     convert = fused_version(dac_values) if use_fused(pixels.device) else dac_values
     xq, hits, bad = convert(pixels, float(full_scale), half)
     squares = range_sums(xq.double().square(), seg_starts).float() if want_squares else None
-    return xq, squares, range_sums(hits, seg_starts).float(), int(bad)
+    return xq, squares, range_sums(hits, seg_starts).float(), bad

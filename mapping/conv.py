@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossbar import torch_engine
+from crossbar import deferred, torch_engine
 from crossbar.kernels import pixel_dac_convert
 from crossbar.seeding import derive
 
@@ -274,13 +274,20 @@ class AnalogConv2d(AnalogLayer):
         """The group's NHWC input through the layer's DAC, element-wise: (quantized input
         as NCHW in channels-last memory, per-pixel sums of its squares over each channel
         segment if asked, per-pixel clipped counts per segment or None if nothing
-        clipped), the maps as (N, segments, H, W)."""
+        clipped), the maps as (N, segments, H, W). In a pass with deferred checks
+        (``crossbar.deferred``) the torch engine reads nothing from the device: a
+        non-finite input is flagged, and the clip map is kept even if all zero."""
         grid = matrix.grid
+        checks = deferred.current() if on_torch else None
         r_in = grid.input_range
         full_scale = 1.0 if r_in is None else r_in
         if on_torch:
             xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(-1, xg.shape[3]), full_scale,
                                                                   grid._dac_half, segments, squares)
+            if checks is not None:  # the pass runs again, checked, and refuses x then
+                checks.flag(n_bad)
+            else:
+                n_bad = int(n_bad)
         else:
             pixels = xg.reshape(-1, xg.shape[3]).numpy()
             if not pixels.flags.c_contiguous:
@@ -293,14 +300,16 @@ class AnalogConv2d(AnalogLayer):
             pixel_dac_convert(pixels, xq, full_scale, grid._dac_half, segments, sq, clips, bad)
             n_bad = int(bad.sum())
             xq, sq, clips = torch.from_numpy(xq), torch.from_numpy(sq) if squares else None, torch.from_numpy(clips)
-        if n_bad:
+        if checks is None and n_bad:
             raise ValueError(f"layer {matrix.name!r}: x contains {n_bad} NaN or Inf values; inputs must be finite")
 
         def nchw(a: torch.Tensor) -> torch.Tensor:
             return a.view(*xg.shape[:3], a.shape[1]).permute(0, 3, 1, 2)
 
-        # an all-zero clip map skips the coverage sums (one device sync on the torch engine)
-        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if bool(clips.any()) else None
+        # an all-zero clip map skips the coverage sums: a device read on the torch engine, so a
+        # deferred pass keeps the map and forms the sums
+        keep_clips = checks is not None or bool(clips.any())
+        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if keep_clips else None
 
     def _block_kernels(self, g: int) -> tuple:
         """The row blocks of group g (:class:`_Block`), their kernels cut from the

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from crossbar import TileConfig
+from crossbar import TileConfig, deferred
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
@@ -93,7 +93,8 @@ class AnalogModel(nn.Module):
         self.time = 0.0
 
     def forward(self, *args, **kwargs):
-        return self._run(lambda: self.module(*args, **kwargs), "forward pass")
+        # the torch engine reads the device once per pass (crossbar.deferred)
+        return self._run(lambda: deferred.deferred_pass(lambda: self.module(*args, **kwargs)), "forward pass")
 
     def _run(self, fn, what: str):
         """fn() with fast paths off, then the check that every analog layer ran."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossbar import presets, rng, torch_engine
+from crossbar import deferred, presets, rng, torch_engine
 from tests.crossbar.test_grid import programmed_grid
 
 pytestmark = pytest.mark.gpu
@@ -187,7 +187,13 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
         grid.reset_counts()
         results.append((grid.product(torch.from_numpy(x)), grid.count_totals(),
                         torch_engine.counter_normals(77, 2 ** 40, 100_000)))
+    grid.at(3600.0)  # and compiled, with the checks deferred (the bounded exact re-read)
+    grid.reset_counts()
+    with deferred.deferred_checks() as checks:
+        y2 = grid.product(torch.from_numpy(x))
+    assert not checks.failed()
     (y0, c0, z0), (y1, c1, z1) = results
     assert torch.equal(y0, y1) and c0 == c1
+    assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))

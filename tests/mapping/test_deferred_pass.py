@@ -75,3 +75,26 @@ def test_a_non_finite_input_is_refused_and_leaves_the_chip_as_it_was():
     assert [g._vectors_read for g in grids] == before
     assert all(c["dac_converted"] == 0 for c in analog.counts().values())
     assert torch.equal(analog(X), deferring(torch_model(), X)[0])  # the next pass draws the first noise
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_on_cuda_a_pass_waits_for_the_gpu_only_at_its_end():
+    """torch's sync debug mode raises on any operation that waits for the GPU (a copy
+    to the host, nonzero, a value read) within the deferred pass; the end's check is
+    the one read."""
+    analog = torch_model().to("cuda")
+    x = X.cuda()
+    analog(x)  # compiles the fused kernels first
+    analog.at(86400.0)
+    analog.reset_counts()
+    want = analog(x)
+    analog.at(86400.0)
+    analog.reset_counts()
+    with torch.no_grad(), deferred.deferred_checks() as checks:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = analog.module(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not checks.failed()
+    assert torch.equal(y, want)

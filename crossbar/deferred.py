@@ -32,7 +32,7 @@ class DeferredChecks:
     """The flags of one pass and what its grids were before it."""
 
     def __init__(self) -> None:
-        self._failed: Optional[torch.Tensor] = None  # a device bool: set if any flag was
+        self._failed: Optional[torch.Tensor] = None  # on the device, nonzero if any flag was
         self._before: dict = {}                      # id(grid) -> (grid, its state before the pass)
 
     def flag(self, condition: torch.Tensor) -> None:

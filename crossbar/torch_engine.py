@@ -477,9 +477,10 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
 def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
                  keys: tuple, factors: tuple, flat, first_vector: int, width, col_offset, kn, wn, fn,
                  calls: int) -> tuple:
-    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps: (values, ADC range masks, the walks' state,
-    whether a walk is unfinished); the values are exact where every walk is done.
-    Padding (one past the last output) reads the last output."""
+    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps: (values,
+    ADC range masks, the walks' state, whether a walk is unfinished); the values are
+    exact where every walk is done. Padding (one past the last output) reads the last
+    output."""
     args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
     flat = flat.clamp(max=partial.shape[1] * partial.shape[2] - 1)
     j = flat % partial.shape[2]

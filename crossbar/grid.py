@@ -124,6 +124,7 @@ class TileGrid(nn.Module):
         self._adc_keys_t: Optional[torch.Tensor] = None
         self._columns: Optional[torch_engine.ColumnMap] = None
         self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
+        self._uploaded_ranges: Optional[tuple] = None  # (host ranges, their copy on the device)
         self._device_counts: dict = {}  # count name -> running device tensor, not yet read
 
     # -- engine and device -------------------------------------------------------------------
@@ -619,10 +620,16 @@ class TileGrid(nn.Module):
     def _ranges_on_device(self, ranges: np.ndarray) -> torch.Tensor:
         """The (R, C) ADC ranges that ``_require_ranges`` gave, on the grid's device:
         the buffer itself for fixed and calibrated ranges (already there), else uploaded
-        (worst-case ranges follow the DAC range; an ideal ADC reads none of them)."""
+        when they change (worst-case ranges follow the DAC range; an ideal ADC reads
+        none of them), not at every read: a copy from the host waits for the GPU."""
         if self._adc_half != IDEAL and self.config.adc.range_mode != "worst_case":
             return self.adc_ranges
-        return torch.from_numpy(np.asarray(ranges, np.float64)).to(self.g_prog.device)
+        ranges = np.asarray(ranges, np.float64)
+        uploaded = self._uploaded_ranges
+        if uploaded is None or uploaded[1].device != self.g_prog.device or not np.array_equal(uploaded[0], ranges):
+            uploaded = (ranges.copy(), torch.from_numpy(ranges.copy()).to(self.g_prog.device))
+            self._uploaded_ranges = uploaded
+        return uploaded[1]
 
     def check_tensor(self, x) -> torch.Tensor:
         self._require_programmed("product")

@@ -92,6 +92,27 @@ def test_consecutive_products_continue_each_tiles_stream_on_both_engines():
     assert (parts != whole).mean() <= 1e-3
 
 
+def test_worst_case_ranges_are_uploaded_when_they_change_not_at_every_read():
+    """Worst-case ADC ranges follow the DAC range: a copy from the host (which waits
+    for a GPU) when that range changes, never per read; the engines agree on both."""
+    config = presets.ideal(rows=24, cols=16, dac_bits=6, adc_bits=6, adc_range_mode="worst_case")
+    x = np.random.default_rng(5).uniform(-1, 1, (40, 50)).astype(np.float32)
+    grid, *_ = programmed_grid(config, 50, 30, seed=1)
+    grid.calibrate(x)
+    uploads = []
+    for input_range in (grid.input_range, 0.5 * grid.input_range):
+        grid.set_input_range(input_range)
+        grid.engine = "numba"
+        want = grid.product(x)
+        grid.engine = "torch"
+        for _ in range(2):
+            assert np.array_equal(grid.product(torch.from_numpy(x)).numpy(), want)
+            uploads.append(grid._uploaded_ranges[1])
+        assert np.array_equal(uploads[-1].numpy(), grid.output_ranges())
+    assert uploads[0] is uploads[1] and uploads[2] is uploads[3]  # not per read
+    assert uploads[1] is not uploads[2]                           # but after the change
+
+
 def test_torch_engine_refuses_inputs_it_cannot_take():
     config = presets.ideal(rows=16, cols=16)
     x = np.random.default_rng(8).uniform(-1, 1, (10, 20)).astype(np.float32)

@@ -243,19 +243,18 @@ def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
 class ColumnMap(NamedTuple):
     """Where each output column sits in the tile columns of a grid, on one device: its
     tile (``tile``), that tile's width (``width``) and its offset in the tile
-    (``offset``); ``n_tiles`` tile columns."""
+    (``offset``)."""
 
     tile: torch.Tensor
     width: torch.Tensor
     offset: torch.Tensor
-    n_tiles: int
 
 
 def column_map(col_starts, device) -> ColumnMap:
     starts = torch.as_tensor(np.asarray(col_starts), dtype=torch.int64, device=device)
     widths = starts[1:] - starts[:-1]
     tile = torch.repeat_interleave(torch.arange(len(widths), device=device), widths)
-    return ColumnMap(tile, widths[tile], torch.arange(len(tile), device=device) - starts[:-1][tile], len(widths))
+    return ColumnMap(tile, widths[tile], torch.arange(len(tile), device=device) - starts[:-1][tile])
 
 
 class ADCErrors(NamedTuple):

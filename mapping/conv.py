@@ -376,7 +376,8 @@ def group_matrices(weight: torch.Tensor, groups: int, tile_config, seed, mapping
     """One AnalogMatrix per group of a convolution weight (out, in/groups, *kernel), each
     (out/groups, in/groups x kernel) in torch's (channel, *kernel) order, on its own
     sub-stream of ``seed``."""
-    return [AnalogMatrix(group_rows(weight, groups, g).double().numpy(), tile_config, derive(seed, g), mapping, f"{name}[group {g}]" if groups > 1 else name)
+    return [AnalogMatrix(group_rows(weight, groups, g).double().numpy(), tile_config, derive(seed, g), mapping,
+                         f"{name}[group {g}]" if groups > 1 else name)
             for g in range(groups)]
 
 

@@ -47,7 +47,8 @@ def test_a_deferred_read_equals_the_checked_read_bitwise(config, monkeypatch):
     grid, x = grid_for(config)
     rejected = []
     original = torch_engine._bounded_indices
-    monkeypatch.setattr(torch_engine, "_bounded_indices", lambda r, *a: rejected.append(int(r.sum())) or original(r, *a))
+    monkeypatch.setattr(torch_engine, "_bounded_indices",
+                        lambda r, *a: rejected.append(int(r.sum())) or original(r, *a))
     y0, c0, _ = read(grid, x, deferring=False)
     y1, c1, failed = read(grid, x, deferring=True)
     assert rejected and rejected[0] > 0  # the exact re-read ran, on outputs that needed it

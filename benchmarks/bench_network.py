@@ -16,14 +16,16 @@ every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU a
 1024, every ratio <= 3.0 and every memory ratio <= 3.0).
 
     python benchmarks/bench_network.py [--models cnn,transformer] [--batch 256] [--transformer-batch 32]
-                                       [--profile] [--device cuda] [--engine torch]
+                                       [--profile] [--device cuda] [--engine torch] [--cuda-graphs]
 
 With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
 memory (torch's allocator) rather than of process RSS. ``--engine torch`` runs the
 GPU's torch engine on the CPU: with ``XBARSIM_FUSED=1`` and ``--batch 1``, where the
 kernels' work is negligible, the analog time is the host's cost of issuing a forward
 pass (Python, torch dispatch, compiled-call wrappers), which bounds a GPU forward from
-below whatever the GPU's speed.
+below whatever the GPU's speed. ``--cuda-graphs`` (with --device cuda) replays each
+analog pass as a CUDA graph (``AnalogModel.use_cuda_graphs``), which removes most of
+that host cost.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def run_float(name: str, batch: int, repeats: int, device: torch.device) -> dict
 
 
 def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
-               engine: str = "auto") -> dict:
+               engine: str = "auto", cuda_graphs: bool = False) -> dict:
     import mapping
     from crossbar import presets
 
@@ -122,6 +124,8 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     analog.calibrate([x])
     calibrate_s = time.perf_counter() - start
     at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
+    if cuda_graphs:
+        analog.use_cuda_graphs()  # the warm-up pass captures the graph
     analog_s = median_time(lambda: analog(x), repeats=repeats, sync=_sync(device))
     with torch.no_grad():
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
@@ -150,6 +154,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--engine", default="auto", choices=["auto", "numba", "torch"],
                         help="the analog products' engine (auto: Numba on the CPU, torch elsewhere)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="run the analog passes as CUDA graphs (AnalogModel.use_cuda_graphs; --device cuda)")
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -159,20 +165,25 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error(f"--cuda-graphs needs --device cuda (got --device {args.device})")
     if args.part:
         device = torch.device(args.device)
         result = (run_float(models[0], args.batch, args.repeats, device) if args.part == "float"
-                  else run_analog(models[0], args.batch, args.repeats, args.profile, device, args.engine))
+                  else run_analog(models[0], args.batch, args.repeats, args.profile, device, args.engine,
+                                  args.cuda_graphs))
         print(json.dumps(result))
         return
     summary = {"batch": args.batch, "transformer_batch": args.transformer_batch,
-               "torch_threads": torch.get_num_threads(), "device": args.device, "engine": args.engine}
+               "torch_threads": torch.get_num_threads(), "device": args.device, "engine": args.engine,
+               "cuda_graphs": args.cuda_graphs}
     for name in models:
         result = {}
         batch = args.transformer_batch if name == "transformer" else args.batch
         for part in ("float", "analog"):
             command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(batch),
-                       "--repeats", str(args.repeats), "--device", args.device, "--engine", args.engine] + (["--profile"] if args.profile else [])
+                       "--repeats", str(args.repeats), "--device", args.device, "--engine", args.engine]
+            command += (["--profile"] if args.profile else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             if args.profile and part == "analog":
                 print(f"--- {name}\n{out.stderr}", file=sys.stderr)

@@ -52,6 +52,11 @@ class DeferredChecks:
         flag was noted, as on the Numba engine)."""
         return self._failed is not None and bool(self._failed)
 
+    def pending(self) -> Optional[torch.Tensor]:
+        """The flags' sum on the device, unread (None: no flag was noted), for a caller
+        that reads it later: a CUDA graph's replay writes it at every pass."""
+        return self._failed
+
     def rewind(self) -> None:
         """Put every grid read in the pass back as it was before it."""
         for grid, state in self._before.values():

@@ -43,6 +43,7 @@ from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares
 from .rng import stream_key
 from .wires import effective_conductance
 from .seeding import as_seed_sequence, derive
+from .state_changes import CountsChanges
 
 # Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
 # switching one effect on or off leaves the samples of the others unchanged.
@@ -70,7 +71,7 @@ def time_bits(t: float) -> int:
     return int(np.float64(t).view(np.uint64))
 
 
-class TileGrid(nn.Module):
+class TileGrid(CountsChanges, nn.Module):
     """The tiles of one (n_in x n_out) conductance matrix, programmed and read together.
 
     Typical use (``mapping.AnalogMatrix`` does this for a weight matrix)::
@@ -80,6 +81,8 @@ class TileGrid(nn.Module):
         grid.at(86400.0)                  # one day after programming
         y = grid.product(x)               # (batch, n_out) ~ x @ (G+ - G-), after the ADCs
     """
+
+    bookkeeping = frozenset({"_vectors_read", "_counter_holds", "_device_counts"})  # what a read sets
 
     def __init__(self, config: TileConfig, n_in: int, n_out: int, name: str = "grid") -> None:
         super().__init__()
@@ -118,6 +121,11 @@ class TileGrid(nn.Module):
         self._keys = np.zeros((rows, cols), np.uint64)
         self._adc_keys = _NO_KEYS  # the ADC noise's streams (noise_sigma > 0 only)
         self._vectors_read = 0
+        # _vectors_read on the grid's device, where the torch engine reads it (a CUDA
+        # graph's replay then draws new noise), and the count the host knows it holds
+        # (None: unknown, refilled at the next read)
+        self._vector_counter: Optional[torch.Tensor] = None
+        self._counter_holds: Optional[int] = None
         self._engine = "auto"
         # the torch engine's view of the above on the grid's device (see _upload)
         self._keys_t: Optional[torch.Tensor] = None
@@ -501,10 +509,32 @@ class TileGrid(nn.Module):
             self.counts[name][...] = value
         self._device_counts = dict(device)
 
-    def _sync_counts(self) -> None:
+    def collect_device_counts(self) -> None:
+        """Add the torch engine's running device counts into the host counts (one wait
+        for the device); none are left running."""
         running, self._device_counts = self._device_counts, {}
         for name, value in running.items():
             self._add_count(name, value.cpu().numpy().astype(np.int64))
+
+    def running_device_counts(self) -> dict:
+        """{count name: the running device tensor} of reads since the counts were last
+        collected: what a CUDA graph of a pass that starts with none produces."""
+        return dict(self._device_counts)
+
+    def add_device_reads(self, vectors: int, host_counts: dict, device_counts: dict) -> None:
+        """Account for reads that ran on the device alone (a CUDA graph's replay of the
+        reads a captured pass made): ``vectors`` more vectors read, which advanced the
+        device's vector counter by as much; ``host_counts`` {name: array} added to the
+        counts; ``device_counts`` {name: tensor} that the replay wrote (copied here,
+        since the next replay writes them again)."""
+        self._vectors_read += vectors
+        if self._counter_holds is not None:
+            self._counter_holds += vectors
+        for name, value in host_counts.items():
+            self.counts[name] += value
+        for name, value in device_counts.items():
+            running = self._device_counts.get(name)
+            self._device_counts[name] = value.clone() if running is None else running + value
 
     def _convert_inputs(self, x: np.ndarray) -> tuple:
         """(quantized inputs (batch, n_in) float32, per-vector scales (R, batch) or empty,
@@ -609,13 +639,41 @@ class TileGrid(nn.Module):
         checks = deferred.current()
         if checks is not None:
             checks.enter(self)
+        counter = self.vector_counter()
         out, saturated = torch_engine.readout(partial, var, var_rows, self._columns, self._keys_t,
-                                              self._vectors_read, self._ranges_on_device(ranges), self._adc_half,
+                                              counter, self._ranges_on_device(ranges), self._adc_half,
                                               scales, divisor, float(alpha), errors, checks)
+        counter.add_(batch)  # on the device, in order after the read-out that used it
         self._vectors_read += batch
+        self._counter_holds = self._vectors_read
         if count:
             self._count_conversions(batch, clipped_per_block, saturated)
         return out
+
+    def vector_counter(self) -> torch.Tensor:
+        """The vectors read so far as a 0-d int64 tensor on the grid's device: the first
+        vector number of the torch engine's next read-out. It is advanced there by each
+        read and set from the host only where the host count moved without it (a Numba
+        read, ``at``, a rewind), never while a CUDA graph is being captured: a captured
+        fill would replay the same noise at every replay."""
+        device = self.g_prog.device
+        counter = self._vector_counter
+        if counter is None or counter.device != device:
+            counter = self._vector_counter = torch.zeros((), dtype=torch.int64, device=device)
+            self._counter_holds = 0
+        if self._counter_holds != self._vectors_read:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{self.name}: the vector counter on {device} is out of step with the host "
+                                   f"while a CUDA graph is captured: run a pass before capturing")
+            counter.fill_(self._vectors_read)
+            self._counter_holds = self._vectors_read
+        return counter
+
+    def forget_vector_counter(self) -> None:
+        """Note that the device's vector counter and the host's count may differ (a CUDA
+        graph's replay that is not kept; a capture's bookkeeping undone): the next read
+        sets the counter from the host count."""
+        self._counter_holds = None
 
     def _ranges_on_device(self, ranges: np.ndarray) -> torch.Tensor:
         """The (R, C) ADC ranges that ``_require_ranges`` gave, on the grid's device:
@@ -665,11 +723,11 @@ class TileGrid(nn.Module):
             self.counts[name][:] = 0
 
     def count_totals(self) -> dict:
-        self._sync_counts()
+        self.collect_device_counts()
         return {name: int(v.sum()) for name, v in self.counts.items()}
 
     def get_extra_state(self):
-        self._sync_counts()
+        self.collect_device_counts()
         return {"seeds": [(s.entropy, tuple(s.spawn_key), s.pool_size) for s in self.seeds], "time": self.time,
                 "counts": {k: torch.from_numpy(v.copy()) for k, v in self.counts.items()}}
 

@@ -304,14 +304,15 @@ def read_values(partial: torch.Tensor, var_pairs, var_rows, z, fs, half: int, ga
     return v, hits
 
 
-def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: int,
+def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torch.Tensor, first_vector: torch.Tensor,
             ranges: torch.Tensor, half: int, scales, divisor, alpha: float,
             errors: Optional[ADCErrors] = None, checks=None) -> tuple:
     """``kernels.grid_readout``: every tile's per-read noise and ADC, the division by the
     digital scale and the float32 sum over row blocks, times alpha. ``partial`` (R,
     vectors, n_out) float32; ``var`` (R, vectors, n_out) float32 or None; ``var_rows``
     (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
-    (R, C) int64; ``ranges`` (R, C) float64;
+    (R, C) int64; ``first_vector`` the number of the first vector, a 0-d int64 tensor on
+    the device (a graph's replay reads it there); ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
     ``errors`` the ADC's non-idealities or None; ``checks`` a pass's
     :class:`~crossbar.deferred.DeferredChecks` (None: check at once). Returns (outputs
@@ -343,14 +344,14 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     streams, factors = tuple(streams), tuple(factors)
     kn, wn, _ = _tables(device)
     read = fused_version(_read_fast) if fused else _read_fast
-    values, hits, rejected = read(*args, streams, factors, int(first_vector), columns.width, columns.offset, kn, wn)
+    values, hits, rejected = read(*args, streams, factors, first_vector, columns.width, columns.offset, kn, wn)
     if rejected is not None:
         if checks is None:
             flat = rejected.nonzero().view(-1)
         else:
             flat = _bounded_indices(rejected, n_blocks * len(streams), checks)
         if flat.numel():
-            exact, exact_hits = _read_exact(args, streams, factors, flat, int(first_vector), columns, fused, checks)
+            exact, exact_hits = _read_exact(args, streams, factors, flat, first_vector, columns, fused, checks)
             values[:, flat] = exact  # a padding index lands in the spare column
             if hits is not None:
                 hits[:, flat] = exact_hits
@@ -406,7 +407,7 @@ class _ReadArgs(NamedTuple):
 
 
 def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-               keys: tuple, factors: tuple, first_vector: int, width, col_offset, kn, wn) -> tuple:
+               keys: tuple, factors: tuple, first_vector: torch.Tensor, width, col_offset, kn, wn) -> tuple:
     """The read-out of every tile output (R, vectors, n_out), each normal from the
     ziggurat's fast path: normal (first_vector + i) * width + offset of output column
     j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
@@ -452,7 +453,7 @@ def _by_stream(drawn: list, read_noise: bool) -> tuple:
     return None, drawn[0] if drawn else None
 
 
-def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor, first_vector: int,
+def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor, first_vector: torch.Tensor,
                 columns: ColumnMap, fused: bool, checks=None) -> tuple:
     """The read-out of the outputs at ``flat`` (indices into (vectors, n_out); one past
     the last is padding) with exact normals: (their values (R, E), their ADC range
@@ -474,7 +475,7 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
 
 
 def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-                 keys: tuple, factors: tuple, flat, first_vector: int, width, col_offset, kn, wn, fn,
+                 keys: tuple, factors: tuple, flat, first_vector: torch.Tensor, width, col_offset, kn, wn, fn,
                  calls: int) -> tuple:
     """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps: (values,
     ADC range masks, the walks' state, whether a walk is unfinished); the values are

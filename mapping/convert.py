@@ -11,6 +11,7 @@ from torch import nn
 
 from crossbar import TileConfig, deferred
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
+from crossbar.state_changes import CountsChanges
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
@@ -22,6 +23,7 @@ from .conv_transpose import AnalogConvTranspose2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
 from .recurrent import AnalogRNNBase
 from .devices import resolve_device
+from .graphs import PassGraphs
 from .memory import release_free_memory
 
 # torch layer type -> analog counterpart (a class with from_torch(layer, tile_config, seed,
@@ -77,7 +79,7 @@ def fused_fast_paths_off():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-class AnalogModel(nn.Module):
+class AnalogModel(CountsChanges, nn.Module):
     """A converted model: the copy of the original with its matrix layers on tiles.
 
     ``report`` lists what went where; ``digital_layers`` the layers with parameters that
@@ -91,10 +93,29 @@ class AnalogModel(nn.Module):
         self.report = report
         self.digital_layers = digital_layers
         self.time = 0.0
+        self._graphs: Optional[PassGraphs] = None  # see use_cuda_graphs
 
     def forward(self, *args, **kwargs):
+        if self._graphs is not None:
+            return self._run(lambda: self._graphs.run(self, args, kwargs), "forward pass")
         # the torch engine reads the device once per pass (crossbar.deferred)
         return self._run(lambda: deferred.deferred_pass(lambda: self.module(*args, **kwargs)), "forward pass")
+
+    def use_cuda_graphs(self, on: bool = True, keep: int = 4) -> "AnalogModel":
+        """Run forward passes on a CUDA device as captured CUDA graphs
+        (:mod:`mapping.graphs`), which cuts the host's cost of issuing a pass: the first
+        pass of each input signature runs eagerly and is captured, later ones replay.
+        Outputs, noise and counts are those of eager passes. A change of the model's
+        state (``at``, calibration, a move, a changed tensor) captures again; ``keep``
+        signatures are held at once, each with its pass's working memory."""
+        if not isinstance(on, bool):
+            raise ValueError(f"on = {on!r} is invalid: expected True or False")
+        self._graphs = None
+        if on:
+            graphs = PassGraphs(keep)
+            graphs.check_device(self)
+            self._graphs = graphs
+        return self
 
     def _run(self, fn, what: str):
         """fn() with fast paths off, then the check that every analog layer ran."""

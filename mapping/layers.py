@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from crossbar.state_changes import CountsChanges
+
 from .matrix import AnalogMatrix
 
 
@@ -35,12 +37,14 @@ NOT_CALLED_WHY = ("the model computed without it, either through a fused fast pa
                   "the tiles, so it is refused; remove unused layers before converting")
 
 
-class AnalogLayer(nn.Module):
+class AnalogLayer(CountsChanges, nn.Module):
     """Base analog layer: ``groups`` weight matrices on tiles plus a digital bias.
 
     Subclasses supply ``forward`` (their input as vectors of each group through
     ``_product``, the products back in their output's shape) and, where the float
     module's weight layout is not the buffer's, ``_torch_layout``."""
+
+    bookkeeping = frozenset({"called"})  # set by every pass
 
     def __init__(self, matrices: list, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ from torch import nn
 
 from crossbar import TileConfig
 from crossbar.grid import TileGrid
+from crossbar.state_changes import CountsChanges
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .conductance import reference_weight, sliced_conductances, weights_to_conductances
@@ -27,7 +28,7 @@ _ONE_HOT_CHUNK = 256
 _GPU_BYTES_PER_OUTPUT = 48
 
 
-class AnalogMatrix(nn.Module):
+class AnalogMatrix(CountsChanges, nn.Module):
     """W (out, in) on a :class:`crossbar.grid.TileGrid`: inputs along tile rows, outputs
     along tile columns, edge tiles partly used.
 

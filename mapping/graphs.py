@@ -1,0 +1,220 @@
+"""A converted model's forward pass captured as a CUDA graph and replayed.
+
+On a GPU, issuing a forward pass costs the host more than the GPU takes to run it:
+every analog layer launches tens of kernels and a few compiled calls, each with its own
+host overhead. A CUDA graph records the pass's kernels once, and a replay launches them
+all at once. Replaying a pass is exact only if the pass meets four conditions, and this
+module provides them:
+
+- **No reads of the device during the pass.** The torch engine's checks are deferred
+  (:mod:`crossbar.deferred`). Their one flag is read after the replay.
+- **No per-pass host value baked into a kernel.** Each grid's vector counter, the
+  position of its noise streams, lives on the device and advances there
+  (``TileGrid.vector_counter``). A replay therefore draws new noise, the same noise an
+  eager pass would draw.
+- **The host's bookkeeping replayed on the host.** A pass's bookkeeping is the vectors
+  each grid read, the conversion counts, and which analog layers ran. The differences a
+  pass makes to it are recorded at capture and applied after each replay that passes
+  its checks.
+- **The same tensors and settings at every replay.** The graph is captured again
+  whenever the model's state changes: a new time, calibration, a move, an analog
+  module's setting, any parameter or buffer replaced or changed in place. A
+  fingerprint of every module's state (:func:`state_fingerprint`) is compared before
+  each replay to detect this.
+
+Inputs are copied into the graph's buffers before a replay, and outputs are cloned out.
+A replay that fails its checks is not kept: a non-finite input, or one of the rare
+events of :mod:`crossbar.deferred`. The pass then runs again eagerly, checked, exactly
+as without graphs.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from crossbar import deferred
+from crossbar.grid import TileGrid
+
+
+def state_fingerprint(model: torch.nn.Module) -> tuple:
+    """What a captured pass depends on in its modules, as a comparable value: per
+    module, its count of state changes (``crossbar.state_changes``: the analog
+    modules count every assignment to their attributes but a pass's own bookkeeping),
+    its mode, and each parameter and buffer by identity and version (a change in
+    place counts too). Settings of digital torch modules changed by assignment are
+    not seen: ``use_cuda_graphs`` again drops every capture."""
+    return tuple((id(module), module.__dict__.get("state_changes"), module.training,
+                  tuple(_tensor_token(t) for t in module._parameters.values()),
+                  tuple(_tensor_token(t) for t in module._buffers.values()))
+                 for module in model.modules())
+
+
+def _tensor_token(t: Optional[torch.Tensor]):
+    return None if t is None else (id(t), t._version)
+
+
+def _signature(leaf):
+    """What a capture depends on in one input: a tensor's layout, any other value."""
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device)
+    return ("value", type(leaf).__name__, leaf)
+
+
+class CapturedPass:
+    """One forward pass recorded for one input signature: the graph, its input and
+    output buffers, and the host bookkeeping of a pass."""
+
+    def __init__(self, grids: list, inputs: list, spec) -> None:
+        self.grids = grids
+        self.inputs = inputs          # the graph's input buffers (tensor leaves), other leaves as given
+        self.spec = spec
+        self.outputs = None           # the graph's outputs: the module's result
+        self.failed: Optional[torch.Tensor] = None   # the pass's deferred flags (None: none)
+        self.reads: list = []         # per grid: (vectors, host counts, device counts)
+        self.layers: list = []        # every analog layer of the model
+        self.called: list = []        # those that the pass calls
+        self.counters: list = []      # per grid: the vector counter the graph reads
+        self.graph = None
+
+    @classmethod
+    def capture(cls, model, leaves: list, spec) -> "CapturedPass":
+        grids = [m for m in model.modules() if isinstance(m, TileGrid)]
+        layers = [layer for _, layer in model.analog_layers()]
+        captured = cls(grids, [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        captured.layers = layers
+        for grid in grids:
+            grid.collect_device_counts()  # the graph's counts then start from none
+        captured.counters = [grid.vector_counter() for grid in grids]  # in step with the host: no fill in the graph
+        before = [grid.read_state() for grid in grids]
+        called_before = [layer.called for layer in layers]
+        for layer in layers:
+            layer.called = False
+        args, kwargs = tree_unflatten(captured.inputs, spec)
+
+        def device_pass():
+            with deferred.deferred_checks() as checks:
+                out = model.module(*args, **kwargs)
+            return out, checks.pending(), [grid.running_device_counts() for grid in grids]
+
+        try:
+            captured.outputs, captured.failed, device_counts = captured._record(device_pass)
+            for grid, state, counts in zip(grids, before, device_counts):
+                vectors, host, _ = grid.read_state()
+                captured.reads.append((vectors - state[0], {name: host[name] - state[1][name] for name in host},
+                                       counts))
+            captured.called = [layer for layer in layers if layer.called]
+        finally:  # the recorded pass is not a pass: its bookkeeping is undone
+            for grid, state in zip(grids, before):
+                grid.restore_read_state(state)
+                grid.forget_vector_counter()
+            for layer, was in zip(layers, called_before):
+                layer.called = was
+        return captured
+
+    def _record(self, device_pass: Callable) -> tuple:
+        """Capture device_pass() into a CUDA graph (nothing runs on the device yet): its
+        outputs, which each replay writes."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            return device_pass()
+
+    def _replay(self) -> None:
+        self.graph.replay()
+
+    def replay(self, leaves: list):
+        """The pass on ``leaves`` (of this pass's signature) by a replay, with its host
+        bookkeeping; None if the replay failed a check (the caller runs the pass
+        checked: nothing of the replay is kept)."""
+        for buffer, leaf in zip(self.inputs, leaves):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(leaf)
+        for grid, counter in zip(self.grids, self.counters):
+            if grid.vector_counter() is not counter:  # set from the host if it moved without the device
+                raise RuntimeError(f"{grid.name}: its vector counter was replaced since the capture")
+        self._replay()
+        if self.failed is not None and bool(self.failed):  # the pass's one read of the device
+            for grid in self.grids:
+                grid.forget_vector_counter()  # the replay advanced it; the host did not
+            return None
+        for grid, (vectors, host, device) in zip(self.grids, self.reads):
+            grid.add_device_reads(vectors, host, device)
+        for layer in self.called:
+            layer.called = True
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+
+
+class PassGraphs:
+    """The captured forward passes of one converted model, one per input signature (the
+    ``keep`` most recently used: each holds its pass's working memory on the GPU).
+    Every capture is dropped when the model's state changes."""
+
+    pass_type = CapturedPass
+
+    def __init__(self, keep: int = 4) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep = {keep!r} is invalid: expected an integer >= 1")
+        self.keep = keep
+        self.captures = 0             # graphs captured so far (a capture costs a pass's time)
+        self._passes: OrderedDict = OrderedDict()
+        self._state: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self._passes)
+
+    def clear(self) -> None:
+        self._passes.clear()
+        self._state = None
+
+    def run(self, model, args: tuple, kwargs: dict):
+        """model.module(*args, **kwargs) as an AnalogModel's forward pass computes it: a
+        replay where this signature was captured in the model's present state, else an
+        eager pass followed by a capture for the next call."""
+        self.check_device(model)
+        leaves, spec = tree_flatten((args, kwargs))
+        key = (spec, tuple(_signature(leaf) for leaf in leaves))
+        if state_fingerprint(model) != self._state:
+            self._passes.clear()
+        captured = self._passes.get(key)
+        if captured is not None:
+            self._passes.move_to_end(key)
+            out = captured.replay(leaves)
+            return model.module(*args, **kwargs) if out is None else out
+        out, failed = self._eager_pass(model, args, kwargs)
+        if not failed:  # a pass that failed a check is no template: capture at the next call
+            self._passes[key] = self.pass_type.capture(model, leaves, spec)
+            self.captures += 1
+            while len(self._passes) > self.keep:
+                self._passes.popitem(last=False)
+        self._state = state_fingerprint(model)
+        return out
+
+    @staticmethod
+    def check_device(model) -> None:
+        device = model.device
+        if device.type != "cuda":
+            raise ValueError(f"the model is on {device}: CUDA graphs need it on a CUDA device "
+                             f"(use_cuda_graphs(False) runs passes without them)")
+
+    def _eager_pass(self, model, args: tuple, kwargs: dict) -> tuple:
+        """An eager pass with deferred checks, which also warms up what the capture
+        records (compiled kernels, cuBLAS' workspaces), on a side stream as CUDA
+        graphs ask: (output, whether a check failed and it ran again, checked)."""
+        device = model.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out, failed = self._checked_once(model, args, kwargs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return out, failed
+
+    @staticmethod
+    def _checked_once(model, args: tuple, kwargs: dict) -> tuple:
+        with deferred.deferred_checks() as checks:
+            out = model.module(*args, **kwargs)
+        if not checks.failed():
+            return out, False
+        checks.rewind()
+        return model.module(*args, **kwargs), True

@@ -1,0 +1,260 @@
+"""Forward passes as CUDA graphs (``mapping.graphs``).
+
+Without a GPU the graph itself is emulated: recording runs the pass and undoes what a
+capture would not do (advance the device's vector counters), a replay runs the pass
+again and copies its results into the recorded outputs while undoing its host effects
+(a replay runs nothing on the host). What is tested here is everything around the
+graph: that a pass is replayable (the same operations with the same host values at
+every pass, one read of the device), that a pass changes nothing on the host but the
+bookkeeping a replay redoes, and that replays with that bookkeeping equal eager passes
+bitwise, outputs, noise and counts. The test on a real GPU skips without one."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from crossbar import presets
+from crossbar.grid import TileGrid
+from mapping import convert
+from mapping.graphs import CapturedPass, PassGraphs, state_fingerprint
+from mapping.layers import AnalogLayer
+from tests.mapping.test_torch_engine_models import X, converted
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = presets.pcm(rows=32, cols=16).with_path("adc.noise_sigma", 0.5)
+
+
+class EmulatedPass(CapturedPass):
+    """A captured pass whose graph is the pass itself, run again at each replay."""
+
+    def _record(self, device_pass):
+        self._device_pass = device_pass
+        held = [c.clone() for c in self.counters]
+        result = device_pass()
+        for counter, value in zip(self.counters, held):  # a capture runs nothing on the device
+            counter.copy_(value)
+        return result
+
+    def _replay(self):
+        host = [(grid.read_state(), grid._counter_holds) for grid in self.grids]
+        called = [layer.called for layer in self.layers]
+        for grid, (state, _) in zip(self.grids, host):
+            grid.restore_read_state((state[0], state[1], {}))  # a graph's counts start from none
+        fresh = tree_flatten(self._device_pass())[0]
+        for recorded, value in zip(tree_flatten((self.outputs, self.failed, [r[2] for r in self.reads]))[0], fresh):
+            recorded.copy_(value)
+        for grid, (state, holds) in zip(self.grids, host):  # a replay runs nothing on the host
+            grid.restore_read_state(state)
+            grid._counter_holds = holds
+        for layer, was in zip(self.layers, called):
+            layer.called = was
+
+
+class EmulatedGraphs(PassGraphs):
+    pass_type = EmulatedPass
+
+    @staticmethod
+    def check_device(model):
+        pass
+
+    def _eager_pass(self, model, args, kwargs):
+        return self._checked_once(model, args, kwargs)
+
+
+def torch_model(seed=0):
+    analog = converted(CONFIG, seed=seed)
+    analog.calibrate([X])
+    return analog.set_engine("torch").at(86400.0)
+
+
+def emulating(analog):
+    analog._graphs = EmulatedGraphs()
+    return analog
+
+
+def inputs(n, batch=4):
+    g = torch.Generator().manual_seed(5)
+    return [torch.rand(batch, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+def test_replays_equal_eager_passes_bitwise_with_their_counts():
+    eager, graphed = torch_model(), emulating(torch_model())
+    for i, x in enumerate(inputs(4)):
+        want, got = eager(x), graphed(x)
+        assert torch.equal(got, want), i
+        assert graphed.counts() == eager.counts(), i
+    assert graphed._graphs.captures == 1  # the first pass ran eagerly and was captured; three replays
+    grids = [m for m in graphed.modules() if isinstance(m, TileGrid)]
+    assert [g._vectors_read for g in grids] == [g._vectors_read for m in [eager] for g in m.modules()
+                                                if isinstance(g, TileGrid)]
+
+
+def test_a_replay_returns_its_own_output_not_the_graphs_buffer():
+    graphed = emulating(torch_model())
+    xs = inputs(3)
+    graphed(xs[0])
+    first = graphed(xs[1])
+    kept = first.clone()
+    graphed(xs[2])
+    assert torch.equal(first, kept)
+
+
+def test_a_new_state_or_signature_captures_again():
+    eager, graphed = torch_model(), emulating(torch_model())
+    xs = inputs(3)
+    for x in xs[:2]:
+        eager(x), graphed(x)
+    for analog in (eager, graphed):
+        analog.at(3600.0)
+    assert torch.equal(graphed(xs[2]), eager(xs[2]))
+    assert graphed._graphs.captures == 2
+    small = inputs(1, batch=2)[0]
+    for _ in range(2):
+        assert torch.equal(graphed(small), eager(small))
+    assert graphed._graphs.captures == 3 and len(graphed._graphs) == 2
+    layer = graphed.analog_layers()[0][1]
+    layer.bias.add_(1.0)  # a change in place that a capture would not see on the host: captured again
+    graphed(small)
+    assert graphed._graphs.captures == 4
+    graphed.analog_layers()[1][1].at(7200.0)  # one layer's new time, not the model's: captured again
+    graphed(small)
+    assert graphed._graphs.captures == 5
+
+
+def test_a_replay_that_fails_a_check_runs_the_pass_checked_and_keeps_nothing():
+    eager, graphed = torch_model(), emulating(torch_model())
+    xs = inputs(3)
+    for x in xs[:2]:
+        eager(x), graphed(x)
+    bad = xs[2].clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="contains 1 NaN or Inf values"):
+        graphed(bad)
+    assert graphed.counts() == eager.counts()
+    assert torch.equal(graphed(xs[2]), eager(xs[2]))  # the next replay draws the next pass's noise
+    assert graphed._graphs.captures == 1
+
+
+def test_graphs_refuse_a_model_off_cuda():
+    analog = torch_model()
+    with pytest.raises(ValueError, match="the model is on cpu: CUDA graphs need it on a CUDA device"):
+        analog.use_cuda_graphs()
+    with pytest.raises(ValueError, match="keep = 0 is invalid"):
+        PassGraphs(keep=0)
+    assert analog.use_cuda_graphs(False)._graphs is None
+
+
+class OperationLog(TorchDispatchMode):
+    """Every operation a pass issues, with its host arguments (tensors by layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.operations.append((str(func), self._describe(args), self._describe(kwargs)))
+        return func(*args, **kwargs)
+
+    def _describe(self, value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        if isinstance(value, (list, tuple)):
+            return tuple(self._describe(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, self._describe(v)) for k, v in value.items())
+        return repr(value)
+
+
+def test_a_pass_issues_the_same_operations_and_host_values_every_time():
+    """What a graph needs of a pass: a second pass issues exactly the first's operations
+    with the same host arguments (a vector counter passed from the host would differ),
+    and the only read of the device is the checks' one at the end."""
+    analog = torch_model()
+    xs = inputs(3)
+    analog(xs[0])
+    logs = []
+    for x in xs[1:]:
+        with OperationLog() as log:
+            analog(x)
+        logs.append(log.operations)
+    assert logs[0] == logs[1]
+    reads = [op for op, _, _ in logs[0] if op in ("aten._local_scalar_dense.default", "aten.nonzero.default",
+                                                  "aten.item.default")]
+    assert reads == ["aten._local_scalar_dense.default"]
+
+
+def host_state(model):
+    """Every module's attributes other than submodules, parameters and buffers, by value
+    (tensors by identity and version)."""
+    state = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_modules", "_parameters", "_buffers"):
+                continue
+            if isinstance(value, torch.Tensor):
+                value = (id(value), value._version)
+            elif isinstance(value, np.ndarray):
+                value = value.tobytes()
+            elif isinstance(value, dict):
+                value = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else
+                         v.tobytes() if isinstance(v, np.ndarray) else repr(v) for k, v in value.items()}
+            elif not isinstance(value, (bool, int, float, str, tuple, type(None))):
+                value = id(value)
+            state[(name, key)] = value
+    return state
+
+
+def transformer():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                         nn.Linear(8 * 5, 3)).eval()
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lstm, self.head = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("make, x", [(None, X), (transformer, torch.randn(3, 5, 8)),
+                                     (Recurrent, torch.randn(3, 4, 6))], ids=["cnn", "transformer", "lstm"])
+def test_a_pass_changes_on_the_host_only_the_bookkeeping_a_replay_redoes(make, x):
+    if make is None:
+        analog = torch_model()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analog = convert(make(), CONFIG, seed=0)
+        analog.calibrate([x])
+        analog.set_engine("torch").at(60.0)
+    analog(x)
+    before, fingerprint = host_state(analog), state_fingerprint(analog)
+    analog(x)
+    after = host_state(analog)
+    changed = {key for key in before if before[key] != after[key]}
+    # the vector counters advance in place on the device, and what else changes a replay redoes
+    assert changed and {key for _, key in changed} <= TileGrid.bookkeeping | AnalogLayer.bookkeeping | {
+        "counts", "_vector_counter"}
+    assert state_fingerprint(analog) == fingerprint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_on_cuda_graph_replays_equal_eager_passes_bitwise():
+    eager, graphed = torch_model().to("cuda"), torch_model().to("cuda").use_cuda_graphs()
+    for analog in (eager, graphed):
+        analog.at(86400.0)
+    for i, x in enumerate(inputs(4)):
+        x = x.cuda()
+        assert torch.equal(graphed(x), eager(x)), i
+    assert graphed.counts() == eager.counts()
+    assert graphed._graphs.captures == 1

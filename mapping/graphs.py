@@ -60,6 +60,11 @@ def _signature(leaf):
     """What a capture depends on in one input: a tensor's layout, any other value."""
     if isinstance(leaf, torch.Tensor):
         return ("tensor", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device)
+    try:
+        hash(leaf)
+    except TypeError:
+        raise ValueError(f"an input of type {type(leaf).__name__} cannot key a CUDA graph: its inputs are "
+                         f"tensors and hashable values (use_cuda_graphs(False) takes any)") from None
     return ("value", type(leaf).__name__, leaf)
 
 
@@ -164,10 +169,6 @@ class PassGraphs:
     def __len__(self) -> int:
         return len(self._passes)
 
-    def clear(self) -> None:
-        self._passes.clear()
-        self._state = None
-
     def run(self, model, args: tuple, kwargs: dict):
         """model.module(*args, **kwargs) as an AnalogModel's forward pass computes it: a
         replay where this signature was captured in the model's present state, else an
@@ -184,7 +185,11 @@ class PassGraphs:
             return model.module(*args, **kwargs) if out is None else out
         out, failed = self._eager_pass(model, args, kwargs)
         if not failed:  # a pass that failed a check is no template: capture at the next call
-            self._passes[key] = self.pass_type.capture(model, leaves, spec)
+            try:
+                self._passes[key] = self.pass_type.capture(model, leaves, spec)
+            except RuntimeError as error:
+                raise RuntimeError(f"capturing the forward pass as a CUDA graph failed ({error}); "
+                                   f"use_cuda_graphs(False) runs passes without graphs") from error
             self.captures += 1
             while len(self._passes) > self.keep:
                 self._passes.popitem(last=False)

@@ -147,6 +147,8 @@ def test_graphs_refuse_a_model_off_cuda():
     with pytest.raises(ValueError, match="keep = 0 is invalid"):
         PassGraphs(keep=0)
     assert analog.use_cuda_graphs(False)._graphs is None
+    with pytest.raises(ValueError, match="an input of type ndarray cannot key a CUDA graph"):
+        EmulatedGraphs().run(analog, (np.zeros(3),), {})
 
 
 class OperationLog(TorchDispatchMode):

@@ -46,14 +46,19 @@ def state_fingerprint(model: torch.nn.Module) -> tuple:
     its mode, and each parameter and buffer by identity and version (a change in
     place counts too). Settings of digital torch modules changed by assignment are
     not seen: ``use_cuda_graphs`` again drops every capture."""
-    return tuple((id(module), module.__dict__.get("state_changes"), module.training,
-                  tuple(_tensor_token(t) for t in module._parameters.values()),
-                  tuple(_tensor_token(t) for t in module._buffers.values()))
-                 for module in model.modules())
+    # run before every replay: lists, not generators, and empty dicts skipped (half the time)
+    fingerprint = []
+    for module in model.modules():
+        attributes = module.__dict__
+        parameters, buffers = attributes["_parameters"], attributes["_buffers"]
+        fingerprint.append((id(module), attributes.get("state_changes"), attributes["training"],
+                            _tensor_tokens(parameters) if parameters else (),
+                            _tensor_tokens(buffers) if buffers else ()))
+    return tuple(fingerprint)
 
 
-def _tensor_token(t: Optional[torch.Tensor]):
-    return None if t is None else (id(t), t._version)
+def _tensor_tokens(tensors: dict) -> tuple:
+    return tuple([None if t is None else (id(t), t._version) for t in tensors.values()])
 
 
 def _signature(leaf):
@@ -173,7 +178,6 @@ class PassGraphs:
         """model.module(*args, **kwargs) as an AnalogModel's forward pass computes it: a
         replay where this signature was captured in the model's present state, else an
         eager pass followed by a capture for the next call."""
-        self.check_device(model)
         leaves, spec = tree_flatten((args, kwargs))
         key = (spec, tuple(_signature(leaf) for leaf in leaves))
         if state_fingerprint(model) != self._state:
@@ -183,6 +187,7 @@ class PassGraphs:
             self._passes.move_to_end(key)
             out = captured.replay(leaves)
             return model.module(*args, **kwargs) if out is None else out
+        self.check_device(model)  # (a replay needs no check: a move changes the fingerprint)
         out, failed = self._eager_pass(model, args, kwargs)
         if not failed:  # a pass that failed a check is no template: capture at the next call
             try:

@@ -174,6 +174,16 @@ class PassGraphs:
     def __len__(self) -> int:
         return len(self._passes)
 
+    def __deepcopy__(self, memo) -> "PassGraphs":
+        """A copy of the model captures its own graphs: these read the original's tensors."""
+        return type(self)(self.keep)
+
+    def __getstate__(self) -> dict:
+        return {"keep": self.keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["keep"])
+
     def run(self, model, args: tuple, kwargs: dict):
         """model.module(*args, **kwargs) as an AnalogModel's forward pass computes it: a
         replay where this signature was captured in the model's present state, else an

@@ -8,6 +8,8 @@ graph: that a pass is replayable (the same operations with the same host values 
 every pass, one read of the device), that a pass changes nothing on the host but the
 bookkeeping a replay redoes, and that replays with that bookkeeping equal eager passes
 bitwise, outputs, noise and counts. The test on a real GPU skips without one."""
+import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -124,6 +126,17 @@ def test_a_new_state_or_signature_captures_again():
     graphed.analog_layers()[1][1].at(7200.0)  # one layer's new time, not the model's: captured again
     graphed(small)
     assert graphed._graphs.captures == 5
+
+
+def test_a_copy_of_a_model_captures_its_own_graphs():
+    eager, graphed = torch_model(), emulating(torch_model())
+    xs = inputs(3)
+    for x in xs[:2]:
+        eager(x), graphed(x)
+    copied = copy.deepcopy(graphed)
+    assert len(copied._graphs) == 0 and len(graphed._graphs) == 1
+    assert torch.equal(copied(xs[2]), eager(xs[2]))  # the copy goes on from the original's noise
+    assert len(pickle.loads(pickle.dumps(graphed._graphs))) == 0
 
 
 def test_a_replay_that_fails_a_check_runs_the_pass_checked_and_keeps_nothing():

@@ -96,8 +96,9 @@ class AnalogModel(CountsChanges, nn.Module):
         self._graphs: Optional[PassGraphs] = None  # see use_cuda_graphs
 
     def forward(self, *args, **kwargs):
-        if self._graphs is not None:
-            return self._run(lambda: self._graphs.run(self, args, kwargs), "forward pass")
+        graphs = self.__dict__.get("_graphs")  # (absent from a model pickled before graphs existed)
+        if graphs is not None:
+            return self._run(lambda: graphs.run(self, args, kwargs), "forward pass")
         # the torch engine reads the device once per pass (crossbar.deferred)
         return self._run(lambda: deferred.deferred_pass(lambda: self.module(*args, **kwargs)), "forward pass")
 

@@ -89,9 +89,15 @@ def deferred_pass(run):
     (the grids rewound) if one failed; inside another such pass, run() alone."""
     if current() is not None:
         return run()
+    return run_deferred(run)[0]
+
+
+def run_deferred(run) -> tuple:
+    """(run()'s result with the checks deferred, whether a check failed): if one did,
+    the grids were rewound and the result is that of run() again, checked."""
     with deferred_checks() as checks:
         out = run()
     if not checks.failed():
-        return out
+        return out, False
     checks.rewind()
-    return run()
+    return run(), True

@@ -11,7 +11,6 @@ from torch import nn
 
 from crossbar import TileConfig, deferred
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
-from crossbar.state_changes import CountsChanges
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
@@ -79,7 +78,7 @@ def fused_fast_paths_off():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-class AnalogModel(CountsChanges, nn.Module):
+class AnalogModel(nn.Module):
     """A converted model: the copy of the original with its matrix layers on tiles.
 
     ``report`` lists what went where; ``digital_layers`` the layers with parameters that
@@ -111,11 +110,10 @@ class AnalogModel(CountsChanges, nn.Module):
         signatures are held at once, each with its pass's working memory."""
         if not isinstance(on, bool):
             raise ValueError(f"on = {on!r} is invalid: expected True or False")
-        self._graphs = None
+        graphs = PassGraphs(keep)  # (keep is checked either way)
         if on:
-            graphs = PassGraphs(keep)
             graphs.check_device(self)
-            self._graphs = graphs
+        self._graphs = graphs if on else None
         return self
 
     def _run(self, fn, what: str):

@@ -74,55 +74,45 @@ def _signature(leaf):
 
 
 class CapturedPass:
-    """One forward pass recorded for one input signature: the graph, its input and
-    output buffers, and the host bookkeeping of a pass."""
+    """One forward pass of ``model`` recorded for the signature of ``leaves`` (its
+    inputs, flattened by ``spec``): the graph, its input and output buffers, and the
+    host bookkeeping of a pass. Recording a pass leaves the model's bookkeeping as it
+    was: a capture runs nothing."""
 
-    def __init__(self, grids: list, inputs: list, spec) -> None:
-        self.grids = grids
-        self.inputs = inputs          # the graph's input buffers (tensor leaves), other leaves as given
-        self.spec = spec
-        self.outputs = None           # the graph's outputs: the module's result
-        self.failed: Optional[torch.Tensor] = None   # the pass's deferred flags (None: none)
-        self.reads: list = []         # per grid: (vectors, host counts, device counts)
-        self.layers: list = []        # every analog layer of the model
-        self.called: list = []        # those that the pass calls
-        self.counters: list = []      # per grid: the vector counter the graph reads
+    def __init__(self, model, leaves: list, spec) -> None:
+        self.grids = [m for m in model.modules() if isinstance(m, TileGrid)]
+        self.layers = [layer for _, layer in model.analog_layers()]
+        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]  # the graph's buffers
         self.graph = None
-
-    @classmethod
-    def capture(cls, model, leaves: list, spec) -> "CapturedPass":
-        grids = [m for m in model.modules() if isinstance(m, TileGrid)]
-        layers = [layer for _, layer in model.analog_layers()]
-        captured = cls(grids, [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
-        captured.layers = layers
-        for grid in grids:
+        for grid in self.grids:
             grid.collect_device_counts()  # the graph's counts then start from none
-        captured.counters = [grid.vector_counter() for grid in grids]  # in step with the host: no fill in the graph
-        before = [grid.read_state() for grid in grids]
-        called_before = [layer.called for layer in layers]
-        for layer in layers:
+        self.counters = [grid.vector_counter() for grid in self.grids]  # in step with the host: no fill in the graph
+        before = [grid.read_state() for grid in self.grids]
+        called_before = [layer.called for layer in self.layers]
+        for layer in self.layers:
             layer.called = False
-        args, kwargs = tree_unflatten(captured.inputs, spec)
+        args, kwargs = tree_unflatten(self.inputs, spec)
 
         def device_pass():
             with deferred.deferred_checks() as checks:
                 out = model.module(*args, **kwargs)
-            return out, checks.pending(), [grid.running_device_counts() for grid in grids]
+            return out, checks.pending(), [grid.running_device_counts() for grid in self.grids]
 
         try:
-            captured.outputs, captured.failed, device_counts = captured._record(device_pass)
-            for grid, state, counts in zip(grids, before, device_counts):
+            # the module's result, the pass's deferred flags (None: none), per grid its device counts
+            self.outputs, self.failed, device_counts = self._record(device_pass)
+            self.reads = []  # per grid: (vectors, host counts, device counts) of a pass
+            for grid, state, counts in zip(self.grids, before, device_counts):
                 vectors, host, _ = grid.read_state()
-                captured.reads.append((vectors - state[0], {name: host[name] - state[1][name] for name in host},
-                                       counts))
-            captured.called = [layer for layer in layers if layer.called]
+                self.reads.append((vectors - state[0], {name: host[name] - state[1][name] for name in host},
+                                   counts))
+            self.called = [layer for layer in self.layers if layer.called]
         finally:  # the recorded pass is not a pass: its bookkeeping is undone
-            for grid, state in zip(grids, before):
+            for grid, state in zip(self.grids, before):
                 grid.restore_read_state(state)
                 grid.forget_vector_counter()
-            for layer, was in zip(layers, called_before):
+            for layer, was in zip(self.layers, called_before):
                 layer.called = was
-        return captured
 
     def _record(self, device_pass: Callable) -> tuple:
         """Capture device_pass() into a CUDA graph (nothing runs on the device yet): its
@@ -201,7 +191,7 @@ class PassGraphs:
         out, failed = self._eager_pass(model, args, kwargs)
         if not failed:  # a pass that failed a check is no template: capture at the next call
             try:
-                self._passes[key] = self.pass_type.capture(model, leaves, spec)
+                self._passes[key] = self.pass_type(model, leaves, spec)
             except RuntimeError as error:
                 raise RuntimeError(f"capturing the forward pass as a CUDA graph failed ({error}); "
                                    f"use_cuda_graphs(False) runs passes without graphs") from error
@@ -226,15 +216,6 @@ class PassGraphs:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            out, failed = self._checked_once(model, args, kwargs)
+            out, failed = deferred.run_deferred(lambda: model.module(*args, **kwargs))
         torch.cuda.current_stream(device).wait_stream(stream)
         return out, failed
-
-    @staticmethod
-    def _checked_once(model, args: tuple, kwargs: dict) -> tuple:
-        with deferred.deferred_checks() as checks:
-            out = model.module(*args, **kwargs)
-        if not checks.failed():
-            return out, False
-        checks.rewind()
-        return model.module(*args, **kwargs), True

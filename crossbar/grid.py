@@ -40,6 +40,7 @@ from .config import TileConfig
 from .devices import make_device
 from . import deferred, torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
+from .precision import ieee_float32
 from .rng import stream_key
 from .wires import effective_conductance
 from .seeding import as_seed_sequence, derive
@@ -584,9 +585,10 @@ class TileGrid(CountsChanges, nn.Module):
     def _block_products(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(R, batch, n_out): x's row block r times g's, all column blocks in one product."""
         out = torch.empty((self.grid_shape[0], x.shape[0], self.shape[1]), dtype=torch.float32, device=x.device)
-        for r in range(self.grid_shape[0]):
-            a, b = self.row_starts[r], self.row_starts[r + 1]
-            torch.mm(x[:, a:b], g[a:b], out=out[r])
+        with ieee_float32():  # never TF32 (see crossbar.precision)
+            for r in range(self.grid_shape[0]):
+                a, b = self.row_starts[r], self.row_starts[r + 1]
+                torch.mm(x[:, a:b], g[a:b], out=out[r])
         return out
 
     # -- the torch engine ------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch import nn
 
 from crossbar import deferred, torch_engine
 from crossbar.kernels import pixel_dac_convert
+from crossbar.precision import ieee_float32
 from crossbar.seeding import derive
 
 from .layers import AnalogLayer, group_rows
@@ -98,8 +99,9 @@ class AnalogConv2d(AnalogLayer):
 
     def _forward(self, x: torch.Tensor, pad: tuple) -> torch.Tensor:
         """The convolution of a checked input after padding it by ``pad`` (F.pad order:
-        left, right, top, bottom; negative values crop)."""
-        with torch.no_grad():
+        left, right, top, bottom; negative values crop). Its convolutions round as IEEE
+        float32 (cuDNN's default is TF32: see ``crossbar.precision``)."""
+        with torch.no_grad(), ieee_float32():
             if self.one_d:
                 x = x.unsqueeze(2)
             calibrating = self._calibration is not None

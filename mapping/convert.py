@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from crossbar import TileConfig, deferred
+from crossbar.precision import ieee_float32
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
@@ -117,11 +118,13 @@ class AnalogModel(nn.Module):
         return self
 
     def _run(self, fn, what: str):
-        """fn() with fast paths off, then the check that every analog layer ran."""
+        """fn() with fast paths off and products in IEEE float32 (``crossbar.precision``:
+        a seed names the same outputs on every device), then the check that every analog
+        layer ran."""
         layers = self.analog_layers()
         for _, layer in layers:
             layer.called = False
-        with torch.no_grad(), fused_fast_paths_off():
+        with torch.no_grad(), fused_fast_paths_off(), ieee_float32():
             out = fn()
         skipped = [name or type(layer).__name__ for name, layer in layers if not layer.called]
         if skipped:

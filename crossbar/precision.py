@@ -1,0 +1,68 @@
+"""Analog products in IEEE float32, whatever the process's reduced-precision settings.
+
+cuDNN convolutions run in TF32 by default on Ampere and later GPUs (and matrix
+products do after ``torch.set_float32_matmul_precision("high")``, common in training
+scripts; on the CPU, oneDNN can be asked for bfloat16). TF32 keeps 10 bits of each
+input's mantissa: a relative error of up to 2^-11 on every conductance and DAC value,
+which moves column sums across ADC steps on a few percent of outputs and breaks the
+promise that a seed names the same chip on the CPU and the GPU (equal outputs within
+float32 product rounding). A converted model's whole pass runs so (its digital layers
+too, for the same reason); the float model outside it keeps the precision its user chose.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+_lock = threading.Lock()
+_depth = 0      # blocks open, in all threads
+_saved: list = []  # the settings before the first of them
+
+
+@functools.lru_cache(maxsize=None)
+def _switches() -> tuple:
+    """(settings object, attribute, its IEEE float32 value) of the float32 matrix
+    products and convolutions on CUDA and on the CPU: the per-operation
+    ``fp32_precision`` settings where this torch has them, else CUDA's older
+    ``allow_tf32`` flags. Mixing the two kinds is an error in recent torch, so only one
+    kind is ever touched."""
+    backends = torch.backends
+    conv = getattr(backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision") and hasattr(backends.cuda.matmul, "fp32_precision"):
+        found = [(backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    else:
+        found = [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
+    for op in ("matmul", "conv"):  # oneDNN, on the CPU
+        owner = getattr(backends.mkldnn, op, None)
+        if hasattr(owner, "fp32_precision"):
+            found.append((owner, "fp32_precision", "ieee"))
+    return tuple(found)
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Within the block, float32 matrix products and convolutions round as IEEE
+    float32 on every device (no TF32, no bfloat16). The settings are the process's: the
+    first block to enter sets them, and the last to leave, in any thread, restores
+    them; a block inside another costs next to nothing."""
+    global _depth, _saved
+    with _lock:
+        if _depth == 0:
+            switches = _switches()
+            _saved = [getattr(owner, name) for owner, name, _ in switches]
+            for owner, name, ieee in switches:
+                setattr(owner, name, ieee)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for (owner, name, _), value in zip(_switches(), _saved):
+                    setattr(owner, name, value)

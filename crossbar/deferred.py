@@ -32,14 +32,15 @@ class DeferredChecks:
     """The flags of one pass and what its grids were before it."""
 
     def __init__(self) -> None:
-        self._failed: Optional[torch.Tensor] = None  # on the device, nonzero if any flag was
-        self._before: dict = {}                      # id(grid) -> (grid, its state before the pass)
+        self._flags: list = []  # device conditions, 0-d: nonzero if the pass must run again
+        self._before: dict = {}  # id(grid) -> (grid, its state before the pass)
 
     def flag(self, condition: torch.Tensor) -> None:
         """Note a device condition, a 0-d bool or count (nonzero is true), that makes
-        the pass run again, checked. Nothing is read from the device here."""
-        # one sum per flag (bool + bool stays bool; a count makes it a count)
-        self._failed = condition if self._failed is None else self._failed + condition
+        the pass run again, checked. Nothing is read from the device here, and nothing
+        is computed: the flags are combined once, at the end (on a GPU each operation
+        costs host time, and a pass notes a few flags per layer)."""
+        self._flags.append(condition)
 
     def enter(self, grid) -> None:
         """Keep a grid's state (vectors read, conversion counts) before its first read
@@ -50,19 +51,23 @@ class DeferredChecks:
     def failed(self) -> bool:
         """Whether any flag is set: the pass's one read of the device (none if no
         flag was noted, as on the Numba engine)."""
-        return self._failed is not None and bool(self._failed)
+        pending = self.pending()
+        return pending is not None and bool(pending)
 
     def pending(self) -> Optional[torch.Tensor]:
-        """The flags' sum on the device, unread (None: no flag was noted), for a caller
-        that reads it later: a CUDA graph's replay writes it at every pass."""
-        return self._failed
+        """Whether any flag is set, as a 0-d bool on the device, unread (None: no flag
+        was noted), for a caller that reads it later: a CUDA graph's replay writes it at
+        every pass."""
+        if len(self._flags) > 1 or self._flags and self._flags[0].dtype != torch.bool:
+            self._flags = [torch.stack(self._flags).any()]  # (bools and counts: stack promotes)
+        return self._flags[0] if self._flags else None
 
     def rewind(self) -> None:
         """Put every grid read in the pass back as it was before it."""
         for grid, state in self._before.values():
             grid.restore_read_state(state)
         self._before.clear()
-        self._failed = None
+        self._flags = []
 
 
 def current() -> Optional[DeferredChecks]:

@@ -129,7 +129,7 @@ class TileGrid(CountsChanges, nn.Module):
         self._counter_holds: Optional[int] = None
         self._engine = "auto"
         # the torch engine's view of the above on the grid's device (see _upload)
-        self._keys_t: Optional[torch.Tensor] = None
+        self._keys_t: Optional[torch.Tensor] = None      # per output column: (R, n_out)
         self._adc_keys_t: Optional[torch.Tensor] = None
         self._columns: Optional[torch_engine.ColumnMap] = None
         self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
@@ -171,9 +171,9 @@ class TileGrid(CountsChanges, nn.Module):
         device = self.g_prog.device
         self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
         self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
-        self._keys_t = torch_engine.as_int64_keys(self._keys).to(device)
-        self._adc_keys_t = torch_engine.as_int64_keys(self._adc_keys).to(device) if self._adc_keys.size else None
         self._columns = torch_engine.column_map(self.col_starts, device)
+        self._keys_t = torch_engine.column_keys(self._keys, self._columns)
+        self._adc_keys_t = torch_engine.column_keys(self._adc_keys, self._columns) if self._adc_keys.size else None
 
     def _host(self, name: str) -> np.ndarray:
         """A numpy copy of a small buffer (ranges), refreshed when the buffer changes."""

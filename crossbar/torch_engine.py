@@ -250,6 +250,12 @@ class ColumnMap(NamedTuple):
     offset: torch.Tensor
 
 
+def column_keys(keys: np.ndarray, columns: ColumnMap) -> torch.Tensor:
+    """(R, C) uint64 stream keys of a grid's tiles as the (R, n_out) int64 key of each
+    output column's tile, on the columns' device: gathered once, not at every read."""
+    return as_int64_keys(keys).to(columns.tile.device)[:, columns.tile]
+
+
 def column_map(col_starts, device) -> ColumnMap:
     starts = torch.as_tensor(np.asarray(col_starts), dtype=torch.int64, device=device)
     widths = starts[1:] - starts[:-1]
@@ -260,7 +266,8 @@ def column_map(col_starts, device) -> ColumnMap:
 class ADCErrors(NamedTuple):
     """A finite ADC's non-idealities on the grid's device (PHYSICS.md section 10):
     fixed ``gain`` and ``offset`` (LSB) per tile row and output column, (R, n_out)
-    float64 or None; the noise streams' ``keys`` (R, C) int64 (None: no noise)."""
+    float64 or None; the noise streams' ``keys`` per output column, (R, n_out) int64
+    (None: no noise)."""
 
     gain: Optional[torch.Tensor]
     offset: Optional[torch.Tensor]
@@ -311,7 +318,8 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     digital scale and the float32 sum over row blocks, times alpha. ``partial`` (R,
     vectors, n_out) float32; ``var`` (R, vectors, n_out) float32 or None; ``var_rows``
     (R, vectors) float64 or None; ``columns`` the grid's :func:`column_map`; ``keys``
-    (R, C) int64; ``first_vector`` the number of the first vector, a 0-d int64 tensor on
+    (R, n_out) int64, each output column's key of its tile's per-read noise stream
+    (:func:`column_keys`); ``first_vector`` the number of the first vector, a 0-d int64 tensor on
     the device (a graph's replay reads it there); ``ranges`` (R, C) float64;
     ``scales`` (R, vectors) float64 or None; ``divisor`` (R, n_out) float32 or None;
     ``errors`` the ADC's non-idealities or None; ``checks`` a pass's
@@ -337,9 +345,9 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     # each normal an output draws per row block: its stream's (R, n_out) column keys, and factor
     streams, factors = [], []
     if var is not None or var_rows is not None:
-        streams, factors = [keys[:, tile_of]], [1.0]
+        streams, factors = [keys], [1.0]
     if errors is not None and errors.noise_sigma > 0:
-        streams.append(errors.keys[:, tile_of])
+        streams.append(errors.keys)
         factors.append(float(errors.noise_sigma))
     streams, factors = tuple(streams), tuple(factors)
     kn, wn, _ = _tables(device)
@@ -356,9 +364,12 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
             if hits is not None:
                 hits[:, flat] = exact_hits
     n = batch * n_out
-    acc = torch.zeros((batch, n_out), dtype=torch.float32, device=device)
-    for block in values[:, :n].view(n_blocks, batch, n_out):  # the digital sum, in row-block order
-        acc += block                                           # as the Numba kernel adds
+    # the digital sum, in row-block order as the Numba kernel adds (0 + y0 + y1 + ...:
+    # starting from y0 changes only the sign of a zero sum), with no zero-filled start
+    blocks = values[:, :n].view(n_blocks, batch, n_out)
+    acc = blocks[0] if n_blocks == 1 else blocks[0] + blocks[1]  # one block: the read-out's own memory
+    for block in blocks[2:]:
+        acc += block
     column_hits = None if hits is None else hits[:, :n].view(n_blocks, batch, n_out).sum(dim=1)
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
     if column_hits is not None:
@@ -521,24 +532,31 @@ def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tu
                        args.nonlinearity, args.scales, args.divisor)
 
 
-def dac_values(x: torch.Tensor, full_scale: float, half: int) -> tuple:
-    """A DAC over x with one range: (converted float32, mask of values beyond the
-    range, count of non-finite values as a tensor); half < 0 passes values through."""
+def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> tuple:
+    """A DAC over x with one range: (converted float32, their squares in float64 (exact;
+    None unless asked), 1.0 where a value is beyond the range (float64), count of
+    non-finite values as a tensor); half < 0 passes values through."""
     xd = x.double()
     bad = (~torch.isfinite(xd)).sum()
     if half >= 0:
         q, hits = quantize(xd, full_scale, half)
     else:
         q, hits = xd, torch.zeros(xd.shape, dtype=torch.bool, device=xd.device)
-    return q.float(), hits, bad
+    q = q.float()
+    qd = q.double()
+    return q, qd * qd if squares else None, hits.double(), bad
 
 
-def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, seg_starts, want_squares: bool) -> tuple:
+def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,
+                      want_squares: bool) -> tuple:
     """``kernels.pixel_dac_convert``: a layer input (pixels, channels) through one DAC
-    range. Returns (converted float32, per pixel and channel segment the sum of the
+    range. ``segment_matrix`` (channels, segments) float64 is 1 where a channel is in a
+    segment. Returns (converted float32, per pixel and channel segment the sum of the
     converted values squared (float32; None unless asked), the values beyond the range
-    (float32), the count of non-finite values as a device tensor)."""
+    (float64), the count of non-finite values as a device tensor). Each segment sum is
+    one matrix product, whatever the number of segments: on a GPU, a kernel per
+    segment costs more host time than the sums."""
     convert = fused_version(dac_values) if use_fused(pixels.device) else dac_values
-    xq, hits, bad = convert(pixels, float(full_scale), half)
-    squares = range_sums(xq.double().square(), seg_starts).float() if want_squares else None
-    return xq, squares, range_sums(hits, seg_starts).float(), bad
+    xq, squares, hits, bad = convert(pixels, float(full_scale), half, want_squares)
+    squares = torch.mm(squares, segment_matrix).float() if want_squares else None
+    return xq, squares, torch.mm(hits, segment_matrix), bad

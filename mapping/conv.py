@@ -20,8 +20,7 @@ is a conversion by the DACs of its tile row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -46,8 +45,7 @@ class AnalogConv2d(AnalogLayer):
         self.stride, self.dilation = stride, dilation
         self.pad, self.padding_mode, self.groups, self.one_d = padding, padding_mode, groups, one_d
         self.unrolled = False
-        self._kernels = {}  # group -> (conductances they were cut from, per-block kernels)
-        self._coverages = {}  # (kernel, input size, output size) -> coverage map of the clip counts
+        self._kernels = {}  # group -> its _RowBlocks
 
     def at(self, t: float) -> None:
         super().at(t)
@@ -190,9 +188,10 @@ class AnalogConv2d(AnalogLayer):
         grid = matrix.grid
         matrix._require_ready()
         ranges = grid._require_ranges()
-        blocks, segments = self._block_kernels(g)
+        row_blocks = self._block_kernels(g)
+        blocks = row_blocks.blocks
         on_torch = grid.engine == "torch"
-        xq, squares, clips = self._convert(matrix, xg, segments, grid._var_uniform is not None, on_torch)
+        xq, squares, clips = self._convert(matrix, xg, row_blocks, grid._var_uniform is not None, on_torch)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
         partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
         var = var_rows = None
@@ -200,78 +199,66 @@ class AnalogConv2d(AnalogLayer):
             sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
             var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks])
         elif grid._var_uniform is not None:
-            var_rows = _stack([self._block_sums(squares, b, conv).reshape(-1) for b in blocks]).double()
+            # every block's sum of squares over its receptive fields, in one convolution
+            sums = F.conv2d(squares, row_blocks.taps, **conv)  # (N, blocks, H', W')
+            var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).double()
             var_rows *= grid._var_uniform
-        clipped = torch.zeros(len(blocks), dtype=torch.float64, device=xq.device)
-        if clips is not None:  # every unrolled copy of a clipped input is a clipped conversion
-            clipped = torch.stack([self._clip_count(clips, b, conv, (h_out, w_out)) for b in blocks])
+        if clips is None:
+            clipped = torch.zeros(len(blocks), dtype=torch.int64, device=xq.device)
+        else:  # every unrolled copy of a clipped input is a clipped conversion
+            clipped = self._clip_counts(clips, row_blocks, conv, (h_out, w_out))
         if on_torch:  # everything stays on the grid's device
             y = matrix.combine_slices(grid.read_out_torch(partial, var, var_rows, None, ranges, True,
-                                                          clipped.round().long(), matrix.divisor, matrix.alpha))
+                                                          clipped, matrix.divisor, matrix.alpha))
             if target is None:
                 return y
             return target.copy_(y)
         direct = target is not None and matrix.slices == 1  # sliced outputs are combined first
         y = grid.read_out(partial.numpy(), None if var is None else var.numpy(),
                           None if var_rows is None else var_rows.numpy(), None, ranges, True,
-                          clipped.round().long().numpy(), matrix.divisor.numpy(), matrix.alpha,
+                          clipped.numpy(), matrix.divisor.numpy(), matrix.alpha,
                           target.numpy() if direct else None)
         if direct:
             return target
         y = torch.from_numpy(matrix.combine_slices(y))
         return y if target is None else target.copy_(y)
 
-    def _clip_count(self, clips: torch.Tensor, block: "_Block", conv: dict, out_hw: tuple) -> torch.Tensor:
-        """Clipped conversions of a block (a float64 scalar tensor on the input's device,
-        integral): each clipped input counted once per receptive field (of this block's
-        taps) that holds it, i.e. weighted by a coverage map."""
-        total = torch.zeros((), dtype=torch.float64, device=clips.device)
-        lo, hi = block.segments
-        if hi > lo:
-            total += (clips[:, lo:hi].sum(1, keepdim=True) * self._coverage(block.box, clips, conv, out_hw)).double().sum()
-        for segment, taps in block.edges:
-            total += (clips[:, segment:segment + 1] * self._coverage(taps, clips, conv, out_hw)).double().sum()
-        return total
+    def _clip_counts(self, clips: torch.Tensor, row_blocks: "_RowBlocks", conv: dict, out_hw: tuple) -> torch.Tensor:
+        """Clipped conversions per row block, (blocks,) int64: each clipped input counted
+        once per receptive field that holds it among the block's taps, i.e. the clip map
+        ``clips`` (N, segments, H, W) summed over images and weighted by the blocks'
+        coverage maps. The counts are integers, exact in float64 in any order."""
+        coverage = self._coverage(row_blocks, clips, conv, out_hw)  # (blocks, segments x H x W)
+        per_pixel = clips.sum(0, dtype=torch.float64).reshape(-1)
+        return torch.mv(coverage, per_pixel).long()
 
-    def _coverage(self, kernel: torch.Tensor, maps: torch.Tensor, conv: dict, out_hw: tuple) -> torch.Tensor:
-        """(1, 1, H, W): at each input pixel, how many receptive fields of the
-        convolution (its taps weighted by ``kernel``, 0/1) hold it."""
+    def _coverage(self, row_blocks: "_RowBlocks", maps: torch.Tensor, conv: dict, out_hw: tuple) -> torch.Tensor:
+        """(blocks, segments x H x W) float64: at each pixel of each channel segment,
+        how many receptive fields of the convolution hold it among each block's taps
+        (``row_blocks.taps``), made once per input and output size."""
         in_hw = tuple(maps.shape[2:])
-        key = (id(kernel), in_hw, out_hw)
-        found = self._coverages.get(key)
-        if found is not None and found[0] is kernel:
-            return found[1]
+        key = (in_hw, out_hw, conv["padding"])
+        found = row_blocks.coverages.get(key)
+        if found is not None:
+            return found
+        taps = row_blocks.taps
+        n_blocks, n_segments = taps.shape[:2]
         ones = torch.ones(1, 1, *out_hw, device=maps.device)
         size = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
-                zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], kernel.shape[2:])]
+                zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], taps.shape[2:])]
         extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
-        coverage = F.conv_transpose2d(ones, kernel, stride=conv["stride"], padding=conv["padding"],
-                                      dilation=conv["dilation"])
-        coverage = F.pad(coverage, (0, extra[1], 0, extra[0]))
-        self._coverages[key] = (kernel, coverage)
+        coverage = F.conv_transpose2d(ones, taps.reshape(1, n_blocks * n_segments, *taps.shape[2:]),
+                                      stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
+        coverage = F.pad(coverage, (0, extra[1], 0, extra[0])).reshape(n_blocks, -1).double()
+        row_blocks.coverages[key] = coverage
         return coverage
-
-    def _block_sums(self, maps: torch.Tensor, block: "_Block", conv: dict) -> torch.Tensor:
-        """Per output position: the sum of a per-pixel quantity over the block's part of
-        its receptive field. ``maps`` (N, segments, H, W) hold the quantity summed over
-        each channel segment; the block's whole channels are box-filtered once, its
-        edge channels (split between blocks) take their own taps."""
-        total = None
-        lo, hi = block.segments
-        if hi > lo:
-            whole = maps[:, lo:hi] if hi - lo == 1 else maps[:, lo:hi].sum(1, keepdim=True)
-            total = F.conv2d(whole, block.box, **conv)
-        for segment, taps in block.edges:
-            part = F.conv2d(maps[:, segment:segment + 1], taps, **conv)
-            total = part if total is None else total + part
-        return total
 
     @staticmethod
     def _positions(y: torch.Tensor) -> torch.Tensor:
         """(N, out, H, W) -> (N H W, out): output positions in the read-out's vector order."""
         return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
-    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor, segments: np.ndarray, squares: bool,
+    def _convert(self, matrix: AnalogMatrix, xg: torch.Tensor, row_blocks: "_RowBlocks", squares: bool,
                  on_torch: bool = False) -> tuple:
         """The group's NHWC input through the layer's DAC, element-wise: (quantized input
         as NCHW in channels-last memory, per-pixel sums of its squares over each channel
@@ -285,7 +272,8 @@ class AnalogConv2d(AnalogLayer):
         full_scale = 1.0 if r_in is None else r_in
         if on_torch:
             xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(-1, xg.shape[3]), full_scale,
-                                                                  grid._dac_half, segments, squares)
+                                                                  grid._dac_half, row_blocks.segment_matrix,
+                                                                  squares)
             if checks is not None:  # the pass runs again, checked, and refuses x then
                 checks.flag(n_bad)
             else:
@@ -294,6 +282,7 @@ class AnalogConv2d(AnalogLayer):
             pixels = xg.reshape(-1, xg.shape[3]).numpy()
             if not pixels.flags.c_contiguous:
                 pixels = np.ascontiguousarray(pixels)
+            segments = row_blocks.segments
             n_segments = len(segments) - 1
             xq = np.empty(pixels.shape, np.float32)
             sq = np.empty((len(pixels), n_segments) if squares else (0, 0), np.float32)
@@ -313,21 +302,18 @@ class AnalogConv2d(AnalogLayer):
         keep_clips = checks is not None or bool(clips.any())
         return nchw(xq), nchw(sq) if squares else None, nchw(clips) if keep_clips else None
 
-    def _block_kernels(self, g: int) -> tuple:
-        """The row blocks of group g (:class:`_Block`), their kernels cut from the
-        conductances read now and cached until the next at(t), and the channel segments
-        (boundaries) that their per-pixel sums are formed over."""
+    def _block_kernels(self, g: int) -> "_RowBlocks":
+        """The row blocks of group g (:class:`_RowBlocks`), their kernels cut from the
+        conductances read now and cached until the next at(t)."""
         grid = self.matrices[g].grid
         cached = self._kernels.get(g)
-        if cached is not None and cached[0] is grid._gdiff:
-            return cached[1], cached[2]
-        self._coverages.clear()  # keyed by the kernels about to be replaced
+        if cached is not None and cached.conductances is grid._gdiff:
+            return cached
         kh, kw = self.weight.shape[2:]
         taps = kh * kw
         out_g = grid.shape[1]
         device = grid._gdiff.device
-        box = torch.ones(1, 1, kh, kw, device=device)
-        blocks = []
+        blocks, spans = [], []
         for r in range(grid.grid_shape[0]):
             a, b = int(grid.row_starts[r]), int(grid.row_starts[r + 1])
             lo, hi = a // taps, (b - 1) // taps + 1
@@ -341,37 +327,58 @@ class AnalogConv2d(AnalogLayer):
 
             full_lo = lo if a == lo * taps else lo + 1
             full_hi = max(hi if b == hi * taps else hi - 1, full_lo)
-            edges = [(c, keep[(c - lo) * taps:(c - lo + 1) * taps].reshape(1, 1, kh, kw))
+            edges = [(c, keep[(c - lo) * taps:(c - lo + 1) * taps].reshape(kh, kw))
                      for c in sorted({lo, hi - 1}) if not full_lo <= c < full_hi]
-            blocks.append(_Block(lo, hi, kernel(grid._gdiff), kernel(grid._var) if grid._var is not None else None,
-                                 (full_lo, full_hi), box, edges))
+            blocks.append(_Block(lo, hi, kernel(grid._gdiff), kernel(grid._var) if grid._var is not None else None))
+            spans.append(((full_lo, full_hi), edges))
         # segments: each block's whole channels, and every edge channel alone
-        bounds = {0, grid.shape[0] // taps}
-        for block in blocks:
-            bounds |= set(block.segments)
-            bounds |= {c for channel, _ in block.edges for c in (channel, channel + 1)}
+        channels = grid.shape[0] // taps
+        bounds = {0, channels}
+        for (full_lo, full_hi), edges in spans:
+            bounds |= {full_lo, full_hi} | {c for channel, _ in edges for c in (channel, channel + 1)}
         segments = np.array(sorted(bounds), np.int64)
-        for block in blocks:  # channel ranges -> segment indices
-            block.segments = tuple(int(np.searchsorted(segments, c)) for c in block.segments)
-            block.edges = [(int(np.searchsorted(segments, c)), taps_) for c, taps_ in block.edges]
-        self._kernels[g] = (grid._gdiff, blocks, segments)
-        return blocks, segments
+        n_segments = len(segments) - 1
+        block_taps = torch.zeros(len(blocks), n_segments, kh, kw, device=device)
+        for r, ((full_lo, full_hi), edges) in enumerate(spans):
+            block_taps[r, np.searchsorted(segments, full_lo):np.searchsorted(segments, full_hi)] = 1.0
+            for channel, mask in edges:
+                block_taps[r, np.searchsorted(segments, channel)] = mask
+        segment_of = np.searchsorted(segments, np.arange(channels), side="right") - 1
+        segment_matrix = torch.zeros(channels, n_segments, dtype=torch.float64)
+        segment_matrix[np.arange(channels), segment_of] = 1.0
+        cut = _RowBlocks(grid._gdiff, blocks, segments, segment_matrix.to(device), block_taps, {})
+        self._kernels[g] = cut
+        return cut
 
 
-@dataclass
-class _Block:
+class _Block(NamedTuple):
     """A row block of a convolution's tile grid: input channels lo .. hi (the edge
-    channels possibly in part), the conductance and read-variance kernels on them, and
-    how per-pixel sums add up over its taps: the channel segments of its whole
-    channels (first, end), box-filtered, then each (edge channel's segment, tap mask)."""
+    channels possibly in part) and the conductance and read-variance kernels on them."""
 
     lo: int
     hi: int
     weight: torch.Tensor
     variance: Optional[torch.Tensor]
-    segments: tuple
-    box: torch.Tensor
-    edges: list
+
+
+class _RowBlocks(NamedTuple):
+    """A convolution group's row blocks, cut from the conductances ``conductances``, and
+    how the per-pixel sums of a layer input (squares for the read-noise variance, clip
+    counts) add up over each block's taps. The input's channels fall into channel
+    ``segments`` (boundaries): each block's whole channels, and every edge channel
+    (split between blocks) alone. ``segment_matrix`` (channels, segments) float64 sums
+    a pixel's channels into its segments; ``taps`` (blocks, segments, kh, kw) float32
+    holds each block's taps on each segment (all of them on its whole channels, its
+    share on an edge channel, none elsewhere), so that one convolution of the
+    segment maps gives every block's sum over its receptive field. ``coverages``
+    caches :meth:`AnalogConv2d._coverage` per input and output size."""
+
+    conductances: torch.Tensor
+    blocks: list
+    segments: np.ndarray
+    segment_matrix: torch.Tensor
+    taps: torch.Tensor
+    coverages: dict
 
 
 def group_matrices(weight: torch.Tensor, groups: int, tile_config, seed, mapping, name: str) -> list:

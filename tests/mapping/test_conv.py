@@ -112,3 +112,28 @@ def test_row_block_kernels_are_cut_at_calibration_and_at_t_not_in_the_forward_pa
         before = {g: layer._kernels[g][1] for g in range(layer.groups)}
         analog(x)
         assert all(layer._kernels[g][1] is before[g] for g in range(layer.groups))
+
+
+def test_operations_per_pass_do_not_grow_with_the_channel_segments(monkeypatch):
+    """On a GPU every operation costs host time. A row block's per-pixel sums (read-noise
+    variance, clip counts) over its whole channels and its edge channels are one matrix
+    product and one convolution for all blocks, not a few operations per segment."""
+    from tests.mapping.test_graphs import OperationLog
+
+    monkeypatch.setenv("XBARSIM_FUSED", "0")
+    issued = {}
+    for rows in (18, 20):  # two blocks each: 2 whole channels per block, or split channels too
+        model, analog = analog_layer(lambda: nn.Conv2d(4, 6, 3, padding=1), presets.pcm(rows=rows, cols=8))
+        analog.set_engine("torch")
+        x = inputs(model[0], batch=2, size=6)
+        analog.calibrate([x])
+        analog.at(3600.0)
+        grid = analog.module[0].matrices[0].grid
+        assert grid.grid_shape[0] == 2 and grid._var_uniform is not None
+        analog(x)
+        with OperationLog() as log:
+            analog(x * 3.0)  # clipping: the clip counts are formed
+        issued[rows] = (len(log.operations), len(analog.module[0]._kernels[0].segments) - 1)
+    (whole, whole_segments), (split, split_segments) = issued[18], issued[20]
+    assert (whole_segments, split_segments) == (2, 3)
+    assert split == whole

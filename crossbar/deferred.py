@@ -58,9 +58,11 @@ class DeferredChecks:
         """Whether any flag is set, as a 0-d bool on the device, unread (None: no flag
         was noted), for a caller that reads it later: a CUDA graph's replay writes it at
         every pass."""
-        if len(self._flags) > 1 or self._flags and self._flags[0].dtype != torch.bool:
+        if not self._flags:
+            return None
+        if len(self._flags) > 1 or self._flags[0].dtype != torch.bool:
             self._flags = [torch.stack(self._flags).any()]  # (bools and counts: stack promotes)
-        return self._flags[0] if self._flags else None
+        return self._flags[0]
 
     def rewind(self) -> None:
         """Put every grid read in the pass back as it was before it."""

@@ -1,5 +1,9 @@
 import numpy as np
 import pytest
+import torch
+
+# tests that need a real GPU skip without one, and say so
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
 
 def z_bound(n: int, z: float = 5.0) -> float:

@@ -14,6 +14,7 @@ from torch import nn
 from crossbar import presets
 from crossbar.precision import _switches, ieee_float32
 from mapping import convert
+from tests.conftest import needs_cuda
 from tests.crossbar.test_grid import programmed_grid
 
 REDUCED = {"fp32_precision": "tf32", "allow_tf32": True}
@@ -122,7 +123,6 @@ def test_a_converted_models_pass_runs_in_ieee_float32_and_restores(monkeypatch, 
     assert settings() == before
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
 
 @pytest.mark.gpu

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from crossbar import deferred, presets, rng, torch_engine
+from tests.conftest import needs_cuda
 from tests.crossbar.test_grid import programmed_grid
 
 pytestmark = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
 
 @pytest.mark.parametrize("key,offset", [(0, 0), (12345, 10 ** 12), (2 ** 64 - 1, 2 ** 63 + 5)])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crossbar import deferred, presets, torch_engine
+from tests.conftest import needs_cuda
 from tests.mapping.test_torch_engine_models import X, converted
 
 pytestmark = pytest.mark.gpu
@@ -77,7 +78,7 @@ def test_a_non_finite_input_is_refused_and_leaves_the_chip_as_it_was():
     assert torch.equal(analog(X), deferring(torch_model(), X)[0])  # the next pass draws the first noise
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@needs_cuda
 def test_on_cuda_a_pass_waits_for_the_gpu_only_at_its_end():
     """torch's sync debug mode raises on any operation that waits for the GPU (a copy
     to the host, nonzero, a value read) within the deferred pass; the end's check is

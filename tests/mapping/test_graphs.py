@@ -24,6 +24,7 @@ from crossbar.grid import TileGrid
 from mapping import convert
 from mapping.graphs import CapturedPass, PassGraphs, state_fingerprint
 from mapping.layers import AnalogLayer
+from tests.conftest import needs_cuda
 from tests.mapping.test_torch_engine_models import X, converted
 
 pytestmark = pytest.mark.gpu
@@ -263,7 +264,7 @@ def test_a_pass_changes_on_the_host_only_the_bookkeeping_a_replay_redoes(make, x
     assert state_fingerprint(analog) == fingerprint
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@needs_cuda
 def test_on_cuda_graph_replays_equal_eager_passes_bitwise():
     eager, graphed = torch_model().to("cuda"), torch_model().to("cuda").use_cuda_graphs()
     for analog in (eager, graphed):

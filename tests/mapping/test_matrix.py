@@ -7,7 +7,7 @@ import torch
 
 from crossbar import presets
 from mapping import AnalogMatrix, MappingConfig
-from tests.conftest import under_thread_counts
+from tests.conftest import needs_cuda, under_thread_counts
 
 
 def blocks(n, size):
@@ -75,7 +75,7 @@ def test_chunked_products_equal_one_product_bitwise(rng, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@needs_cuda
 def test_on_cuda_chunks_sized_by_memory_equal_one_product_bitwise(rng):
     w = rng.normal(size=(300, 600))
     x = torch.from_numpy(rng.normal(size=(5000, 600)).astype(np.float32)).cuda()

@@ -11,6 +11,7 @@ from torch import nn
 
 from crossbar import presets
 from mapping import convert
+from tests.conftest import needs_cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +84,7 @@ def test_convert_refuses_a_device_it_cannot_use():
             converted(presets.ideal(rows=16, cols=16), device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@needs_cuda
 def test_on_cuda_a_model_runs_without_leaving_the_device():
     config = presets.pcm(rows=32, cols=16, read_sigma_abs=0.0)
     cpu = converted(config)

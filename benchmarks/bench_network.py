@@ -17,6 +17,7 @@ every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU a
 
     python benchmarks/bench_network.py [--models cnn,transformer] [--batch 256] [--transformer-batch 32]
                                        [--profile] [--device cuda] [--engine torch] [--cuda-graphs]
+                                       [--float-precision ieee]
 
 With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
 memory (torch's allocator) rather than of process RSS. ``--engine torch`` runs the
@@ -26,10 +27,17 @@ pass (Python, torch dispatch, compiled-call wrappers), which bounds a GPU forwar
 below whatever the GPU's speed. ``--cuda-graphs`` (with --device cuda) replays each
 analog pass as a CUDA graph (``AnalogModel.use_cuda_graphs``), which removes most of
 that host cost.
+
+The analog products always round as IEEE float32 (``crossbar.precision``). The float
+model runs under torch's defaults unless ``--float-precision ieee``: on Ampere and
+later GPUs those make cuDNN convolutions TF32, faster than the analog model's IEEE
+products, so a ratio against them includes the cost of the precision. The summary's
+``float_settings`` records the settings the float runs were timed under.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -97,12 +105,16 @@ def _sync(device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
-def run_float(name: str, batch: int, repeats: int, device: torch.device) -> dict:
+def run_float(name: str, batch: int, repeats: int, device: torch.device, float_precision: str = "default") -> dict:
+    from crossbar import precision
+
     model, x = build(name).to(device), inputs(name, batch).to(device)
-    with torch.no_grad():
+    ieee = precision.ieee_float32() if float_precision == "ieee" else contextlib.nullcontext()
+    with torch.no_grad(), ieee:
+        settings = precision.settings()
         float_s = median_time(lambda: model(x), repeats=repeats, sync=_sync(device))
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
-    return {"float_s": float_s, "float_peak_rss_mb": peak}
+    return {"float_s": float_s, "float_peak_rss_mb": peak, "float_settings": settings}
 
 
 def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
@@ -156,6 +168,9 @@ def main() -> None:
                         help="the analog products' engine (auto: Numba on the CPU, torch elsewhere)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="run the analog passes as CUDA graphs (AnalogModel.use_cuda_graphs; --device cuda)")
+    parser.add_argument("--float-precision", default="default", choices=["default", "ieee"],
+                        help="the float model's float32 products: torch's defaults (TF32 convolutions on "
+                             "Ampere and later GPUs) or IEEE, as the analog products always are")
     parser.add_argument("--part", choices=["float", "analog"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -169,20 +184,21 @@ def main() -> None:
         parser.error(f"--cuda-graphs needs --device cuda (got --device {args.device})")
     if args.part:
         device = torch.device(args.device)
-        result = (run_float(models[0], args.batch, args.repeats, device) if args.part == "float"
+        result = (run_float(models[0], args.batch, args.repeats, device, args.float_precision) if args.part == "float"
                   else run_analog(models[0], args.batch, args.repeats, args.profile, device, args.engine,
                                   args.cuda_graphs))
         print(json.dumps(result))
         return
     summary = {"batch": args.batch, "transformer_batch": args.transformer_batch,
                "torch_threads": torch.get_num_threads(), "device": args.device, "engine": args.engine,
-               "cuda_graphs": args.cuda_graphs}
+               "cuda_graphs": args.cuda_graphs, "float_precision": args.float_precision}
     for name in models:
         result = {}
         batch = args.transformer_batch if name == "transformer" else args.batch
         for part in ("float", "analog"):
             command = [sys.executable, __file__, "--part", part, "--models", name, "--batch", str(batch),
-                       "--repeats", str(args.repeats), "--device", args.device, "--engine", args.engine]
+                       "--repeats", str(args.repeats), "--device", args.device, "--engine", args.engine,
+                       "--float-precision", args.float_precision]
             command += (["--profile"] if args.profile else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             if args.profile and part == "analog":
@@ -199,6 +215,7 @@ def main() -> None:
         summary[f"analog_s_{name}"] = result["analog_s"]
         summary[f"float_s_{name}"] = result["float_s"]
         summary[f"images_per_s_{name}"] = result["images_per_s"]
+        summary["float_settings"] = result["float_settings"]
     summary["ratio"] = max(summary[f"ratio_{name}"] for name in models)
     summary["memory_ratio"] = max(summary[f"memory_ratio_{name}"] for name in models)
     print(json.dumps(summary))

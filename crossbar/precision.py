@@ -26,7 +26,7 @@ _saved: list = []  # the settings before the first of them
 
 @functools.lru_cache(maxsize=None)
 def _switches() -> tuple:
-    """(settings object, attribute, its IEEE float32 value) of the float32 matrix
+    """(name, settings object, attribute, its IEEE float32 value) of the float32 matrix
     products and convolutions on CUDA and on the CPU: the per-operation
     ``fp32_precision`` settings where this torch has them, else CUDA's older
     ``allow_tf32`` flags. Mixing the two kinds is an error in recent torch, so only one
@@ -34,14 +34,23 @@ def _switches() -> tuple:
     backends = torch.backends
     conv = getattr(backends.cudnn, "conv", None)
     if hasattr(conv, "fp32_precision") and hasattr(backends.cuda.matmul, "fp32_precision"):
-        found = [(backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+        found = [("cuda.matmul.fp32_precision", backends.cuda.matmul, "fp32_precision", "ieee"),
+                 ("cudnn.conv.fp32_precision", conv, "fp32_precision", "ieee")]
     else:
-        found = [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
+        found = [("cuda.matmul.allow_tf32", backends.cuda.matmul, "allow_tf32", False),
+                 ("cudnn.allow_tf32", backends.cudnn, "allow_tf32", False)]
     for op in ("matmul", "conv"):  # oneDNN, on the CPU
         owner = getattr(backends.mkldnn, op, None)
         if hasattr(owner, "fp32_precision"):
-            found.append((owner, "fp32_precision", "ieee"))
+            found.append((f"mkldnn.{op}.fp32_precision", owner, "fp32_precision", "ieee"))
     return tuple(found)
+
+
+def settings() -> dict:
+    """The float32 precision settings of matrix products and convolutions now, by name
+    under ``torch.backends`` (for example ``{"cudnn.conv.fp32_precision": "tf32", ...}``):
+    what a float run was timed or evaluated under, for its record."""
+    return {name: getattr(owner, attribute) for name, owner, attribute, _ in _switches()}
 
 
 @contextmanager
@@ -54,9 +63,9 @@ def ieee_float32() -> Iterator[None]:
     with _lock:
         if _depth == 0:
             switches = _switches()
-            _saved = [getattr(owner, name) for owner, name, _ in switches]
-            for owner, name, ieee in switches:
-                setattr(owner, name, ieee)
+            _saved = [getattr(owner, attribute) for _, owner, attribute, _ in switches]
+            for _, owner, attribute, ieee in switches:
+                setattr(owner, attribute, ieee)
         _depth += 1
     try:
         yield
@@ -64,5 +73,5 @@ def ieee_float32() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                for (owner, name, _), value in zip(_switches(), _saved):
-                    setattr(owner, name, value)
+                for (_, owner, attribute, _), value in zip(_switches(), _saved):
+                    setattr(owner, attribute, value)

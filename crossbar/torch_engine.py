@@ -149,14 +149,34 @@ _WEDGES, _TAIL, _DONE = 0, 1, 2
 # in one pass of two, and one of 12 in one pass of 10^7 (which runs again, checked).
 _ROUNDS = 6
 _DEFERRED_CALLS = 2
+# An exact re-read walks every normal _OPEN_STEPS steps, then only the walks still going,
+# compacted into a buffer of late_walk_bound(walks): 99% of the walks end within two
+# steps, and the remaining steps on all of them were most of a re-read's work.
+_OPEN_STEPS = 2
+# The share of walks still going after two steps is at most that of the second step's
+# failures, whatever the first: a fresh hash leaves the fast path and misses its wedge
+# (at most REJECTION_RATE), or a tail step fails (1 - its acceptance, Marsaglia's
+# R e^(R^2/2) sqrt(2 pi) Q(R) = 0.9311). Measured: 0.75% of walks from rejected hashes.
+TAIL_FAILURE = 1.0 - ZIGGURAT_R * math.exp(ZIGGURAT_R ** 2 / 2) * math.sqrt(2 * math.pi) * 0.5 * math.erfc(
+    ZIGGURAT_R / math.sqrt(2))
+LATE_WALK_SHARE = max(REJECTION_RATE, TAIL_FAILURE)
 
 
-def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn) -> tuple:
-    """``_ROUNDS`` steps of ``rng.normal_rejected`` for every element, masked by its
+def late_walk_bound(walks: int) -> int:
+    """A buffer size for the walks, of ``walks``, still going after ``_OPEN_STEPS``
+    steps: the binomial mean at LATE_WALK_SHARE plus 10 standard deviations, plus 16.
+    Walks that do not fit stay unfinished, which a checked read finishes and a deferred
+    pass flags: the size costs time, never correctness."""
+    mean = walks * LATE_WALK_SHARE
+    return min(walks, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - LATE_WALK_SHARE)) + 16.0))
+
+
+def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[int] = None) -> tuple:
+    """``steps`` (default ``_ROUNDS``) steps of ``rng.normal_rejected`` for every element, masked by its
     phase: the ziggurat (fast test, then the wedge test with the uniform of h + k; a
     miss re-hashes h + k + 1), or the tail (two uniforms at k, k + 1) with the sign
     of the hash that entered it. Elements that are done keep their value."""
-    for _ in range(_ROUNDS):
+    for _ in range(_ROUNDS if steps is None else steps):
         in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
         x, accepted, hz, iz = _fast(h, kn, wn)
         a = -torch.log(_uniform(mix64(h + k))) / ZIGGURAT_R
@@ -328,12 +348,13 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
 
     Every tile output of the grid is read in one call, whatever the row blocks (on a
     GPU one fused kernel: a call of a compiled function costs far more host time than
-    the kernel it launches), with every normal from the ziggurat's fast path. The
-    outputs that drew one of its rare rejections (2.7% of normals) are then read again
-    with exact normals and replace the first values, and the row blocks are summed in
-    order. With ``checks``, nothing is read from the device: those outputs are found
-    in a buffer of fixed size (:func:`rejected_bound`) and a buffer too small or a walk
-    too long is flagged there."""
+    the kernel it launches), with every normal from the ziggurat's fast path. The tile
+    outputs (a row block's output, not all row blocks of it) that drew one of its rare
+    rejections (2.7% of normals) are then read again with exact normals and replace the
+    first values, and the row blocks are summed in order. With ``checks``, nothing is
+    read from the device: those tile outputs are found in a buffer of fixed size
+    (:func:`rejected_bound`) and a buffer too small or a walk too long is flagged
+    there."""
     n_blocks, batch, n_out = partial.shape
     device = partial.device
     fused = use_fused(device)
@@ -355,14 +376,14 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     values, hits, rejected = read(*args, streams, factors, first_vector, columns.width, columns.offset, kn, wn)
     if rejected is not None:
         if checks is None:
-            flat = rejected.nonzero().view(-1)
+            flat = rejected.view(-1).nonzero().view(-1)
         else:
-            flat = _bounded_indices(rejected, n_blocks * len(streams), checks)
+            flat = _bounded_indices(rejected, len(streams), checks)
         if flat.numel():
             exact, exact_hits = _read_exact(args, streams, factors, flat, first_vector, columns, fused, checks)
-            values[:, flat] = exact  # a padding index lands in the spare column
+            values.view(-1)[flat] = exact  # a padding index lands in a spare column
             if hits is not None:
-                hits[:, flat] = exact_hits
+                hits.view(-1)[flat] = exact_hits
     n = batch * n_out
     # the digital sum, in row-block order as the Numba kernel adds (0 + y0 + y1 + ...:
     # starting from y0 changes only the sign of a zero sum), with no zero-filled start
@@ -380,9 +401,9 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
 
 
 def rejected_bound(outputs: int, draws: int) -> int:
-    """A buffer size for the outputs, of ``outputs``, that draw at least one rejected
-    normal among their ``draws`` normals: each does so independently (the hashes of
-    distinct counters and keys) with probability p = 1 - (1 - REJECTION_RATE)^draws;
+    """A buffer size for the tile outputs, of ``outputs``, that draw at least one
+    rejected normal among their ``draws`` normals: each does so independently (the
+    hashes of distinct counters and keys) with probability p = 1 - (1 - REJECTION_RATE)^draws;
     the binomial mean plus 10 standard deviations, plus 16 for small means, is exceeded
     far less often than once in 10^20 read-outs (and is flagged when it is)."""
     p = 1.0 - (1.0 - REJECTION_RATE) ** draws
@@ -391,13 +412,14 @@ def rejected_bound(outputs: int, draws: int) -> int:
 
 
 def _bounded_indices(rejected: torch.Tensor, draws: int, checks) -> torch.Tensor:
-    """The indices of the outputs that drew a rejected normal (``rejected``, flat), with
-    no read of the device: :func:`rejected_bound` of them, padded with one past the
-    last output (the read-out's spare column); more of them than that is flagged."""
-    n = rejected.numel()
-    size = rejected_bound(n, draws)
+    """The flat indices of the tile outputs that drew a rejected normal (``rejected``,
+    (R, vectors x n_out + 1), its last column spare), with no read of the device:
+    :func:`rejected_bound` of them, padded with the first row block's spare column;
+    more of them than that is flagged."""
+    n_blocks, width = rejected.shape
+    size = rejected_bound(n_blocks * (width - 1), draws)
     checks.flag(rejected.sum() > size)
-    return torch.nonzero_static(rejected, size=size, fill_value=n).view(-1)
+    return torch.nonzero_static(rejected.view(-1), size=size, fill_value=width - 1).view(-1)
 
 
 class _ReadArgs(NamedTuple):
@@ -423,9 +445,8 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
     ziggurat's fast path: normal (first_vector + i) * width + offset of output column
     j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
     (R, n_out) key of each column, its normals times ``factors``. Returns (values,
-    ADC range mask, each (R, vectors x n_out + 1) with a spare column, the flat
-    (vectors x n_out,) mask of the outputs that drew a rejected normal in some row
-    block (None without noise))."""
+    ADC range mask, the mask of the tile outputs that drew a rejected normal (None
+    without noise), each (R, vectors x n_out + 1) with a spare column)."""
     vectors = torch.arange(partial.shape[1], dtype=torch.int64, device=partial.device)[:, None]
     counters = (vectors + first_vector) * width + col_offset
     rejected = None
@@ -433,8 +454,7 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
     for key, factor in zip(keys, factors):
         x, accepted, _, _ = _fast(counter_hash(key[:, None, :], counters), kn, wn)
         drawn.append(x if factor == 1.0 else factor * x)
-        missed = (~accepted).any(dim=0)
-        rejected = missed if rejected is None else rejected | missed
+        rejected = ~accepted if rejected is None else rejected | ~accepted
     z, zeta = _by_stream(drawn, var is not None or var_rows is not None)
 
     def per_column(a):  # (R, n_out) -> (R, 1, n_out)
@@ -445,7 +465,7 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
 
     values, hits = read_values(partial, var, per_vector(var_rows), z, per_column(fs), half, per_column(gain),
                                per_column(offset), zeta, nonlinearity, per_vector(scales), per_column(divisor))
-    return _spare_column(values), _spare_column(hits), None if rejected is None else rejected.reshape(-1)
+    return _spare_column(values), _spare_column(hits), _spare_column(rejected)
 
 
 def _spare_column(a: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -466,57 +486,81 @@ def _by_stream(drawn: list, read_noise: bool) -> tuple:
 
 def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor, first_vector: torch.Tensor,
                 columns: ColumnMap, fused: bool, checks=None) -> tuple:
-    """The read-out of the outputs at ``flat`` (indices into (vectors, n_out); one past
-    the last is padding) with exact normals: (their values (R, E), their ADC range
-    masks (R, E) or None). One call gathers their inputs, walks their normals
-    ``_ROUNDS`` steps (``_DEFERRED_CALLS`` times that with ``checks``) and reads them.
-    In the rare case that a walk is longer, the walks are finished and the outputs
-    read again, or, with ``checks``, that is flagged there."""
+    """The read-out of the tile outputs at ``flat`` (indices into the (R, vectors x n_out
+    + 1) read-out, whose spare column is padding) with exact normals: (their values
+    (E,), their ADC range masks (E,) or None). One call gathers their inputs, walks
+    their normals ``_ROUNDS`` steps (``_DEFERRED_CALLS`` times that with ``checks``) and
+    reads them. In the rare case that a walk is longer, the walks are finished and the
+    outputs read again, or, with ``checks``, that is flagged there."""
     kn, wn, fn = _tables(flat.device)
     exact = fused_version(_read_walked) if fused else _read_walked
+    late = late_walk_bound(len(keys) * flat.numel())
     values, hits, state, unfinished = exact(*args, keys, factors, flat, first_vector, columns.width,
-                                            columns.offset, kn, wn, fn, 1 if checks is None else _DEFERRED_CALLS)
+                                            columns.offset, kn, wn, fn, 1 if checks is None else _DEFERRED_CALLS,
+                                            late)
     if checks is not None:
         checks.flag(unfinished)
     elif bool(unfinished):
         normals = _finish_walks(state, kn, wn, fn)
         read = fused_version(_read_gathered) if fused else _read_gathered
-        values, hits = read(_gathered(args, flat), normals, factors)
+        values, hits = read(_gathered(args, *_located(flat, args.partial.shape)), normals, factors)
     return values, hits
+
+
+def _located(flat: torch.Tensor, shape) -> tuple:
+    """(row block, vector, column) of each tile output at ``flat`` in the (R, vectors x
+    n_out + 1) read-out of a product of ``shape`` (R, vectors, n_out); a spare column
+    (padding) is taken as its row block's last output."""
+    _, vectors, n_out = shape
+    per_block = vectors * n_out
+    block = flat // (per_block + 1)
+    output = (flat % (per_block + 1)).clamp(max=per_block - 1)
+    return block, output // n_out, output % n_out
 
 
 def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
                  keys: tuple, factors: tuple, flat, first_vector: torch.Tensor, width, col_offset, kn, wn, fn,
-                 calls: int) -> tuple:
-    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps: (values,
-    ADC range masks, the walks' state, whether a walk is unfinished); the values are
-    exact where every walk is done. Padding (one past the last output) reads the last
-    output."""
+                 calls: int, late: int) -> tuple:
+    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps, all of
+    them ``_OPEN_STEPS`` steps and the rest on at most ``late`` walks still going:
+    (values, ADC range masks, the walks' state, whether a walk is unfinished); the
+    values are exact where every walk is done. Padding (a spare column) reads its row
+    block's last output."""
     args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
-    flat = flat.clamp(max=partial.shape[1] * partial.shape[2] - 1)
-    j = flat % partial.shape[2]
-    counters = (flat // partial.shape[2] + first_vector) * width[j] + col_offset[j]
-    h = torch.stack([counter_hash(key[:, j], counters) for key in keys])  # (streams, R, E)
-    state = _start_walks(h)
-    for _ in range(calls):
-        state = _rejection_rounds(*state, kn, wn, fn)
-    values, hits = _read_gathered(_gathered(args, flat), state[3], factors)
+    block, i, j = _located(flat, partial.shape)
+    counters = (i + first_vector) * width[j] + col_offset[j]
+    h = torch.stack([counter_hash(key[block, j], counters) for key in keys])  # (streams, E)
+    steps = calls * _ROUNDS
+    opening = min(steps, _OPEN_STEPS)
+    state = _rejection_rounds(*_start_walks(h), kn, wn, fn, opening)
+    if steps > opening:
+        state = _late_rounds(state, late, kn, wn, fn, steps - opening)
+    values, hits = _read_gathered(_gathered(args, block, i, j), state[3], factors)
     return values, hits, state, (state[2] != _DONE).any()
 
 
-def _gathered(args: _ReadArgs, flat: torch.Tensor) -> _ReadArgs:
-    """The read-out's inputs at outputs ``flat`` alone, each (R, E)."""
-    n_blocks, _, n_out = args.partial.shape
-    i, j = flat // n_out, flat % n_out
+def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:
+    """``steps`` more steps of the walks in ``state`` that are still going, at most
+    ``size`` of them (the first ones; the others are left as they are), compacted
+    first. Padding repeats the first walk: its copies take the same steps, so that
+    whichever write lands, the value is the same."""
+    at = torch.nonzero_static(state[2].reshape(-1) != _DONE, size=size, fill_value=0).view(-1)
+    late = _rejection_rounds(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
+    return tuple(a.reshape(-1).index_put((at,), b).view(a.shape) for a, b in zip(state, late))
+
+
+def _gathered(args: _ReadArgs, block: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> _ReadArgs:
+    """The read-out's inputs at the tile outputs of row blocks ``block``, vectors ``i``
+    and columns ``j`` alone, each (E,)."""
 
     def per_output(a):
-        return None if a is None else a.reshape(n_blocks, -1)[:, flat]
+        return None if a is None else a[block, i, j]
 
     def per_column(a):
-        return None if a is None else a[:, j]
+        return None if a is None else a[block, j]
 
     def per_vector(a):
-        return None if a is None else a[:, i]
+        return None if a is None else a[block, i]
 
     return _ReadArgs(per_output(args.partial), per_output(args.var), per_vector(args.var_rows),
                      per_column(args.fs), args.half, per_column(args.gain), per_column(args.offset),
@@ -524,8 +568,8 @@ def _gathered(args: _ReadArgs, flat: torch.Tensor) -> _ReadArgs:
 
 
 def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tuple:
-    """The read-out of gathered outputs (:func:`_gathered`) with their normals
-    (streams, R, E), each stream's times its factor: (values, ADC range mask)."""
+    """The read-out of gathered tile outputs (:func:`_gathered`) with their normals
+    (streams, E), each stream's times its factor: (values, ADC range mask)."""
     drawn = [z if factor == 1.0 else factor * z for z, factor in zip(normals, factors)]
     z, zeta = _by_stream(drawn, args.var is not None or args.var_rows is not None)
     return read_values(args.partial, args.var, args.var_rows, z, args.fs, args.half, args.gain, args.offset, zeta,
@@ -533,30 +577,37 @@ def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tu
 
 
 def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> tuple:
-    """A DAC over x with one range: (converted float32, their squares in float64 (exact;
-    None unless asked), 1.0 where a value is beyond the range (float64), count of
-    non-finite values as a tensor); half < 0 passes values through."""
+    """A DAC over a layer input x (images, pixels, channels) with one range: (converted
+    float32, their squares in float64 (exact; None unless asked), per pixel and channel
+    the count over the images of values beyond the range (pixels, channels) float64,
+    count of non-finite values as a tensor); half < 0 passes values through. The clip
+    counts are summed over images here, not kept per image: the layer's clip counts
+    need no more, and a float64 map of every image would cost two passes over eight
+    bytes per input value."""
     xd = x.double()
     bad = (~torch.isfinite(xd)).sum()
     if half >= 0:
         q, hits = quantize(xd, full_scale, half)
+        clips = hits.double().sum(0)
     else:
-        q, hits = xd, torch.zeros(xd.shape, dtype=torch.bool, device=xd.device)
+        q, clips = xd, torch.zeros(xd.shape[1:], dtype=torch.float64, device=xd.device)
     q = q.float()
     qd = q.double()
-    return q, qd * qd if squares else None, hits.double(), bad
+    return q, qd * qd if squares else None, clips, bad
 
 
-def pixel_dac_convert(pixels: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,
+def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,
                       want_squares: bool) -> tuple:
-    """``kernels.pixel_dac_convert``: a layer input (pixels, channels) through one DAC
-    range. ``segment_matrix`` (channels, segments) float64 is 1 where a channel is in a
-    segment. Returns (converted float32, per pixel and channel segment the sum of the
-    converted values squared (float32; None unless asked), the values beyond the range
-    (float64), the count of non-finite values as a device tensor). Each segment sum is
-    one matrix product, whatever the number of segments: on a GPU, a kernel per
-    segment costs more host time than the sums."""
-    convert = fused_version(dac_values) if use_fused(pixels.device) else dac_values
-    xq, squares, hits, bad = convert(pixels, float(full_scale), half, want_squares)
-    squares = torch.mm(squares, segment_matrix).float() if want_squares else None
-    return xq, squares, torch.mm(hits, segment_matrix), bad
+    """``kernels.pixel_dac_convert``: a layer input (images, pixels, channels) through one
+    DAC range. ``segment_matrix`` (channels, segments) float64 is 1 where a channel is in
+    a segment. Returns (converted float32, per image, pixel and channel segment the sum
+    of the converted values squared (float32; None unless asked), per pixel and segment
+    the values beyond the range summed over the images (pixels, segments) float64, the
+    count of non-finite values as a device tensor). Each segment sum is one matrix
+    product, whatever the number of segments: on a GPU, a kernel per segment costs more
+    host time than the sums."""
+    convert = fused_version(dac_values) if use_fused(images.device) else dac_values
+    xq, squares, clips, bad = convert(images, float(full_scale), half, want_squares)
+    if want_squares:
+        squares = torch.mm(squares.view(-1, squares.shape[-1]), segment_matrix).float().view(*images.shape[:2], -1)
+    return xq, squares, torch.mm(clips, segment_matrix), bad

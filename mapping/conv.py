@@ -226,24 +226,22 @@ class AnalogConv2d(AnalogLayer):
     def _clip_counts(self, clips: torch.Tensor, row_blocks: "_RowBlocks", conv: dict, out_hw: tuple) -> torch.Tensor:
         """Clipped conversions per row block, (blocks,) int64: each clipped input counted
         once per receptive field that holds it among the block's taps, i.e. the clip map
-        ``clips`` (N, segments, H, W) summed over images and weighted by the blocks'
-        coverage maps. The counts are integers, exact in float64 in any order."""
-        coverage = self._coverage(row_blocks, clips, conv, out_hw)  # (blocks, segments x H x W)
-        per_pixel = clips.sum(0, dtype=torch.float64).reshape(-1)
-        return torch.mv(coverage, per_pixel).long()
+        ``clips`` (segments, H, W), summed over images, weighted by the blocks' coverage
+        maps. The counts are integers, exact in float64 in any order."""
+        coverage = self._coverage(row_blocks, tuple(clips.shape[1:]), conv, out_hw)  # (blocks, segments x H x W)
+        return torch.mv(coverage, clips.reshape(-1)).long()
 
-    def _coverage(self, row_blocks: "_RowBlocks", maps: torch.Tensor, conv: dict, out_hw: tuple) -> torch.Tensor:
-        """(blocks, segments x H x W) float64: at each pixel of each channel segment,
-        how many receptive fields of the convolution hold it among each block's taps
-        (``row_blocks.taps``), made once per input and output size."""
-        in_hw = tuple(maps.shape[2:])
+    def _coverage(self, row_blocks: "_RowBlocks", in_hw: tuple, conv: dict, out_hw: tuple) -> torch.Tensor:
+        """(blocks, segments x H x W) float64: at each pixel (of an input of ``in_hw``) of
+        each channel segment, how many receptive fields of the convolution hold it among
+        each block's taps (``row_blocks.taps``), made once per input and output size."""
         key = (in_hw, out_hw, conv["padding"])
         found = row_blocks.coverages.get(key)
         if found is not None:
             return found
         taps = row_blocks.taps
         n_blocks, n_segments = taps.shape[:2]
-        ones = torch.ones(1, 1, *out_hw, device=maps.device)
+        ones = torch.ones(1, 1, *out_hw, device=taps.device)
         size = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
                 zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], taps.shape[2:])]
         extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
@@ -262,16 +260,18 @@ class AnalogConv2d(AnalogLayer):
                  on_torch: bool = False) -> tuple:
         """The group's NHWC input through the layer's DAC, element-wise: (quantized input
         as NCHW in channels-last memory, per-pixel sums of its squares over each channel
-        segment if asked, per-pixel clipped counts per segment or None if nothing
-        clipped), the maps as (N, segments, H, W). In a pass with deferred checks
-        (``crossbar.deferred``) the torch engine reads nothing from the device: a
-        non-finite input is flagged, and the clip map is kept even if all zero."""
+        segment as (N, segments, H, W) if asked, the clipped values per channel segment
+        and pixel summed over the images as (segments, H, W) float64, or None if nothing
+        clipped). In a pass with deferred checks (``crossbar.deferred``) the torch engine
+        reads nothing from the device: a non-finite input is flagged, and the clip map is
+        kept even if all zero."""
         grid = matrix.grid
         checks = deferred.current() if on_torch else None
         r_in = grid.input_range
         full_scale = 1.0 if r_in is None else r_in
+        images, height, width, channels = xg.shape
         if on_torch:
-            xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(-1, xg.shape[3]), full_scale,
+            xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(images, -1, channels), full_scale,
                                                                   grid._dac_half, row_blocks.segment_matrix,
                                                                   squares)
             if checks is not None:  # the pass runs again, checked, and refuses x then
@@ -279,7 +279,7 @@ class AnalogConv2d(AnalogLayer):
             else:
                 n_bad = int(n_bad)
         else:
-            pixels = xg.reshape(-1, xg.shape[3]).numpy()
+            pixels = xg.reshape(-1, channels).numpy()
             if not pixels.flags.c_contiguous:
                 pixels = np.ascontiguousarray(pixels)
             segments = row_blocks.segments
@@ -290,17 +290,19 @@ class AnalogConv2d(AnalogLayer):
             bad = np.empty(len(pixels), np.int64)
             pixel_dac_convert(pixels, xq, full_scale, grid._dac_half, segments, sq, clips, bad)
             n_bad = int(bad.sum())
-            xq, sq, clips = torch.from_numpy(xq), torch.from_numpy(sq) if squares else None, torch.from_numpy(clips)
+            xq, sq = torch.from_numpy(xq), torch.from_numpy(sq) if squares else None
+            clips = torch.from_numpy(clips).view(images, -1, n_segments).sum(0, dtype=torch.float64)
         if checks is None and n_bad:
             raise ValueError(f"layer {matrix.name!r}: x contains {n_bad} NaN or Inf values; inputs must be finite")
 
         def nchw(a: torch.Tensor) -> torch.Tensor:
-            return a.view(*xg.shape[:3], a.shape[1]).permute(0, 3, 1, 2)
+            return a.reshape(images, height, width, a.shape[-1]).permute(0, 3, 1, 2)
 
         # an all-zero clip map skips the coverage sums: a device read on the torch engine, so a
         # deferred pass keeps the map and forms the sums
         keep_clips = checks is not None or bool(clips.any())
-        return nchw(xq), nchw(sq) if squares else None, nchw(clips) if keep_clips else None
+        clip_map = clips.t().reshape(-1, height, width) if keep_clips else None
+        return nchw(xq), nchw(sq) if squares else None, clip_map
 
     def _block_kernels(self, g: int) -> "_RowBlocks":
         """The row blocks of group g (:class:`_RowBlocks`), their kernels cut from the

@@ -21,10 +21,10 @@ COMPENSATION_ROWS = 128
 # one-hot reference vectors read at a time (each is a full product over the grid)
 _ONE_HOT_CHUNK = 256
 # bytes a GPU product holds per tile output of one vector while it is read out: the
-# products and their variances (float32), the read values (float32), the range mask, and
-# the gathered outputs that drew a rejected normal; an estimate, measured when the
-# normals (float64) were held too (resnet56 at batch 1024 in one chunk per layer peaked
-# at 1.9x float's GPU memory on an H100), so generous now
+# products and their variances (float32), the read values (float32), the range and
+# rejection masks, and the gathered outputs that drew a rejected normal; an estimate,
+# measured when the normals (float64) were held too (resnet56 at batch 1024 in one
+# chunk per layer peaked at 1.9x float's GPU memory on an H100), so generous now
 _GPU_BYTES_PER_OUTPUT = 48
 
 

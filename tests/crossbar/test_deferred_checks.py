@@ -1,8 +1,8 @@
 """A read with the torch engine's checks deferred (``crossbar.deferred``) against the
 checked read: bitwise the same outputs and counts when no flag is set; a flag set,
 and the grid rewound exactly, when the re-read buffer is too small, a walk outlasts
-its steps or an input is not finite; the buffer's bound against the rejections a
-read actually draws."""
+its steps or the buffer of late walks, or an input is not finite; the buffers' bounds
+against the rejections and late walks a read actually draws."""
 import math
 
 import numpy as np
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crossbar import deferred, presets, torch_engine
-from crossbar.rng import REJECTION_RATE
+from crossbar.rng import REJECTION_RATE, ZIGGURAT_R
 from tests.conftest import z_bound
 from tests.crossbar.test_grid import programmed_grid
 
@@ -56,7 +56,7 @@ def test_a_deferred_read_equals_the_checked_read_bitwise(config, monkeypatch):
     assert torch.equal(y0, y1) and c0 == c1
 
 
-@pytest.mark.parametrize("cause", ["buffer", "walks", "input"])
+@pytest.mark.parametrize("cause", ["buffer", "walks", "late walks", "input"])
 def test_what_the_checked_read_would_catch_is_flagged_and_the_grid_rewinds(cause, monkeypatch):
     grid, x = grid_for(ADC_ERRORS)
     y0, c0, _ = read(grid, x, deferring=False)
@@ -64,6 +64,8 @@ def test_what_the_checked_read_would_catch_is_flagged_and_the_grid_rewinds(cause
         monkeypatch.setattr(torch_engine, "rejected_bound", lambda outputs, draws: min(outputs, 5))
     elif cause == "walks":  # two steps in all: many walks outlast them
         monkeypatch.setattr(torch_engine, "_ROUNDS", 1)
+    elif cause == "late walks":  # room for one walk after the first two steps
+        monkeypatch.setattr(torch_engine, "late_walk_bound", lambda walks: 1)
     else:
         x = x.clone()
         x[3, 17] = float("nan")
@@ -81,18 +83,40 @@ def test_what_the_checked_read_would_catch_is_flagged_and_the_grid_rewinds(cause
 
 
 def test_rejected_outputs_are_as_many_as_the_bound_assumes(monkeypatch):
-    """The bound takes the outputs' rejections as independent draws of probability
-    1 - (1 - REJECTION_RATE)^draws: 6000 x 40 outputs of 3 row blocks and 2 noise
-    streams, 18 draws each, hold it to 5 standard errors."""
+    """The bound takes the tile outputs' rejections as independent draws of probability
+    1 - (1 - REJECTION_RATE)^draws: 3 row blocks of 6000 x 40 tile outputs, 2 draws
+    each (2 noise streams), hold it to 5 standard errors."""
     grid, x = grid_for(ADC_ERRORS, n_in=70, n_out=40, vectors=6000)
     seen = []
     original = torch_engine._bounded_indices
     monkeypatch.setattr(torch_engine, "_bounded_indices", lambda r, *a: seen.append(int(r.sum())) or original(r, *a))
     read(grid, x, deferring=True)
-    outputs, draws = 6000 * 40, grid.grid_shape[0] * 2
+    assert grid.grid_shape[0] == 3
+    outputs, draws = 3 * 6000 * 40, 2
     p = 1 - (1 - REJECTION_RATE) ** draws
     assert abs(seen[0] / outputs - p) <= z_bound(outputs) * math.sqrt(p * (1 - p))
     assert seen[0] <= torch_engine.rejected_bound(outputs, draws) <= outputs
+
+
+def test_walks_still_going_after_the_open_steps_are_as_few_as_the_bound_assumes():
+    """Walks of the hashes that left the fast path, of 4 million: the share still going
+    after _OPEN_STEPS steps stays within LATE_WALK_SHARE (5 standard errors); and the
+    tail step's failure rate, which that share takes, is Marsaglia's (10^6 steps)."""
+    n = 4_000_000
+    h = torch_engine.counter_hash(torch.tensor(777, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
+    kn, wn, fn = torch_engine._tables(torch.device("cpu"))
+    _, accepted, _, _ = torch_engine._fast(h, kn, wn)
+    walks = h[~accepted]
+    state = torch_engine._rejection_rounds(*torch_engine._start_walks(walks), kn, wn, fn, torch_engine._OPEN_STEPS)
+    going = int((state[2] != torch_engine._DONE).sum())
+    share = torch_engine.LATE_WALK_SHARE
+    assert going / len(walks) <= share + z_bound(len(walks)) * math.sqrt(share * (1 - share))
+    assert going <= torch_engine.late_walk_bound(len(walks))
+    u = np.random.default_rng(5).random((2, 1_000_000))
+    a, b = -np.log(1 - u[0]) / ZIGGURAT_R, -np.log(1 - u[1])
+    failures = float(np.mean(b + b < a * a))
+    p = torch_engine.TAIL_FAILURE
+    assert abs(failures - p) <= z_bound(1_000_000) * math.sqrt(p * (1 - p))
 
 
 def test_the_rejection_rate_is_the_fast_paths_miss_rate():

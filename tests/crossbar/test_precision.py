@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossbar import presets
+from crossbar import precision
 from crossbar.precision import _switches, ieee_float32
 from mapping import convert
 from tests.conftest import needs_cuda
@@ -23,26 +24,36 @@ REDUCED = {"fp32_precision": "tf32", "allow_tf32": True}
 @pytest.fixture
 def reduced_precision():
     """Every switch at a reduced precision, as a training script may leave them."""
-    saved = [getattr(owner, name) for owner, name, _ in _switches()]
-    for owner, name, _ in _switches():
-        setattr(owner, name, REDUCED[name])
+    saved = [getattr(owner, attribute) for _, owner, attribute, _ in _switches()]
+    for _, owner, attribute, _ in _switches():
+        setattr(owner, attribute, REDUCED[attribute])
     yield
-    for (owner, name, _), value in zip(_switches(), saved):
-        setattr(owner, name, value)
+    for (_, owner, attribute, _), value in zip(_switches(), saved):
+        setattr(owner, attribute, value)
 
 
 def settings() -> list:
-    return [getattr(owner, name) for owner, name, _ in _switches()]
+    return list(precision.settings().values())
 
 
 def ieee() -> list:
-    return [value for _, _, value in _switches()]
+    return [value for *_, value in _switches()]
 
 
 def test_switches_cover_cuda_matrix_products_and_convolutions():
-    owners = [owner for owner, _, _ in _switches()]
+    owners = [owner for _, owner, _, _ in _switches()]
     assert torch.backends.cuda.matmul in owners
     assert any(owner in (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)) for owner in owners)
+
+
+def test_settings_name_each_switch_and_read_its_value_now(reduced_precision):
+    names = list(precision.settings())
+    assert names == [name for name, *_ in _switches()]
+    assert any(name.startswith("cudnn.") for name in names) and any(name.startswith("cuda.matmul.") for name in names)
+    for name, value in precision.settings().items():
+        assert value == REDUCED[name.rsplit(".", 1)[1]]
+    with ieee_float32():
+        assert settings() == ieee()
 
 
 def test_blocks_set_ieee_and_restore_when_nested_and_across_threads(reduced_precision):

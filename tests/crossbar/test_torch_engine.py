@@ -191,6 +191,28 @@ def test_fused_setting_is_checked(monkeypatch):
 
 
 @pytest.mark.slow
+def test_fused_convolution_dac_equals_the_eager_one_and_counts_clips_over_images(monkeypatch):
+    """The convolution DAC's fused kernel against the eager one, bitwise: converted
+    values, sums of squares per channel segment, the clip map summed over the images
+    (held also against a plain count) and the count of non-finite values."""
+    images = torch.rand(5, 36, 10, generator=torch.Generator().manual_seed(3)) * 2.4 - 1.2
+    images[2, 7, 3] = float("nan")
+    segment_of = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    segment_matrix = torch.zeros(10, 3, dtype=torch.float64)
+    segment_matrix[torch.arange(10), segment_of] = 1.0
+    results = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv(torch_engine.FUSED_ENV, setting)
+        results.append(torch_engine.pixel_dac_convert(images, 1.0, 127, segment_matrix, True))
+    for eager, fused in zip(*results):
+        torch.testing.assert_close(fused, eager, rtol=0, atol=0, equal_nan=True)
+    _, _, clips, bad = results[0]
+    want = torch.zeros(36, 3, dtype=torch.float64)
+    want.index_add_(1, segment_of, (images.abs() > 1.0).sum(0).double())
+    assert torch.equal(clips, want) and int(bad) == 1 and 0 < want.sum() < images.numel()
+
+
+@pytest.mark.slow
 def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
     eager torch engine: the same normals (rejections and tail included), read-outs

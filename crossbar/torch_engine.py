@@ -376,14 +376,14 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     values, hits, rejected = read(*args, streams, factors, first_vector, columns.width, columns.offset, kn, wn)
     if rejected is not None:
         if checks is None:
-            flat = rejected.view(-1).nonzero().view(-1)
+            flat = rejected.nonzero().view(-1)
         else:
-            flat = _bounded_indices(rejected, len(streams), checks)
+            flat = _bounded_indices(rejected, n_blocks, len(streams), checks)
         if flat.numel():
             exact, exact_hits = _read_exact(args, streams, factors, flat, first_vector, columns, fused, checks)
-            values.view(-1)[flat] = exact  # a padding index lands in a spare column
+            values.put_(flat, exact)  # flat indices; a padding index lands in a spare column
             if hits is not None:
-                hits.view(-1)[flat] = exact_hits
+                hits.put_(flat, exact_hits)
     n = batch * n_out
     # the digital sum, in row-block order as the Numba kernel adds (0 + y0 + y1 + ...:
     # starting from y0 changes only the sign of a zero sum), with no zero-filled start
@@ -411,15 +411,15 @@ def rejected_bound(outputs: int, draws: int) -> int:
     return min(outputs, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 16.0))
 
 
-def _bounded_indices(rejected: torch.Tensor, draws: int, checks) -> torch.Tensor:
+def _bounded_indices(rejected: torch.Tensor, n_blocks: int, draws: int, checks) -> torch.Tensor:
     """The flat indices of the tile outputs that drew a rejected normal (``rejected``,
-    (R, vectors x n_out + 1), its last column spare), with no read of the device:
-    :func:`rejected_bound` of them, padded with the first row block's spare column;
-    more of them than that is flagged."""
-    n_blocks, width = rejected.shape
+    the flat (R x (vectors x n_out + 1),) mask of ``n_blocks`` row blocks, each with a
+    spare column last), with no read of the device: :func:`rejected_bound` of them,
+    padded with the first row block's spare column; more of them than that is flagged."""
+    width = rejected.numel() // n_blocks
     size = rejected_bound(n_blocks * (width - 1), draws)
     checks.flag(rejected.sum() > size)
-    return torch.nonzero_static(rejected.view(-1), size=size, fill_value=width - 1).view(-1)
+    return torch.nonzero_static(rejected, size=size, fill_value=width - 1).view(-1)
 
 
 class _ReadArgs(NamedTuple):
@@ -445,8 +445,9 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
     ziggurat's fast path: normal (first_vector + i) * width + offset of output column
     j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
     (R, n_out) key of each column, its normals times ``factors``. Returns (values,
-    ADC range mask, the mask of the tile outputs that drew a rejected normal (None
-    without noise), each (R, vectors x n_out + 1) with a spare column)."""
+    ADC range mask, each (R, vectors x n_out + 1) with a spare column, and the mask
+    of the tile outputs that drew a rejected normal (None without noise) in the same
+    layout, flat)."""
     vectors = torch.arange(partial.shape[1], dtype=torch.int64, device=partial.device)[:, None]
     counters = (vectors + first_vector) * width + col_offset
     rejected = None
@@ -465,7 +466,7 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
 
     values, hits = read_values(partial, var, per_vector(var_rows), z, per_column(fs), half, per_column(gain),
                                per_column(offset), zeta, nonlinearity, per_vector(scales), per_column(divisor))
-    return _spare_column(values), _spare_column(hits), _spare_column(rejected)
+    return _spare_column(values), _spare_column(hits), None if rejected is None else _spare_column(rejected).view(-1)
 
 
 def _spare_column(a: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

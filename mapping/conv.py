@@ -226,13 +226,13 @@ class AnalogConv2d(AnalogLayer):
     def _clip_counts(self, clips: torch.Tensor, row_blocks: "_RowBlocks", conv: dict, out_hw: tuple) -> torch.Tensor:
         """Clipped conversions per row block, (blocks,) int64: each clipped input counted
         once per receptive field that holds it among the block's taps, i.e. the clip map
-        ``clips`` (segments, H, W), summed over images, weighted by the blocks' coverage
+        ``clips`` (H, W, segments), summed over images, weighted by the blocks' coverage
         maps. The counts are integers, exact in float64 in any order."""
-        coverage = self._coverage(row_blocks, tuple(clips.shape[1:]), conv, out_hw)  # (blocks, segments x H x W)
-        return torch.mv(coverage, clips.reshape(-1)).long()
+        coverage = self._coverage(row_blocks, tuple(clips.shape[:2]), conv, out_hw)  # (blocks, H x W x segments)
+        return torch.mv(coverage, clips.view(-1)).long()
 
     def _coverage(self, row_blocks: "_RowBlocks", in_hw: tuple, conv: dict, out_hw: tuple) -> torch.Tensor:
-        """(blocks, segments x H x W) float64: at each pixel (of an input of ``in_hw``) of
+        """(blocks, H x W x segments) float64: at each pixel (of an input of ``in_hw``) of
         each channel segment, how many receptive fields of the convolution hold it among
         each block's taps (``row_blocks.taps``), made once per input and output size."""
         key = (in_hw, out_hw, conv["padding"])
@@ -247,7 +247,8 @@ class AnalogConv2d(AnalogLayer):
         extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
         coverage = F.conv_transpose2d(ones, taps.reshape(1, n_blocks * n_segments, *taps.shape[2:]),
                                       stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
-        coverage = F.pad(coverage, (0, extra[1], 0, extra[0])).reshape(n_blocks, -1).double()
+        coverage = F.pad(coverage, (0, extra[1], 0, extra[0])).view(n_blocks, n_segments, *in_hw)
+        coverage = coverage.permute(0, 2, 3, 1).reshape(n_blocks, -1).double()  # the clip map's order
         row_blocks.coverages[key] = coverage
         return coverage
 
@@ -260,8 +261,8 @@ class AnalogConv2d(AnalogLayer):
                  on_torch: bool = False) -> tuple:
         """The group's NHWC input through the layer's DAC, element-wise: (quantized input
         as NCHW in channels-last memory, per-pixel sums of its squares over each channel
-        segment as (N, segments, H, W) if asked, the clipped values per channel segment
-        and pixel summed over the images as (segments, H, W) float64, or None if nothing
+        segment as (N, segments, H, W) if asked, the clipped values per pixel and channel
+        segment summed over the images as (H, W, segments) float64, or None if nothing
         clipped). In a pass with deferred checks (``crossbar.deferred``) the torch engine
         reads nothing from the device: a non-finite input is flagged, and the clip map is
         kept even if all zero."""
@@ -301,7 +302,7 @@ class AnalogConv2d(AnalogLayer):
         # an all-zero clip map skips the coverage sums: a device read on the torch engine, so a
         # deferred pass keeps the map and forms the sums
         keep_clips = checks is not None or bool(clips.any())
-        clip_map = clips.t().reshape(-1, height, width) if keep_clips else None
+        clip_map = clips.view(height, width, -1) if keep_clips else None
         return nchw(xq), nchw(sq) if squares else None, clip_map
 
     def _block_kernels(self, g: int) -> "_RowBlocks":

@@ -172,10 +172,11 @@ def late_walk_bound(walks: int) -> int:
 
 
 def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[int] = None) -> tuple:
-    """``steps`` (default ``_ROUNDS``) steps of ``rng.normal_rejected`` for every element, masked by its
-    phase: the ziggurat (fast test, then the wedge test with the uniform of h + k; a
-    miss re-hashes h + k + 1), or the tail (two uniforms at k, k + 1) with the sign
-    of the hash that entered it. Elements that are done keep their value."""
+    """``steps`` (default ``_ROUNDS``) steps of ``rng.normal_rejected`` for every
+    element, masked by its phase: the ziggurat (fast test, then the wedge test with the
+    uniform of h + k; a miss re-hashes h + k + 1), or the tail (two uniforms at k,
+    k + 1) with the sign of the hash that entered it. Elements that are done keep
+    their state."""
     for _ in range(_ROUNDS if steps is None else steps):
         in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
         x, accepted, hz, iz = _fast(h, kn, wn)

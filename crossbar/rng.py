@@ -54,6 +54,10 @@ KN_FLOAT = KN.astype(np.float64)
 # int32 and layer i keeps the 2 KN[i] - 1 values with |hz| < KN[i] (KN[1] = 0 keeps
 # none), each layer 1/128 of draws. 0.02756: the engines' bounds on exact re-reads use it.
 REJECTION_RATE = float(1.0 - np.mean(np.maximum(2 * KN_FLOAT - 1, 0.0)) / 2.0 ** 32)
+# The probability that a step of the tail (Marsaglia's: two uniforms, accepted if
+# 2 b >= a^2) fails: 1 - its acceptance R e^(R^2/2) sqrt(2 pi) Q(R) = 1 - 0.9311.
+TAIL_FAILURE = 1.0 - ZIGGURAT_R * math.exp(ZIGGURAT_R ** 2 / 2) * math.sqrt(2 * math.pi) * 0.5 * math.erfc(
+    ZIGGURAT_R / math.sqrt(2))
 
 
 @njit(inline="always", cache=True)

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, REJECTION_RATE, WN, ZIGGURAT_R
+from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, REJECTION_RATE, TAIL_FAILURE, WN, ZIGGURAT_R
 
 
 FUSED_ENV = "XBARSIM_FUSED"
@@ -142,8 +142,8 @@ def _finish_walks(state: tuple, kn, wn, fn) -> torch.Tensor:
 
 _WEDGES, _TAIL, _DONE = 0, 1, 2
 # Steps per call. A walk outlasts k steps mostly in the tail: it is entered by 5.7e-4 of
-# all normals, and each of its steps fails with probability 0.0689, so k steps are
-# outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
+# all normals, and each of its steps fails with probability TAIL_FAILURE = 0.0689, so k
+# steps are outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
 # for 12. Checked reads finish the walks that outlast 6 steps; a deferred pass walks 12
 # steps, since a pass of 10^9 normals (resnet56 at batch 1024) meets one of 6 or more
 # in one pass of two, and one of 12 in one pass of 10^7 (which runs again, checked).
@@ -155,10 +155,8 @@ _DEFERRED_CALLS = 2
 _OPEN_STEPS = 2
 # The share of walks still going after two steps is at most that of the second step's
 # failures, whatever the first: a fresh hash leaves the fast path and misses its wedge
-# (at most REJECTION_RATE), or a tail step fails (1 - its acceptance, Marsaglia's
-# R e^(R^2/2) sqrt(2 pi) Q(R) = 0.9311). Measured: 0.75% of walks from rejected hashes.
-TAIL_FAILURE = 1.0 - ZIGGURAT_R * math.exp(ZIGGURAT_R ** 2 / 2) * math.sqrt(2 * math.pi) * 0.5 * math.erfc(
-    ZIGGURAT_R / math.sqrt(2))
+# (at most REJECTION_RATE), or a tail step fails (TAIL_FAILURE). Measured: 0.75% of
+# walks from rejected hashes.
 LATE_WALK_SHARE = max(REJECTION_RATE, TAIL_FAILURE)
 
 
@@ -167,8 +165,15 @@ def late_walk_bound(walks: int) -> int:
     steps: the binomial mean at LATE_WALK_SHARE plus 10 standard deviations, plus 16.
     Walks that do not fit stay unfinished, which a checked read finishes and a deferred
     pass flags: the size costs time, never correctness."""
-    mean = walks * LATE_WALK_SHARE
-    return min(walks, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - LATE_WALK_SHARE)) + 16.0))
+    return _binomial_bound(walks, LATE_WALK_SHARE)
+
+
+def _binomial_bound(n: int, p: float) -> int:
+    """At most n: the mean of a binomial count of n trials of probability p plus 10
+    standard deviations, plus 16 for small means; exceeded far less often than once in
+    10^20 draws."""
+    mean = n * p
+    return min(n, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 16.0))
 
 
 def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[int] = None) -> tuple:
@@ -405,11 +410,8 @@ def rejected_bound(outputs: int, draws: int) -> int:
     """A buffer size for the tile outputs, of ``outputs``, that draw at least one
     rejected normal among their ``draws`` normals: each does so independently (the
     hashes of distinct counters and keys) with probability p = 1 - (1 - REJECTION_RATE)^draws;
-    the binomial mean plus 10 standard deviations, plus 16 for small means, is exceeded
-    far less often than once in 10^20 read-outs (and is flagged when it is)."""
-    p = 1.0 - (1.0 - REJECTION_RATE) ** draws
-    mean = outputs * p
-    return min(outputs, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 16.0))
+    the :func:`_binomial_bound` of that is flagged when it is exceeded."""
+    return _binomial_bound(outputs, 1.0 - (1.0 - REJECTION_RATE) ** draws)
 
 
 def _bounded_indices(rejected: torch.Tensor, n_blocks: int, draws: int, checks) -> torch.Tensor:
@@ -594,8 +596,10 @@ def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> 
     else:
         q, clips = xd, torch.zeros(xd.shape[1:], dtype=torch.float64, device=xd.device)
     q = q.float()
+    if not squares:  # (eager, the float64 copy would be made for nothing)
+        return q, None, clips, bad
     qd = q.double()
-    return q, qd * qd if squares else None, clips, bad
+    return q, qd * qd, clips, bad
 
 
 def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,

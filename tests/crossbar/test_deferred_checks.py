@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crossbar import deferred, presets, torch_engine
-from crossbar.rng import REJECTION_RATE, ZIGGURAT_R
+from crossbar.rng import REJECTION_RATE, TAIL_FAILURE, ZIGGURAT_R
 from tests.conftest import z_bound
 from tests.crossbar.test_grid import programmed_grid
 
@@ -98,16 +98,21 @@ def test_rejected_outputs_are_as_many_as_the_bound_assumes(monkeypatch):
     assert seen[0] <= torch_engine.rejected_bound(outputs, draws) <= outputs
 
 
+def fast_path(key: int, n: int) -> tuple:
+    """(hashes of counters 0 .. n - 1 of stream ``key``, whether the ziggurat's fast path
+    takes each), and the ziggurat's tables."""
+    h = torch_engine.counter_hash(torch.tensor(key, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
+    kn, wn, fn = torch_engine._tables(torch.device("cpu"))
+    return h, torch_engine._fast(h, kn, wn)[1], (kn, wn, fn)
+
+
 def test_walks_still_going_after_the_open_steps_are_as_few_as_the_bound_assumes():
     """Walks of the hashes that left the fast path, of 4 million: the share still going
     after _OPEN_STEPS steps stays within LATE_WALK_SHARE (5 standard errors); and the
     tail step's failure rate, which that share takes, is Marsaglia's (10^6 steps)."""
-    n = 4_000_000
-    h = torch_engine.counter_hash(torch.tensor(777, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
-    kn, wn, fn = torch_engine._tables(torch.device("cpu"))
-    _, accepted, _, _ = torch_engine._fast(h, kn, wn)
+    h, accepted, tables = fast_path(777, 4_000_000)
     walks = h[~accepted]
-    state = torch_engine._rejection_rounds(*torch_engine._start_walks(walks), kn, wn, fn, torch_engine._OPEN_STEPS)
+    state = torch_engine._rejection_rounds(*torch_engine._start_walks(walks), *tables, torch_engine._OPEN_STEPS)
     going = int((state[2] != torch_engine._DONE).sum())
     share = torch_engine.LATE_WALK_SHARE
     assert going / len(walks) <= share + z_bound(len(walks)) * math.sqrt(share * (1 - share))
@@ -115,15 +120,13 @@ def test_walks_still_going_after_the_open_steps_are_as_few_as_the_bound_assumes(
     u = np.random.default_rng(5).random((2, 1_000_000))
     a, b = -np.log(1 - u[0]) / ZIGGURAT_R, -np.log(1 - u[1])
     failures = float(np.mean(b + b < a * a))
-    p = torch_engine.TAIL_FAILURE
+    p = TAIL_FAILURE
     assert abs(failures - p) <= z_bound(1_000_000) * math.sqrt(p * (1 - p))
 
 
 def test_the_rejection_rate_is_the_fast_paths_miss_rate():
     n = 2_000_000
-    h = torch_engine.counter_hash(torch.tensor(12345, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
-    kn, wn, _ = torch_engine._tables(torch.device("cpu"))
-    _, accepted, _, _ = torch_engine._fast(h, kn, wn)
+    _, accepted, _ = fast_path(12345, n)
     missed = 1.0 - float(accepted.double().mean())
     assert abs(missed - REJECTION_RATE) <= z_bound(n) * math.sqrt(REJECTION_RATE * (1 - REJECTION_RATE))
     assert 0.027 < REJECTION_RATE < 0.028

@@ -2,6 +2,8 @@
 same normals bitwise, the same outputs and counts bitwise with noise off, and with
 per-read noise on equal but for values on an ADC step edge (float64 variance sums in
 another order), which are counted. Tests that need CUDA skip without it."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,32 @@ def test_walks_longer_than_one_call_are_finished_and_read_again(monkeypatch):
     assert torch.equal(y0, y1) and c0 == c1
 
 
+def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_fast_read():
+    """A re-read of a single tile output gives the value it gets among others, and, for
+    an output whose normal took the fast path, the fast read's value: the flat index
+    finds the same row block, vector and column in the flattened inputs."""
+    generator = torch.Generator().manual_seed(4)
+    blocks, vectors, n_out = 2, 5, 3
+    args = torch_engine._ReadArgs(
+        torch.randn(blocks, vectors, n_out, generator=generator), None,
+        torch.rand(blocks, vectors, generator=generator, dtype=torch.float64),
+        torch.full((blocks, n_out), 2.0, dtype=torch.float64), 127, None, None, 0.0, None,
+        torch.rand(blocks, n_out, generator=generator) + 0.5)
+    keys = (torch.arange(blocks * n_out, dtype=torch.int64).view(blocks, n_out) * 7919 + 3,)
+    columns = torch_engine.column_map([0, 2, 3], "cpu")
+    first = torch.tensor(4, dtype=torch.int64)
+    fast, _, rejected = torch_engine._read_fast(*args, keys, (1.0,), first, columns.width, columns.offset,
+                                                *torch_engine._tables(torch.device("cpu"))[:2])
+    width = vectors * n_out + 1
+    taken = [f for f in range(width, 2 * width - 1) if not rejected[f]]  # row block 1, fast path taken
+    one = torch.tensor(taken[len(taken) // 2:][:1])
+    alone, _ = torch_engine._read_exact(args, keys, (1.0,), one, first, columns, fused=False)
+    among, _ = torch_engine._read_exact(args, keys, (1.0,), torch.tensor([2, int(one), 9]), first, columns,
+                                        fused=False)
+    assert alone.shape == (1,) and torch.equal(alone, among[1:2])
+    assert torch.equal(alone[0], fast.view(-1)[one[0]])
+
+
 def _step_differences(got, want, grid):
     """(fraction of outputs that differ, largest difference in ADC steps of the widest
     tile range times the row blocks that sum into an output)."""
@@ -212,15 +240,17 @@ def test_fused_convolution_dac_equals_the_eager_one_and_counts_clips_over_images
     assert torch.equal(clips, want) and int(bad) == 1 and 0 < want.sum() < images.numel()
 
 
+EVERY_ADC_ERROR = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
+    "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
+
+
 @pytest.mark.slow
 def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
     eager torch engine: the same normals (rejections and tail included), read-outs
     with per-read noise and every ADC error, and counts."""
-    config = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
-        "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
     x = np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32)
-    grid, *_ = programmed_grid(config, 100, 90, seed=6)
+    grid, *_ = programmed_grid(EVERY_ADC_ERROR, 100, 90, seed=6)
     grid.calibrate(x[:64])
     grid.engine = "torch"
     results = []
@@ -240,3 +270,49 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))
+
+
+def _compiled_variants(fn) -> int:
+    """How many compiled variants of a fused function this process holds."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
+@pytest.mark.slow
+def test_a_configuration_compiles_one_exact_re_read_whatever_the_read(monkeypatch):
+    """The exact re-read's fused kernel takes a minute to compile, so once a
+    configuration has compiled it, no read compiles it again: checked or deferred,
+    autograd on or off (calibration reads with it on), one row block or three, 128
+    vectors (the ziggurat tables' size). The fast read compiles once more, for several row
+    blocks. Every read equals the eager engine's bitwise. (The configuration is the
+    previous test's, whose kernels this one reuses when both run.)"""
+    x = torch.from_numpy(np.random.default_rng(12).uniform(-1, 1, (128, 100)).astype(np.float32))
+    grids = {}
+    for blocks, n_in in ((3, 100), (1, 40)):
+        grids[blocks], *_ = programmed_grid(EVERY_ADC_ERROR, n_in, 60, seed=blocks)
+        grids[blocks].calibrate(x[:64, :n_in].numpy())
+        grids[blocks].engine = "torch"
+        assert grids[blocks].grid_shape[0] == blocks
+
+    def read(blocks, deferring, grad):
+        grid = grids[blocks]
+        grid.at(3600.0)
+        grid.reset_counts()
+        with torch.set_grad_enabled(grad), deferred.deferred_checks() if deferring else contextlib.nullcontext() as c:
+            y = grid.product(x[:, :grid.shape[0]])
+        assert c is None or not c.failed()
+        return y, grid.count_totals()
+
+    for k, (blocks, deferring, grad) in enumerate([(1, False, True), (3, False, True), (3, True, True),
+                                                   (3, False, False), (1, True, False)]):
+        monkeypatch.setenv(torch_engine.FUSED_ENV, "0")
+        want = read(blocks, deferring, grad)
+        monkeypatch.setenv(torch_engine.FUSED_ENV, "1")
+        y, counts = read(blocks, deferring, grad)
+        assert torch.equal(y, want[0]) and counts == want[1]
+        if k == 0:  # what this configuration needs, compiled now or by an earlier test
+            walked, fast = _compiled_variants(torch_engine._read_walked), _compiled_variants(torch_engine._read_fast)
+            assert walked >= 1
+        assert _compiled_variants(torch_engine._read_walked) == walked
+    assert _compiled_variants(torch_engine._read_fast) <= fast + 1

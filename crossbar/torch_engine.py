@@ -69,7 +69,8 @@ def fused_version(fn):
 
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    shape_config.use_duck_shape = False
+    if hasattr(shape_config, "use_duck_shape"):  # (torch 2.1 and later)
+        shape_config.use_duck_shape = False
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
 
     @functools.wraps(fn)

@@ -155,14 +155,28 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
               "top1_agreement_with_float": agree, "peak_rss_mb": peak,
               "images_per_s": batch / analog_s}
     if profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        analog(x)
-        prof.disable()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
-        print(text.getvalue(), file=sys.stderr)
+        print(_profiles(lambda: analog(x), device), file=sys.stderr)
     return result
+
+
+def _profiles(forward, device: torch.device) -> str:
+    """One forward's host profile (Python functions by own time) and its torch
+    operations by own time on the device (CUDA kernels on a GPU, the CPU otherwise)."""
+    host = cProfile.Profile()
+    host.enable()
+    forward()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(12)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as ops:
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return text.getvalue() + ops.key_averages().table(sort_by=key, row_limit=20)
 
 
 def main() -> None:
@@ -171,7 +185,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="images per batch of the convolutional models")
     parser.add_argument("--transformer-batch", type=int, default=32, help="sequences per batch of the transformer")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="print each analog forward's profile to stderr")
+    parser.add_argument("--profile", action="store_true", help="print an analog forward's profiles to stderr: Python functions, and torch operations by "
+                             "device time")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--engine", default="auto", choices=["auto", "numba", "torch"],
                         help="the analog products' engine (auto: Numba on the CPU, torch elsewhere)")

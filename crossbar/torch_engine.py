@@ -69,7 +69,7 @@ def fused_version(fn):
 
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    if hasattr(shape_config, "use_duck_shape"):  # (torch 2.1 and later)
+    if hasattr(shape_config, "use_duck_shape"):  # (a private switch: only where this torch has it)
         shape_config.use_duck_shape = False
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
 

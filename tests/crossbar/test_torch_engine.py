@@ -173,7 +173,7 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
                                                 *torch_engine._tables(torch.device("cpu"))[:2])
     width = vectors * n_out + 1
     taken = [f for f in range(width, 2 * width - 1) if not rejected[f]]  # row block 1, fast path taken
-    one = torch.tensor(taken[len(taken) // 2:][:1])
+    one = torch.tensor([taken[len(taken) // 2]])
     alone, _ = torch_engine._read_exact(args, keys, (1.0,), one, first, columns, fused=False)
     among, _ = torch_engine._read_exact(args, keys, (1.0,), torch.tensor([2, int(one), 9]), first, columns,
                                         fused=False)

@@ -59,8 +59,9 @@ def fused_version(fn):
     on (noise, ADC errors, scales) is a variant of its own: dynamo's default limit of 8
     per function is raised so that none of them falls back to eager.
 
-    Variants cost compile time (a minute for the exact re-read), so nothing but the
-    stages makes one. The call runs without autograd: dynamo guards on the grad mode,
+    Variants cost compile time (a minute for the exact re-read), so little but the
+    stages makes one (the fast read-out compiles one more for a grid of one row block:
+    torch specializes sizes of 1). The call runs without autograd: dynamo guards on the grad mode,
     and calibration reads with it on; nothing here is differentiated. Duck shaping,
     which takes inputs of equal sizes to be always equal (a grid of one row block has
     as many column keys as columns), is off for the process, like the limit above: a

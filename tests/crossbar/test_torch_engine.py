@@ -181,6 +181,40 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
     assert torch.equal(alone[0], fast.view(-1)[one[0]])
 
 
+def test_a_read_out_with_one_output_to_read_again_pads_it_and_writes_its_exact_value(monkeypatch):
+    """A checked read-out in which a single tile output drew a rejected normal reads it
+    again as two copies (a size of 1 would compile a variant of its own): the output
+    holds its exact value, and every other output its fast-path value."""
+    generator = torch.Generator().manual_seed(5)
+    vectors, n_out = 4, 3
+    partial = torch.randn(1, vectors, n_out, generator=generator)
+    var_rows = torch.rand(1, vectors, generator=generator, dtype=torch.float64)
+    columns = torch_engine.column_map([0, n_out], "cpu")
+    ranges = torch.full((1, 1), 2.0, dtype=torch.float64)
+    first = torch.tensor(0, dtype=torch.int64)
+    tables = torch_engine._tables(torch.device("cpu"))[:2]
+    for seed in range(1000):  # the first stream key under which exactly one output is rejected
+        keys = torch.full((1, n_out), seed * 7919 + 1, dtype=torch.int64)
+        fast, _, rejected = torch_engine._read_fast(partial, None, var_rows, ranges[:, columns.tile], 127, None,
+                                                    None, 0.0, None, None, (keys,), (1.0,), first, columns.width,
+                                                    columns.offset, *tables)
+        if int(rejected.sum()) == 1:
+            break
+    assert int(rejected.sum()) == 1
+    one = rejected.nonzero().view(-1)
+    args = torch_engine._ReadArgs(partial, None, var_rows, ranges[:, columns.tile], 127, None, None, 0.0, None, None)
+    exact, _ = torch_engine._read_exact(args, (keys,), (1.0,), one, first, columns, fused=False)
+    padded = []
+    original = torch_engine._read_exact
+    monkeypatch.setattr(torch_engine, "_read_exact", lambda a, k, f, flat, *rest: padded.append(flat.numel())
+                        or original(a, k, f, flat, *rest))
+    y, _ = torch_engine.readout(partial, None, var_rows, columns, keys, first, ranges, 127, None, None, 1.0)
+    want = fast.view(-1)[:vectors * n_out].clone()
+    want[one] = exact
+    assert padded == [2] and not torch.equal(exact, fast.view(-1)[one])
+    assert torch.equal(y.view(-1), want)
+
+
 def _step_differences(got, want, grid):
     """(fraction of outputs that differ, largest difference in ADC steps of the widest
     tile range times the row blocks that sum into an output)."""

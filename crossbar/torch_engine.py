@@ -57,29 +57,10 @@ def fused_version(fn):
     layers of other sizes reuse it). The arithmetic is fn's: integer hashing wraps as
     in eager torch, and float64 stays float64. Each combination of the stages that are
     on (noise, ADC errors, scales) is a variant of its own: dynamo's default limit of 8
-    per function is raised so that none of them falls back to eager.
-
-    Variants cost compile time (a minute for the exact re-read), so little but the
-    stages makes one (the fast read-out compiles one more for a grid of one row block:
-    torch specializes sizes of 1). The call runs without autograd: dynamo guards on the grad mode,
-    and calibration reads with it on; nothing here is differentiated. Duck shaping,
-    which takes inputs of equal sizes to be always equal (a grid of one row block has
-    as many column keys as columns), is off for the process, like the limit above: a
-    later call without the coincidence would compile again."""
-    import torch.fx.experimental._config as shape_config
-
+    per function is raised so that none of them falls back to eager."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    if hasattr(shape_config, "use_duck_shape"):  # (a private switch: only where this torch has it)
-        shape_config.use_duck_shape = False
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-
-    @functools.wraps(fn)
-    def without_grad(*args):
-        with torch.no_grad():
-            return compiled(*args)
-
-    return without_grad
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def _signed(c: int) -> int:
@@ -163,13 +144,11 @@ _WEDGES, _TAIL, _DONE = 0, 1, 2
 # Steps per call. A walk outlasts k steps mostly in the tail: it is entered by 5.7e-4 of
 # all normals, and each of its steps fails with probability TAIL_FAILURE = 0.0689, so k
 # steps are outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
-# for 12. An exact re-read walks 12 steps: a pass of 10^9 normals (resnet56 at batch
-# 1024) meets one of 6 or more in one pass of two, and one of 12 in one pass of 10^7;
-# a checked read finishes such walks _ROUNDS steps per call, a deferred pass runs again,
-# checked. Checked and deferred re-reads walk alike so that they share one compiled
-# kernel (a minute to compile): the steps beyond the first two cost little (below).
+# for 12. Checked reads finish the walks that outlast 6 steps; a deferred pass walks 12
+# steps, since a pass of 10^9 normals (resnet56 at batch 1024) meets one of 6 or more
+# in one pass of two, and one of 12 in one pass of 10^7 (which runs again, checked).
 _ROUNDS = 6
-_READ_ROUNDS = 2
+_DEFERRED_CALLS = 2
 # An exact re-read walks every normal _OPEN_STEPS steps, then only the walks still going,
 # compacted into a buffer of late_walk_bound(walks): 99% of the walks end within two
 # steps, and the remaining steps on all of them were most of a re-read's work.
@@ -276,17 +255,15 @@ def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool,
     return out, scales, clipped, bad
 
 
-def range_sums(a: torch.Tensor, starts, dim: int = 1) -> torch.Tensor:
-    """(rows, S), or (S, rows) with dim = 0: each row's sum over columns starts[s] ..
-    starts[s + 1]."""
+def range_sums(a: torch.Tensor, starts) -> torch.Tensor:
+    """(rows, S): each row's sum over columns starts[s] .. starts[s + 1]."""
     bounds = [int(b) for b in starts]
-    return torch.stack([a[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=dim)
+    return torch.stack([a[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
 
 
 def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
-    """(R, batch) float64, contiguous as the convolutions' are (a compiled read-out would
-    compile a variant per layout): each vector's sum of squares over each row block."""
-    return range_sums(xq.double().square(), row_starts, dim=0)
+    """(R, batch) float64: each vector's sum of squares over each row block."""
+    return range_sums(xq.double().square(), row_starts).t()
 
 
 class ColumnMap(NamedTuple):
@@ -406,8 +383,6 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     if rejected is not None:
         if checks is None:
             flat = rejected.nonzero().view(-1)
-            if flat.numel() == 1:  # a size of 1 would compile a variant of its own; both copies read alike
-                flat = flat.repeat(2)
         else:
             flat = _bounded_indices(rejected, n_blocks, len(streams), checks)
         if flat.numel():
@@ -518,39 +493,29 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     """The read-out of the tile outputs at ``flat`` (indices into the (R, vectors x n_out
     + 1) read-out, whose spare column is padding) with exact normals: (their values
     (E,), their ADC range masks (E,) or None). One call gathers their inputs, walks
-    their normals ``_READ_ROUNDS`` x ``_ROUNDS`` steps and reads them. In the rare case
-    that a walk is longer, the walks are finished and the outputs read again, or, with
-    ``checks``, that is flagged there."""
+    their normals ``_ROUNDS`` steps (``_DEFERRED_CALLS`` times that with ``checks``) and
+    reads them. In the rare case that a walk is longer, the walks are finished and the
+    outputs read again, or, with ``checks``, that is flagged there."""
     kn, wn, fn = _tables(flat.device)
-    _, vectors, n_out = args.partial.shape
-    flat_args, flat = _flattened(args), _flattened(flat)  # (flat is a view of nonzero's result or not)
-    keys = tuple(_flattened(key) for key in keys)
     exact = fused_version(_read_walked) if fused else _read_walked
     late = late_walk_bound(len(keys) * flat.numel())
-    values, hits, state, unfinished = exact(*flat_args, keys, factors, flat, vectors, n_out, first_vector,
-                                            columns.width, columns.offset, kn, wn, fn, late)
+    values, hits, state, unfinished = exact(*args, keys, factors, flat, first_vector, columns.width,
+                                            columns.offset, kn, wn, fn, 1 if checks is None else _DEFERRED_CALLS,
+                                            late)
     if checks is not None:
         checks.flag(unfinished)
     elif bool(unfinished):
         normals = _finish_walks(state, kn, wn, fn)
         read = fused_version(_read_gathered) if fused else _read_gathered
-        values, hits = read(_gathered(flat_args, *_located(flat, vectors, n_out), vectors, n_out), normals, factors)
+        values, hits = read(_gathered(args, *_located(flat, args.partial.shape)), normals, factors)
     return values, hits
 
 
-def _flattened(a):
-    """A read-out input as one dimension, not a view of the original (None stays None,
-    numbers stay numbers): a compiled call specializes on the shape of a view's base,
-    and a row-block count of 1 would compile a variant of its own."""
-    if isinstance(a, _ReadArgs):
-        return _ReadArgs(*(_flattened(b) for b in a))
-    return a.reshape(-1).detach() if isinstance(a, torch.Tensor) else a
-
-
-def _located(flat: torch.Tensor, vectors: int, n_out: int) -> tuple:
+def _located(flat: torch.Tensor, shape) -> tuple:
     """(row block, vector, column) of each tile output at ``flat`` in the (R, vectors x
-    n_out + 1) read-out; a spare column (padding) is taken as its row block's last
-    output."""
+    n_out + 1) read-out of a product of ``shape`` (R, vectors, n_out); a spare column
+    (padding) is taken as its row block's last output."""
+    _, vectors, n_out = shape
     per_block = vectors * n_out
     block = flat // (per_block + 1)
     output = (flat % (per_block + 1)).clamp(max=per_block - 1)
@@ -558,24 +523,23 @@ def _located(flat: torch.Tensor, vectors: int, n_out: int) -> tuple:
 
 
 def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-                 keys: tuple, factors: tuple, flat, vectors: int, n_out: int, first_vector: torch.Tensor, width,
-                 col_offset, kn, wn, fn, late: int) -> tuple:
-    """:func:`_read_exact`'s one call on its :func:`_flattened` inputs (of a (R,
-    ``vectors``, ``n_out``) product): walks of ``_READ_ROUNDS`` x ``_ROUNDS`` steps, all of
-    them ``_OPEN_STEPS`` steps and the rest on at most ``late`` walks still going.
-    Returns (values, ADC range masks, the walks' state, whether a walk is unfinished);
-    the values are exact where every walk is done. Padding (a spare column) reads its
-    row block's last output."""
+                 keys: tuple, factors: tuple, flat, first_vector: torch.Tensor, width, col_offset, kn, wn, fn,
+                 calls: int, late: int) -> tuple:
+    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps, all of
+    them ``_OPEN_STEPS`` steps and the rest on at most ``late`` walks still going:
+    (values, ADC range masks, the walks' state, whether a walk is unfinished); the
+    values are exact where every walk is done. Padding (a spare column) reads its row
+    block's last output."""
     args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
-    block, i, j = _located(flat, vectors, n_out)
+    block, i, j = _located(flat, partial.shape)
     counters = (i + first_vector) * width[j] + col_offset[j]
-    h = torch.stack([counter_hash(key[block * n_out + j], counters) for key in keys])  # (streams, E)
-    steps = _READ_ROUNDS * _ROUNDS
+    h = torch.stack([counter_hash(key[block, j], counters) for key in keys])  # (streams, E)
+    steps = calls * _ROUNDS
     opening = min(steps, _OPEN_STEPS)
     state = _rejection_rounds(*_start_walks(h), kn, wn, fn, opening)
     if steps > opening:
         state = _late_rounds(state, late, kn, wn, fn, steps - opening)
-    values, hits = _read_gathered(_gathered(args, block, i, j, vectors, n_out), state[3], factors)
+    values, hits = _read_gathered(_gathered(args, block, i, j), state[3], factors)
     return values, hits, state, (state[2] != _DONE).any()
 
 
@@ -589,21 +553,22 @@ def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:
     return tuple(a.reshape(-1).index_put((at,), b).view(a.shape) for a, b in zip(state, late))
 
 
-def _gathered(args: _ReadArgs, block: torch.Tensor, i: torch.Tensor, j: torch.Tensor, vectors: int,
-              n_out: int) -> _ReadArgs:
-    """The read-out's :func:`_flattened` inputs (of a (R, ``vectors``, ``n_out``) product)
-    at the tile outputs of row blocks ``block``, vectors ``i`` and columns ``j`` alone,
-    each (E,)."""
-    column = block * n_out + j
-    row = block * vectors + i
+def _gathered(args: _ReadArgs, block: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> _ReadArgs:
+    """The read-out's inputs at the tile outputs of row blocks ``block``, vectors ``i``
+    and columns ``j`` alone, each (E,)."""
 
-    def at(a, index):
-        return None if a is None else a[index]
+    def per_output(a):
+        return None if a is None else a[block, i, j]
 
-    output = row * n_out + j
-    return _ReadArgs(at(args.partial, output), at(args.var, output), at(args.var_rows, row), at(args.fs, column),
-                     args.half, at(args.gain, column), at(args.offset, column), args.nonlinearity,
-                     at(args.scales, row), at(args.divisor, column))
+    def per_column(a):
+        return None if a is None else a[block, j]
+
+    def per_vector(a):
+        return None if a is None else a[block, i]
+
+    return _ReadArgs(per_output(args.partial), per_output(args.var), per_vector(args.var_rows),
+                     per_column(args.fs), args.half, per_column(args.gain), per_column(args.offset),
+                     args.nonlinearity, per_vector(args.scales), per_column(args.divisor))
 
 
 def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tuple:
@@ -647,10 +612,8 @@ def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segmen
     count of non-finite values as a device tensor). Each segment sum is one matrix
     product, whatever the number of segments: on a GPU, a kernel per segment costs more
     host time than the sums."""
-    fused = use_fused(images.device)
-    convert = fused_version(dac_values) if fused else dac_values
-    # (images is a view; compiled, its base's sizes would be guarded and compiled for)
-    xq, squares, clips, bad = convert(images.detach() if fused else images, float(full_scale), half, want_squares)
+    convert = fused_version(dac_values) if use_fused(images.device) else dac_values
+    xq, squares, clips, bad = convert(images, float(full_scale), half, want_squares)
     if want_squares:
         squares = torch.mm(squares.view(-1, squares.shape[-1]), segment_matrix).float().view(*images.shape[:2], -1)
     return xq, squares, torch.mm(clips, segment_matrix), bad

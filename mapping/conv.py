@@ -201,9 +201,7 @@ class AnalogConv2d(AnalogLayer):
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
             sums = F.conv2d(squares, row_blocks.taps, **conv)  # (N, blocks, H', W')
-            # contiguous, as a dense layer's are: a compiled read-out compiles a variant per layout
-            var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).to(torch.float64,
-                                                                              memory_format=torch.contiguous_format)
+            var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).double()
             var_rows *= grid._var_uniform
         if clips is None:
             clipped = torch.zeros(len(blocks), dtype=torch.int64, device=xq.device)

@@ -2,8 +2,6 @@
 same normals bitwise, the same outputs and counts bitwise with noise off, and with
 per-read noise on equal but for values on an ADC step edge (float64 variance sums in
 another order), which are counted. Tests that need CUDA skip without it."""
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -158,7 +156,7 @@ def test_walks_longer_than_one_call_are_finished_and_read_again(monkeypatch):
 def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_fast_read():
     """A re-read of a single tile output gives the value it gets among others, and, for
     an output whose normal took the fast path, the fast read's value: the flat index
-    finds the same row block, vector and column in the flattened inputs."""
+    finds the same row block, vector and column as the fast read's layout."""
     generator = torch.Generator().manual_seed(4)
     blocks, vectors, n_out = 2, 5, 3
     args = torch_engine._ReadArgs(
@@ -179,40 +177,6 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
                                         fused=False)
     assert alone.shape == (1,) and torch.equal(alone, among[1:2])
     assert torch.equal(alone[0], fast.view(-1)[one[0]])
-
-
-def test_a_read_out_with_one_output_to_read_again_pads_it_and_writes_its_exact_value(monkeypatch):
-    """A checked read-out in which a single tile output drew a rejected normal reads it
-    again as two copies (a size of 1 would compile a variant of its own): the output
-    holds its exact value, and every other output its fast-path value."""
-    generator = torch.Generator().manual_seed(5)
-    vectors, n_out = 4, 3
-    partial = torch.randn(1, vectors, n_out, generator=generator)
-    var_rows = torch.rand(1, vectors, generator=generator, dtype=torch.float64)
-    columns = torch_engine.column_map([0, n_out], "cpu")
-    ranges = torch.full((1, 1), 2.0, dtype=torch.float64)
-    first = torch.tensor(0, dtype=torch.int64)
-    tables = torch_engine._tables(torch.device("cpu"))[:2]
-    for seed in range(1000):  # the first stream key under which exactly one output is rejected
-        keys = torch.full((1, n_out), seed * 7919 + 1, dtype=torch.int64)
-        fast, _, rejected = torch_engine._read_fast(partial, None, var_rows, ranges[:, columns.tile], 127, None,
-                                                    None, 0.0, None, None, (keys,), (1.0,), first, columns.width,
-                                                    columns.offset, *tables)
-        if int(rejected.sum()) == 1:
-            break
-    assert int(rejected.sum()) == 1
-    one = rejected.nonzero().view(-1)
-    args = torch_engine._ReadArgs(partial, None, var_rows, ranges[:, columns.tile], 127, None, None, 0.0, None, None)
-    exact, _ = torch_engine._read_exact(args, (keys,), (1.0,), one, first, columns, fused=False)
-    padded = []
-    original = torch_engine._read_exact
-    monkeypatch.setattr(torch_engine, "_read_exact", lambda a, k, f, flat, *rest: padded.append(flat.numel())
-                        or original(a, k, f, flat, *rest))
-    y, _ = torch_engine.readout(partial, None, var_rows, columns, keys, first, ranges, 127, None, None, 1.0)
-    want = fast.view(-1)[:vectors * n_out].clone()
-    want[one] = exact
-    assert padded == [2] and not torch.equal(exact, fast.view(-1)[one])
-    assert torch.equal(y.view(-1), want)
 
 
 def _step_differences(got, want, grid):
@@ -274,17 +238,15 @@ def test_fused_convolution_dac_equals_the_eager_one_and_counts_clips_over_images
     assert torch.equal(clips, want) and int(bad) == 1 and 0 < want.sum() < images.numel()
 
 
-EVERY_ADC_ERROR = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
-    "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
-
-
 @pytest.mark.slow
 def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
     eager torch engine: the same normals (rejections and tail included), read-outs
     with per-read noise and every ADC error, and counts."""
     x = np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32)
-    grid, *_ = programmed_grid(EVERY_ADC_ERROR, 100, 90, seed=6)
+    config = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
+        "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
+    grid, *_ = programmed_grid(config, 100, 90, seed=6)
     grid.calibrate(x[:64])
     grid.engine = "torch"
     results = []
@@ -304,49 +266,3 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))
-
-
-def _compiled_variants(fn) -> int:
-    """How many compiled variants of a fused function this process holds."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    return len(_debug_get_cache_entry_list(fn.__code__))
-
-
-@pytest.mark.slow
-def test_a_configuration_compiles_one_exact_re_read_whatever_the_read(monkeypatch):
-    """The exact re-read's fused kernel takes a minute to compile, so once a
-    configuration has compiled it, no read compiles it again: checked or deferred,
-    autograd on or off (calibration reads with it on), one row block or three, 128
-    vectors (the ziggurat tables' size). The fast read compiles once more, for several row
-    blocks. Every read equals the eager engine's bitwise. (The configuration is the
-    previous test's, whose kernels this one reuses when both run.)"""
-    x = torch.from_numpy(np.random.default_rng(12).uniform(-1, 1, (128, 100)).astype(np.float32))
-    grids = {}
-    for blocks, n_in in ((3, 100), (1, 40)):
-        grids[blocks], *_ = programmed_grid(EVERY_ADC_ERROR, n_in, 60, seed=blocks)
-        grids[blocks].calibrate(x[:64, :n_in].numpy())
-        grids[blocks].engine = "torch"
-        assert grids[blocks].grid_shape[0] == blocks
-
-    def read(blocks, deferring, grad):
-        grid = grids[blocks]
-        grid.at(3600.0)
-        grid.reset_counts()
-        with torch.set_grad_enabled(grad), deferred.deferred_checks() if deferring else contextlib.nullcontext() as c:
-            y = grid.product(x[:, :grid.shape[0]])
-        assert c is None or not c.failed()
-        return y, grid.count_totals()
-
-    for k, (blocks, deferring, grad) in enumerate([(1, False, True), (3, False, True), (3, True, True),
-                                                   (3, False, False), (1, True, False)]):
-        monkeypatch.setenv(torch_engine.FUSED_ENV, "0")
-        want = read(blocks, deferring, grad)
-        monkeypatch.setenv(torch_engine.FUSED_ENV, "1")
-        y, counts = read(blocks, deferring, grad)
-        assert torch.equal(y, want[0]) and counts == want[1]
-        if k == 0:  # what this configuration needs, compiled now or by an earlier test
-            walked, fast = _compiled_variants(torch_engine._read_walked), _compiled_variants(torch_engine._read_fast)
-            assert walked >= 1
-        assert _compiled_variants(torch_engine._read_walked) == walked
-    assert _compiled_variants(torch_engine._read_fast) <= fast + 1

@@ -141,12 +141,13 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
     if cuda_graphs:
         analog.use_cuda_graphs()  # the first pass captures the graph
-    sync = _sync(device) or (lambda: None)
+    sync = _sync(device)
     start = time.perf_counter()
     analog(x)  # what calibration did not compile (fused kernels, on a GPU) compiles now
-    sync()
+    if sync:
+        sync()
     first_s = time.perf_counter() - start
-    analog_s = median_time(lambda: analog(x), repeats=repeats, sync=_sync(device))
+    analog_s = median_time(lambda: analog(x), repeats=repeats, sync=sync)
     with torch.no_grad():
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
@@ -155,13 +156,14 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
               "top1_agreement_with_float": agree, "peak_rss_mb": peak,
               "images_per_s": batch / analog_s}
     if profile:
-        print(_profiles(lambda: analog(x), device), file=sys.stderr)
+        print(_profiles(lambda: analog(x), device, sync), file=sys.stderr)
     return result
 
 
-def _profiles(forward, device: torch.device) -> str:
+def _profiles(forward, device: torch.device, sync) -> str:
     """One forward's host profile (Python functions by own time) and its torch
-    operations by own time on the device (CUDA kernels on a GPU, the CPU otherwise)."""
+    operations by own time on the device (CUDA kernels on a GPU, the CPU otherwise);
+    ``sync`` waits for a GPU's queued work (None on the CPU)."""
     host = cProfile.Profile()
     host.enable()
     forward()
@@ -173,8 +175,8 @@ def _profiles(forward, device: torch.device) -> str:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as ops:
         forward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if sync:
+            sync()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return text.getvalue() + ops.key_averages().table(sort_by=key, row_limit=20)
 
@@ -185,8 +187,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="images per batch of the convolutional models")
     parser.add_argument("--transformer-batch", type=int, default=32, help="sequences per batch of the transformer")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="print an analog forward's profiles to stderr: Python functions, and torch operations by "
-                             "device time")
+    parser.add_argument("--profile", action="store_true",
+                        help="print an analog forward's profiles to stderr: Python functions, and torch operations "
+                             "by device time")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--engine", default="auto", choices=["auto", "numba", "torch"],
                         help="the analog products' engine (auto: Numba on the CPU, torch elsewhere)")

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossbar import presets
-from crossbar import precision
+from crossbar import precision, presets
 from crossbar.precision import _switches, ieee_float32
 from mapping import convert
 from tests.conftest import needs_cuda

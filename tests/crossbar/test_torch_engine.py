@@ -243,9 +243,9 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
     eager torch engine: the same normals (rejections and tail included), read-outs
     with per-read noise and every ADC error, and counts."""
-    x = np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32)
     config = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
         "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
+    x = np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32)
     grid, *_ = programmed_grid(config, 100, 90, seed=6)
     grid.calibrate(x[:64])
     grid.engine = "torch"

@@ -40,7 +40,7 @@ from .config import TileConfig
 from .devices import make_device
 from . import deferred, torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
-from .precision import ieee_float32
+from .precision import ieee_float32, moves_only
 from .rng import stream_key
 from .wires import effective_conductance
 from .seeding import as_seed_sequence, derive
@@ -159,8 +159,8 @@ class TileGrid(CountsChanges, nn.Module):
         return self.g_prog.device
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # what at(t) derived follows the buffers, in float32 whatever fn does to dtypes
+        super()._apply(moves_only(fn), recurse)  # a cast never rounds the chip (crossbar.precision)
+        # what at(t) derived follows the buffers to their device
         if self._gdiff_host is not None:
             self._upload()
         self._host_copies.clear()

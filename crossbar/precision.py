@@ -8,13 +8,19 @@ which moves column sums across ADC steps on a few percent of outputs and breaks 
 promise that a seed names the same chip on the CPU and the GPU (equal outputs within
 float32 product rounding). A converted model's whole pass runs so (its digital layers
 too, for the same reason); the float model outside it keeps the precision its user chose.
+
+A chip's state keeps its precision too: ``model.half()`` or ``model.to(torch.float64)``
+casts a converted model's float weights and biases, as torch does, but only moves its
+conductances, drift exponents, converter ranges and digital scales
+(:func:`moves_only`): a cast to float16 would round the programmed conductances to
+11 bits, a chip that was never programmed, and casting back would not undo it.
 """
 from __future__ import annotations
 
 import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -75,3 +81,15 @@ def ieee_float32() -> Iterator[None]:
             if _depth == 0:
                 for (_, owner, attribute, _), value in zip(_switches(), _saved):
                     setattr(owner, attribute, value)
+
+
+def moves_only(fn: Callable) -> Callable:
+    """``fn`` of ``nn.Module._apply`` (what ``.to()``, ``.cuda()``, ``.half()`` apply to
+    each tensor) for a chip's state: where fn changes a tensor's dtype, the tensor is
+    only moved to the device fn gave (see the module docstring)."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return out if out.dtype == t.dtype else t.to(out.device)
+
+    return apply

@@ -84,9 +84,9 @@ class AnalogConv2d(AnalogLayer):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        dtype, x = x.dtype, self._check_input(x)
         self._check_shape(x)
-        return self._forward(x, self.pad)
+        return self._forward(x, self.pad).to(dtype)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         c_in = self.weight.shape[1] * self.groups
@@ -174,7 +174,7 @@ class AnalogConv2d(AnalogLayer):
             return patches[n, h, w].reshape(len(rows), -1).cpu().numpy()
 
         self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
-        y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out],
+        y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out].to(xg.dtype),
                      stride=self.stride, dilation=self.dilation)
         return self._positions(y)
 

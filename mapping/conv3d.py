@@ -35,7 +35,7 @@ class AnalogConv3d(AnalogLayer):
                    tuple(layer._reversed_padding_repeated_twice), layer.padding_mode, layer.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        dtype, x = x.dtype, self._check_input(x)
         c_in = self.weight.shape[1] * self.groups
         if x.dim() != 5 or x.shape[1] != c_in:
             raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
@@ -59,7 +59,7 @@ class AnalogConv3d(AnalogLayer):
                     patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)[images, depths]
                     y = self._product(g, patches.reshape(-1, per_in * kernel.numel()))
                     out[images, depths, ..., g * per_out:(g + 1) * per_out] = y.view(*patches.shape[:4], per_out)
-            return self._add_bias(out, 4).permute(0, 4, 1, 2, 3)
+            return self._add_bias(out, 4).permute(0, 4, 1, 2, 3).to(dtype)
 
     def _patches(self, xg: torch.Tensor, out_size: list) -> torch.Tensor:
         """A (N, D', H', W', C, kd, kh, kw) view of an NDHWC group input: the receptive fields."""

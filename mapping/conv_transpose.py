@@ -55,7 +55,7 @@ class AnalogConvTranspose2d(AnalogConv2d):
         return weight.squeeze(2) if self.one_d else weight
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        self._check_input(x)
+        dtype, x = x.dtype, self._check_input(x)
         self._check_shape(x)
         with torch.no_grad():
             output_padding = self._output_padding(x, output_size)
@@ -71,7 +71,7 @@ class AnalogConvTranspose2d(AnalogConv2d):
             for axis in (1, 0):
                 before = self.dilation[axis] * (kernel[axis] - 1) - self.t_padding[axis]
                 pad += [before, before + output_padding[axis]]
-            return self._forward(self._zeros_inserted(x), tuple(pad))
+            return self._forward(self._zeros_inserted(x), tuple(pad)).to(dtype)
 
     def _zeros_inserted(self, x: torch.Tensor) -> torch.Tensor:
         """x with stride - 1 zeros between neighbouring pixels, in channels-last memory

@@ -61,13 +61,17 @@ class AnalogLayer(CountsChanges, nn.Module):
         tiles' unrolled order."""
         return group_rows(self.weight, len(self.matrices), g)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        """The dtypes the float layer accepts: its own (a converted model is float32)."""
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x, if its dtype is the one the float layer accepts: its own (float32 for a
+        converted model; what ``.half()`` or ``.double()`` made it), widened to float32
+        where it is a 16-bit float. The layer computes in that dtype (the chip keeps its
+        precision: see ``crossbar.precision``); callers cast the output back to x's."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"layer {self.layer_name!r}: input is a {type(x).__name__}: expected a torch.Tensor")
         if x.dtype != self.weight.dtype:
             raise ValueError(f"layer {self.layer_name!r}: input has dtype {x.dtype}: expected {self.weight.dtype}, "
                              f"as the float layer would (it refuses other dtypes too)")
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
         self.called = True
@@ -178,11 +182,11 @@ class AnalogLinear(AnalogLayer):
         return cls([m], weight, bias, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        dtype, x = x.dtype, self._check_input(x)
         with torch.no_grad():
             n_in = self.weight.shape[1]
             if x.shape[-1] != n_in:
                 raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
                                  f"expected (..., {n_in})")
             y = self._product(0, x.reshape(-1, n_in))
-            return self._add_bias(y.reshape(*x.shape[:-1], -1), -1)
+            return self._add_bias(y.reshape(*x.shape[:-1], -1), -1).to(dtype)

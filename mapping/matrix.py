@@ -9,6 +9,7 @@ from torch import nn
 
 from crossbar import TileConfig
 from crossbar.grid import TileGrid
+from crossbar.precision import moves_only
 from crossbar.state_changes import CountsChanges
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
@@ -100,6 +101,11 @@ class AnalogMatrix(CountsChanges, nn.Module):
         self.divisor = torch.from_numpy(divisor)
         n_tiles = grid.grid_shape[0] * grid.grid_shape[1]
         grid.program(g_plus, g_minus, [derive(seed, k) for k in range(n_tiles)])
+
+    def _apply(self, fn, recurse=True):
+        # the digital scales and the compensation reference are the chip's: moved, never
+        # cast (crossbar.precision)
+        return super()._apply(moves_only(fn), recurse)
 
     @property
     def n_tiles(self) -> int:

@@ -661,7 +661,10 @@ class TileGrid(CountsChanges, nn.Module):
         device = self.g_prog.device
         counter = self._vector_counter
         if counter is None or counter.device != device:
-            counter = self._vector_counter = torch.zeros((), dtype=torch.int64, device=device)
+            # a normal tensor even in a torch.inference_mode() block: an inference tensor
+            # could not be advanced in place after the block
+            with torch.inference_mode(False):
+                counter = self._vector_counter = torch.zeros((), dtype=torch.int64, device=device)
             self._counter_holds = 0
         if self._counter_holds != self._vectors_read:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -82,7 +82,8 @@ class CapturedPass:
     def __init__(self, model, leaves: list, spec) -> None:
         self.grids = [m for m in model.modules() if isinstance(m, TileGrid)]
         self.layers = [layer for _, layer in model.analog_layers()]
-        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]  # the graph's buffers
+        with torch.inference_mode(False):  # buffers that replays outside an inference_mode block can fill
+            self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]  # the graph's buffers
         self.graph = None
         for grid in self.grids:
             grid.collect_device_counts()  # the graph's counts then start from none

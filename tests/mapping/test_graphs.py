@@ -49,8 +49,10 @@ class EmulatedPass(CapturedPass):
         for grid, (state, _) in zip(self.grids, host):
             grid.restore_read_state((state[0], state[1], {}))  # a graph's counts start from none
         fresh = tree_flatten(self._device_pass())[0]
-        for recorded, value in zip(tree_flatten((self.outputs, self.failed, [r[2] for r in self.reads]))[0], fresh):
-            recorded.copy_(value)
+        with torch.inference_mode():  # a replay's kernels write its outputs whatever tensors they are
+            for recorded, value in zip(tree_flatten((self.outputs, self.failed, [r[2] for r in self.reads]))[0],
+                                       fresh):
+                recorded.copy_(value)
         for grid, (state, holds) in zip(self.grids, host):  # a replay runs nothing on the host
             grid.restore_read_state(state)
             grid._counter_holds = holds
@@ -127,6 +129,18 @@ def test_a_new_state_or_signature_captures_again():
     graphed.analog_layers()[1][1].at(7200.0)  # one layer's new time, not the model's: captured again
     graphed(small)
     assert graphed._graphs.captures == 5
+
+
+def test_a_graph_captured_in_inference_mode_replays_outside_it_and_back():
+    """torch.inference_mode() around the capture, then replays outside it and inside
+    again: the graph's input buffers and the grids' vector counters stay tensors that
+    passes outside the block can fill and advance; every pass equals the eager one."""
+    eager, graphed = torch_model(), emulating(torch_model())
+    for i, x in enumerate(inputs(4)):
+        with torch.inference_mode(i % 2 == 0):  # the capture inside, then outside, inside, outside
+            got = graphed(x)
+        assert torch.equal(got, eager(x)), i
+    assert graphed._graphs.captures == 1
 
 
 def test_a_copy_of_a_model_captures_its_own_graphs():

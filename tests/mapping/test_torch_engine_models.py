@@ -76,6 +76,28 @@ def test_a_torch_engine_chip_saves_and_loads_as_the_numba_one():
     assert torch.equal(a(X), b(X))  # b on the Numba engine
 
 
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_chip_used_in_and_out_of_inference_mode_reads_as_one_used_without_it(engine):
+    """torch.inference_mode() around calibration, at(t) and passes (as evaluation code
+    often has it), then passes outside it: the state kept between passes (the torch
+    engine's vector counter on the device) is still advanced, and every pass equals the
+    same chip's used without inference mode, bitwise."""
+    config = presets.pcm(rows=32, cols=16)
+    plain, mixed = converted(config).set_engine(engine), converted(config).set_engine(engine)
+    plain.calibrate([X])
+    with torch.inference_mode():
+        mixed.calibrate([X])
+    for t, inside in ((60.0, True), (3600.0, False), (86400.0, True)):
+        plain.at(t)
+        with torch.inference_mode(inside):
+            mixed.at(t)
+        for passes_inside in (inside, not inside):
+            want = plain(X)
+            with torch.inference_mode(passes_inside):
+                got = mixed(X)
+            assert torch.equal(got, want), (t, passes_inside)
+
+
 def test_convert_refuses_a_device_it_cannot_use():
     with pytest.raises(ValueError, match="device = 'gpu0' is invalid"):
         converted(presets.ideal(rows=16, cols=16), device="gpu0")

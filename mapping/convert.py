@@ -269,7 +269,10 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     if digital:
         named = [f"{name} ({refused[name]})" if name in refused else name for name in digital]
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=2)
-    analog_model = AnalogModel(module, report, digital)
+    # in eval mode as a whole, as the copy was put: the analog layers are new modules
+    # (torch makes them in training mode), and an attention's or a recurrent layer's
+    # dropout acts in training mode
+    analog_model = AnalogModel(module, report, digital).eval()
     return analog_model if device is None else analog_model.to(device)
 
 

@@ -100,6 +100,26 @@ def test_transformer_layers_run_their_attention_on_tiles():
     assert f"module.{attention}.k_proj" not in names and f"{attention}.k_proj" in names
 
 
+def test_a_converted_model_is_in_eval_mode_so_dropout_never_acts():
+    """convert's copy is in eval mode, its analog layers too, though torch makes new
+    modules in training mode: an attention's dropout (0.1 in a TransformerEncoderLayer
+    by default) and a recurrent layer's (0.5 here) would otherwise act at every pass."""
+    torch.manual_seed(4)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 48, dropout=0.1, batch_first=True), 1,
+                                    enable_nested_tensor=False).eval()
+    lstm = nn.LSTM(6, 10, num_layers=2, dropout=0.5).eval()
+    for model, x in ((encoder, torch.randn(2, 9, 32)), (lstm, torch.randn(5, 3, 6))):
+        analog = converted(model, calibrate_with=x)
+        assert not any(m.training for m in analog.modules())
+        with torch.no_grad():
+            want = model(x)
+        close(analog(x), want)
+        analog.train()  # the user's choice, as in torch: dropout acts then
+        got = analog(x)
+        assert (got[0] if isinstance(got, tuple) else got).sub((want[0] if isinstance(want, tuple) else want)
+                                                              ).abs().max() > 0.01
+
+
 RNN_CASES = [
     (nn.LSTM, dict(num_layers=2, bidirectional=True, batch_first=True)),
     (nn.GRU, dict(num_layers=2, bias=False)),

@@ -54,6 +54,9 @@ class AnalogConv3d(AnalogLayer):
             per_in, per_out = c_in // self.groups, c_out // self.groups
             out = torch.empty(x.shape[0], *out_size, c_out, dtype=x.dtype, device=x.device)
             vectors = self.matrices[0].vectors_per_chunk(unrolled=True)
+            self.called = True
+            if x.shape[0] == 0:  # an empty batch, as torch's layers take one: nothing is read
+                self._empty_batch()
             for images, depths in _chunks(x.shape[0], out_size, vectors):
                 for g in range(self.groups):
                     patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)[images, depths]

@@ -75,6 +75,9 @@ class AnalogLayer(CountsChanges, nn.Module):
 
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
         self.called = True
+        if len(vectors) == 0:  # an empty batch, as torch's layers take one: nothing is read
+            self._empty_batch()
+            return vectors.new_zeros((0, self.matrices[g].shape[0]))
         if self._calibration is not None:
             self._sample_for_calibration(g, len(vectors), lambda rows: _to_numpy(vectors if rows is None
                                                                                  else vectors[rows]))
@@ -101,6 +104,13 @@ class AnalogLayer(CountsChanges, nn.Module):
     def begin_calibration(self, seed: int = 0) -> None:
         self._calibration = [[] for _ in self.matrices]
         self._calibration_rng = np.random.default_rng(seed)
+
+    def _empty_batch(self) -> None:
+        """Note a call on an empty batch: in calibration it is a call that sampled
+        nothing (not a layer that was never called)."""
+        if self._calibration is not None:
+            self._calibration = [None if parts is None else parts + [np.zeros((0, m.shape[1]), np.float32)]
+                                 for parts, m in zip(self._calibration, self.matrices)]
 
     def _sample_for_calibration(self, g: int, n_vectors: int, fetch) -> None:
         """Keep the first calibration_rows input vectors (a seeded subset of a batch that
@@ -131,7 +141,11 @@ class AnalogLayer(CountsChanges, nn.Module):
             if not parts:
                 raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: "
                                    f"{NOT_CALLED_WHY}")
-            m.calibrate(np.concatenate(parts))
+            sample = np.concatenate(parts)
+            if len(sample) == 0:
+                raise ValueError(f"analog layer {self.layer_name!r} saw only empty batches during calibration: "
+                                 f"calibrate on batches with at least one input")
+            m.calibrate(sample)
 
     def weight_pairs(self) -> list:
         """Per group: (intended weights, weights the tiles hold now incl. drift
@@ -189,4 +203,4 @@ class AnalogLinear(AnalogLayer):
                 raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
                                  f"expected (..., {n_in})")
             y = self._product(0, x.reshape(-1, n_in))
-            return self._add_bias(y.reshape(*x.shape[:-1], -1), -1).to(dtype)
+            return self._add_bias(y.reshape(*x.shape[:-1], y.shape[-1]), -1).to(dtype)

@@ -72,6 +72,8 @@ class AnalogRNNBase(nn.Module):
         elif self.batch_first:
             x = x.transpose(0, 1)
         steps, batch, _ = x.shape
+        if steps == 0:  # as torch's recurrent layers refuse it (an empty batch is taken)
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(hx, batch, batched, x)
         last_h, last_c = [], []
         for layer in range(self.num_layers):
@@ -113,7 +115,8 @@ class AnalogRNNBase(nn.Module):
     def _run_direction(self, ih: AnalogLinear, hh: AnalogLinear, x: torch.Tensor, h: torch.Tensor,
                        c: Optional[torch.Tensor], reverse: bool):
         steps, batch, _ = x.shape
-        gates_x = ih(x.reshape(steps * batch, -1)).view(steps, batch, -1)  # the whole sequence at once
+        gates_x = ih(x.reshape(steps * batch, x.shape[2]))  # the whole sequence at once
+        gates_x = gates_x.view(steps, batch, gates_x.shape[1])
         outputs = [None] * steps
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         for t in order:

@@ -742,16 +742,35 @@ class TileGrid(CountsChanges, nn.Module):
             self.counts[k] = np.asarray(v, np.int64).copy()
         self._pending_time = float(state["time"])
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        misfit = self._misfit(state_dict.get(prefix + "g_prog"), state_dict.get(prefix + "_extra_state"))
+        if misfit is not None:  # load_state_dict raises with it; this grid keeps its chip
+            error_msgs.append(f"{prefix}g_prog: {misfit}")
+            return
         for name in ("g_prog", "nu", "adc_gain", "adc_offset"):  # sized at programming: the saved chip's size
             if name.startswith("adc_") and prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros(0, dtype=torch.float64)  # saved before ADC errors existed
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if self.programmed and getattr(self, "_pending_time", None) is not None:
             t, self._pending_time = self._pending_time, None
             self.at(t)  # derive the read state from the loaded chip
+
+    def _misfit(self, g_prog, extra) -> Optional[str]:
+        """Why a saved chip (its g_prog and extra state) does not fit this grid's matrix
+        and tiles; None where it does, or where there is no programmed chip to load."""
+        if g_prog is None or extra is None or g_prog.numel() == 0:
+            return None
+        n_tiles = self.grid_shape[0] * self.grid_shape[1]
+        saved = (tuple(g_prog.shape[1:]), len(extra["seeds"]))
+        if saved == (self.shape, n_tiles):
+            return None
+        return (f"the saved chip holds a {saved[0]} matrix on {saved[1]} tiles; this grid holds {self.shape} on "
+                f"{n_tiles} tiles of {self.config.rows} x {self.config.cols} (load a chip into a model converted "
+                f"from the same model with the same tile size)")
 
     # -- helpers ---------------------------------------------------------------------------
     def _rng(self, k: int, *tags: int) -> np.random.Generator:

@@ -134,6 +134,19 @@ def test_save_reload_is_bitwise_equal():
     assert torch.equal(other.at(3600.0)(x), first)
 
 
+def test_a_chip_of_another_tile_size_is_refused_by_name_and_not_loaded():
+    model = mlp()
+    saved = convert(model, presets.pcm(rows=32, cols=32), seed=0).state_dict()
+    target = convert(model, presets.pcm(rows=64, cols=64), seed=1)
+    grid = target.module[0].matrices[0].grid
+    held = grid.g_prog.clone(), list(grid.seeds)
+    with pytest.raises(RuntimeError, match=r"module\.0\.matrices\.0\.grid\.g_prog: the saved chip holds a "
+                                           r"\(40, 70\) matrix on 6 tiles; this grid holds \(40, 70\) on 2 tiles "
+                                           r"of 64 x 64"):
+        target.load_state_dict(saved)
+    assert torch.equal(grid.g_prog, held[0]) and grid.seeds == held[1]  # the misfit chip was not taken
+
+
 def test_bad_inputs_raise_clear_errors():
     model = mlp()
     model[2].weight.data[0, 0] = float("nan")

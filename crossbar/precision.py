@@ -8,6 +8,8 @@ which moves column sums across ADC steps on a few percent of outputs and breaks 
 promise that a seed names the same chip on the CPU and the GPU (equal outputs within
 float32 product rounding). A converted model's whole pass runs so (its digital layers
 too, for the same reason); the float model outside it keeps the precision its user chose.
+Autocast (``torch.autocast``, common around GPU inference) would do worse, running the
+products in float16 or bfloat16: it is off within the same blocks, and on again after.
 
 A chip's state keeps its precision too: ``model.half()`` or ``model.to(torch.float64)``
 casts a converted model's float weights and biases, as torch does, but only moves its
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -59,12 +61,33 @@ def settings() -> dict:
     return {name: getattr(owner, attribute) for name, owner, attribute, _ in _switches()}
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4: one function per device
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
     """Within the block, float32 matrix products and convolutions round as IEEE
-    float32 on every device (no TF32, no bfloat16). The settings are the process's: the
-    first block to enter sets them, and the last to leave, in any thread, restores
-    them; a block inside another costs next to nothing."""
+    float32 on every device (no TF32, no bfloat16, no autocast). The settings are the
+    process's: the first block to enter sets them, and the last to leave, in any thread,
+    restores them; a block inside another costs next to nothing. Autocast is the
+    thread's own, off in the block where it was on."""
+    with ExitStack() as stack:
+        for device_type in _AUTOCAST_DEVICES:
+            if _autocast_on(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        with _process_ieee_float32():
+            yield
+
+
+@contextmanager
+def _process_ieee_float32() -> Iterator[None]:
     global _depth, _saved
     with _lock:
         if _depth == 0:

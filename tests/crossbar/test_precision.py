@@ -133,6 +133,36 @@ def test_a_converted_models_pass_runs_in_ieee_float32_and_restores(monkeypatch, 
     assert settings() == before
 
 
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_autocast_is_off_in_an_analog_pass_and_on_after_it(engine):
+    """torch.autocast (common around GPU inference) would run the products in bfloat16
+    (float16 on CUDA): an analog pass under it equals one without it, bitwise, and the
+    block's own products are autocast again after the pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for autocast in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analog = convert(model, presets.pcm(rows=16, cols=8), seed=0)
+        analog.set_engine(engine).calibrate([x])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outputs.append(analog.at(3600.0)(x))
+            assert (x[0, 0] @ x[0, 0]).dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert outputs[1].dtype == torch.float32
+    assert torch.equal(outputs[1], outputs[0])
+    grid, *_ = programmed_grid(presets.pcm(rows=16, cols=8, adc_bits=None, dac_bits=None), 40, 12, seed=1)
+    grid.engine = engine
+    v = np.random.default_rng(0).uniform(-1, 1, (5, 40)).astype(np.float32)
+    v = torch.from_numpy(v) if engine == "torch" else v
+    plain = grid.product(v)
+    grid.at(0.0)  # the same reads again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = grid.product(v)
+    assert np.array_equal(np.asarray(autocast), np.asarray(plain))
+
+
 
 
 @pytest.mark.gpu

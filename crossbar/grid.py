@@ -101,8 +101,8 @@ class TileGrid(CountsChanges, nn.Module):
         self._dac_half = levels_per_side(config.dac.bits)
         self._adc_half = levels_per_side(config.adc.bits)
         rows, cols = self.grid_shape
-        self.register_buffer("g_prog", torch.zeros(0))           # (2, n_in, n_out) uS at t = 0
-        self.register_buffer("nu", torch.zeros(0))               # drift exponents, same shape
+        self.register_buffer("g_prog", torch.zeros(0, dtype=torch.float32))         # (2, n_in, n_out) uS at t = 0
+        self.register_buffer("nu", torch.zeros(0, dtype=torch.float32))             # drift exponents, same shape
         self.register_buffer("dac_range", torch.tensor(float(config.dac.range) if config.dac.range_mode == "fixed"
                                                        else float("nan"), dtype=torch.float64))
         fixed_adc = config.adc.range if config.adc.range_mode == "fixed" else float("nan")
@@ -222,7 +222,7 @@ class TileGrid(CountsChanges, nn.Module):
             self.counts["stuck_max"][r, c] = prog.stuck_max
         device = self.g_prog.device
         self.g_prog = torch.from_numpy(g).to(device)
-        self.nu = (torch.zeros(0) if nu is None else torch.from_numpy(nu)).to(device)
+        self.nu = (torch.zeros(0, dtype=torch.float32) if nu is None else torch.from_numpy(nu)).to(device)
         self.adc_gain, self.adc_offset = (torch.from_numpy(a).to(device) for a in self._draw_adc_errors())
         self.reset_counts()
         return self.at(0.0)

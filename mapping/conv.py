@@ -244,7 +244,7 @@ class AnalogConv2d(AnalogLayer):
             return found
         taps = row_blocks.taps
         n_blocks, n_segments = taps.shape[:2]
-        ones = torch.ones(1, 1, *out_hw, device=taps.device)
+        ones = torch.ones(1, 1, *out_hw, dtype=taps.dtype, device=taps.device)
         size = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in
                 zip(out_hw, conv["stride"], conv["padding"], conv["dilation"], taps.shape[2:])]
         extra = [i - n for i, n in zip(in_hw, size)]  # rows and columns no receptive field reaches
@@ -323,7 +323,7 @@ class AnalogConv2d(AnalogLayer):
         for r in range(grid.grid_shape[0]):
             a, b = int(grid.row_starts[r]), int(grid.row_starts[r + 1])
             lo, hi = a // taps, (b - 1) // taps + 1
-            keep = torch.zeros((hi - lo) * taps, 1, device=device)
+            keep = torch.zeros((hi - lo) * taps, 1, dtype=torch.float32, device=device)
             keep[a - lo * taps:b - lo * taps] = 1.0  # the taps of edge channels that are this block's
             shape = (hi - lo, kh, kw)
 
@@ -344,7 +344,7 @@ class AnalogConv2d(AnalogLayer):
             bounds |= {full_lo, full_hi} | {c for channel, _ in edges for c in (channel, channel + 1)}
         segments = np.array(sorted(bounds), np.int64)
         n_segments = len(segments) - 1
-        block_taps = torch.zeros(len(blocks), n_segments, kh, kw, device=device)
+        block_taps = torch.zeros(len(blocks), n_segments, kh, kw, dtype=torch.float32, device=device)
         for r, ((full_lo, full_hi), edges) in enumerate(spans):
             block_taps[r, np.searchsorted(segments, full_lo):np.searchsorted(segments, full_hi)] = 1.0
             for channel, mask in edges:

@@ -66,9 +66,9 @@ class AnalogMatrix(CountsChanges, nn.Module):
         self.grid = TileGrid(tile_config, w.shape[1], w.shape[0] * self.slices, name=f"layer {name!r}")
         self.alpha = 1.0
         self.dac_range_fallback = False  # the calibration sample was all zero (see calibrate)
-        self.register_buffer("divisor", torch.zeros(0))                 # (R, out) uS per unit weight
+        self.register_buffer("divisor", torch.zeros(0, dtype=torch.float32))               # (R, out) uS per unit weight
         self.register_buffer("r0", torch.tensor(float("nan"), dtype=torch.float64))
-        self.register_buffer("compensation_x", torch.zeros(0))          # the reference read's inputs
+        self.register_buffer("compensation_x", torch.zeros(0, dtype=torch.float32))        # the reference read's inputs
         self.register_load_state_dict_post_hook(_after_load)
         self._program(w.T, as_seed_sequence(seed))
         if self._ranges_ready():

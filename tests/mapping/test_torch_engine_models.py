@@ -98,6 +98,26 @@ def test_a_chip_used_in_and_out_of_inference_mode_reads_as_one_used_without_it(e
             assert torch.equal(got, want), (t, passes_inside)
 
 
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_chip_reads_alike_whatever_torchs_default_dtype(engine):
+    """torch.set_default_dtype(torch.float64), as some scientific code sets it: the chip
+    is made and read in its own dtypes (conv paths failed on a float64 kernel before)."""
+    model = small_cnn()  # (its weights drawn in float32)
+    outputs = []
+    for default in (torch.float32, torch.float64):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                analog = convert(model, presets.pcm(rows=32, cols=16), seed=0).set_engine(engine)
+            analog.calibrate([X])
+            outputs.append(analog.at(3600.0)(X))
+        finally:
+            torch.set_default_dtype(before)
+    assert outputs[1].dtype == torch.float32 and torch.equal(outputs[1], outputs[0])
+
+
 def test_convert_refuses_a_device_it_cannot_use():
     with pytest.raises(ValueError, match="device = 'gpu0' is invalid"):
         converted(presets.ideal(rows=16, cols=16), device="gpu0")

@@ -387,9 +387,12 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
             flat = _bounded_indices(rejected, n_blocks, len(streams), checks)
         if flat.numel():
             exact, exact_hits = _read_exact(args, streams, factors, flat, first_vector, columns, fused, checks)
-            values.put_(flat, exact)  # flat indices; a padding index lands in a spare column
+            # flat indices; padding repeats an index in a spare column, which is never
+            # read. index_put_, not put_: put_ refuses to run under
+            # torch.use_deterministic_algorithms(True), index_put_ runs deterministically
+            values.view(-1).index_put_((flat,), exact)
             if hits is not None:
-                hits.put_(flat, exact_hits)
+                hits.view(-1).index_put_((flat,), exact_hits)
     n = batch * n_out
     # the digital sum, in row-block order as the Numba kernel adds (0 + y0 + y1 + ...:
     # starting from y0 changes only the sign of a zero sum), with no zero-filled start

@@ -118,6 +118,24 @@ def test_a_chip_reads_alike_whatever_torchs_default_dtype(engine):
     assert outputs[1].dtype == torch.float32 and torch.equal(outputs[1], outputs[0])
 
 
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_chip_reads_alike_under_deterministic_algorithms(engine):
+    """torch.use_deterministic_algorithms(True), as reproducibility-minded code sets it:
+    the engines (deterministic themselves) use no operation that refuses to run under it
+    (the torch engine wrote its exact re-reads with put_, which did), and read alike."""
+    outputs = []
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            analog = converted(presets.pcm(rows=32, cols=16)).set_engine(engine)
+            analog.calibrate([X])  # (its drift-compensation reads take the checked path)
+            outputs.append(analog.at(3600.0)(X))
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert torch.equal(outputs[1], outputs[0])
+
+
 def test_convert_refuses_a_device_it_cannot_use():
     with pytest.raises(ValueError, match="device = 'gpu0' is invalid"):
         converted(presets.ideal(rows=16, cols=16), device="gpu0")

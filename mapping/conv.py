@@ -128,8 +128,7 @@ class AnalogConv2d(AnalogLayer):
             # a few images at a time, within the memory a product may hold
             vectors = self.matrices[0].vectors_per_chunk(unrolled=not (convolve or calibrating))
             chunk = max(1, vectors // (h_out * w_out))
-            self.called = True
-            if x.shape[0] == 0:  # an empty batch, as torch's layers take one: nothing is read
+            if x.shape[0] == 0:  # (the loop below reads nothing then)
                 self._empty_batch()
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):

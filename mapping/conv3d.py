@@ -54,8 +54,7 @@ class AnalogConv3d(AnalogLayer):
             per_in, per_out = c_in // self.groups, c_out // self.groups
             out = torch.empty(x.shape[0], *out_size, c_out, dtype=x.dtype, device=x.device)
             vectors = self.matrices[0].vectors_per_chunk(unrolled=True)
-            self.called = True
-            if x.shape[0] == 0:  # an empty batch, as torch's layers take one: nothing is read
+            if x.shape[0] == 0:  # (the loop below reads nothing then)
                 self._empty_batch()
             for images, depths in _chunks(x.shape[0], out_size, vectors):
                 for g in range(self.groups):

@@ -75,7 +75,7 @@ class AnalogLayer(CountsChanges, nn.Module):
 
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
         self.called = True
-        if len(vectors) == 0:  # an empty batch, as torch's layers take one: nothing is read
+        if len(vectors) == 0:
             self._empty_batch()
             return vectors.new_zeros((0, self.matrices[g].shape[0]))
         if self._calibration is not None:
@@ -106,11 +106,12 @@ class AnalogLayer(CountsChanges, nn.Module):
         self._calibration_rng = np.random.default_rng(seed)
 
     def _empty_batch(self) -> None:
-        """Note a call on an empty batch: in calibration it is a call that sampled
-        nothing (not a layer that was never called)."""
-        if self._calibration is not None:
-            self._calibration = [None if parts is None else parts + [np.zeros((0, m.shape[1]), np.float32)]
-                                 for parts, m in zip(self._calibration, self.matrices)]
+        """Note a call on an empty batch (as torch's layers take one: nothing is read): a
+        call, and in calibration one that sampled nothing (not a layer never called)."""
+        self.called = True
+        for parts, m in zip(self._calibration or [], self.matrices):
+            if parts is not None:
+                parts.append(np.zeros((0, m.shape[1]), np.float32))
 
     def _sample_for_calibration(self, g: int, n_vectors: int, fetch) -> None:
         """Keep the first calibration_rows input vectors (a seeded subset of a batch that

@@ -163,8 +163,6 @@ def test_autocast_is_off_in_an_analog_pass_and_on_after_it(engine):
     assert np.array_equal(np.asarray(autocast), np.asarray(plain))
 
 
-
-
 @pytest.mark.gpu
 @needs_cuda
 def test_on_cuda_a_convolution_under_tf32_settings_equals_the_cpu_engine(reduced_precision):

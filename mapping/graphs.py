@@ -23,12 +23,15 @@ module provides them:
   each replay to detect this.
 
 Inputs are copied into the graph's buffers before a replay, and outputs are cloned out.
+A replay runs no Python, so forward hooks inside the model would not run: while any
+is registered (:func:`hooked_modules`), passes run eagerly and call them, with a warning.
 A replay that fails its checks is not kept: a non-finite input, or one of the rare
 events of :mod:`crossbar.deferred`. The pass then runs again eagerly, checked, exactly
 as without graphs.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -55,6 +58,17 @@ def state_fingerprint(model: torch.nn.Module) -> tuple:
                             _tensor_tokens(parameters) if parameters else (),
                             _tensor_tokens(buffers) if buffers else ()))
     return tuple(fingerprint)
+
+
+def hooked_modules(model: torch.nn.Module) -> list:
+    """Names of the modules inside ``model.module`` (what a captured pass runs) with
+    forward hooks or forward pre-hooks, "*" first for hooks registered on every module."""
+    hooked = ["*"] if (torch.nn.modules.module._global_forward_hooks
+                       or torch.nn.modules.module._global_forward_pre_hooks) else []
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.module.modules()):  # (run at every pass)
+        hooked += [name or type(m).__name__ for name, m in model.module.named_modules()
+                   if m._forward_hooks or m._forward_pre_hooks]
+    return hooked
 
 
 def _tensor_tokens(tensors: dict) -> tuple:
@@ -161,6 +175,8 @@ class PassGraphs:
         self.captures = 0             # graphs captured so far (a capture costs a pass's time)
         self._passes: OrderedDict = OrderedDict()
         self._state: Optional[tuple] = None
+        self.hooked_passes = 0        # passes run eagerly because forward hooks were registered
+        self._warned_hooks = False    # (once per spell of hooks)
 
     def __len__(self) -> int:
         return len(self._passes)
@@ -179,6 +195,10 @@ class PassGraphs:
         """model.module(*args, **kwargs) as an AnalogModel's forward pass computes it: a
         replay where this signature was captured in the model's present state, else an
         eager pass followed by a capture for the next call."""
+        hooked = hooked_modules(model)
+        if hooked:
+            return self._hooked_pass(model, hooked, args, kwargs)
+        self._warned_hooks = False
         leaves, spec = tree_flatten((args, kwargs))
         key = (spec, tuple(_signature(leaf) for leaf in leaves))
         if state_fingerprint(model) != self._state:
@@ -201,6 +221,17 @@ class PassGraphs:
                 self._passes.popitem(last=False)
         self._state = state_fingerprint(model)
         return out
+
+    def _hooked_pass(self, model, hooked: list, args: tuple, kwargs: dict):
+        """An eager pass, as without graphs, which calls the hooks a replay would skip."""
+        if not self._warned_hooks:
+            where = "every module" if hooked[0] == "*" else repr(hooked[0])
+            more = f" and {len(hooked) - 1} more" if len(hooked) > 1 else ""
+            warnings.warn(f"forward hooks on {where}{more}: a CUDA graph replay would not call them, so passes "
+                          f"run without graphs while they are registered", RuntimeWarning, stacklevel=2)
+            self._warned_hooks = True
+        self.hooked_passes += 1
+        return deferred.deferred_pass(lambda: model.module(*args, **kwargs))
 
     @staticmethod
     def check_device(model) -> None:

@@ -37,6 +37,7 @@ class EmulatedPass(CapturedPass):
 
     def _record(self, device_pass):
         self._device_pass = device_pass
+        self.replays = 0
         held = [c.clone() for c in self.counters]
         result = device_pass()
         for counter, value in zip(self.counters, held):  # a capture runs nothing on the device
@@ -44,6 +45,7 @@ class EmulatedPass(CapturedPass):
         return result
 
     def _replay(self):
+        self.replays += 1
         host = [(grid.read_state(), grid._counter_holds) for grid in self.grids]
         called = [layer.called for layer in self.layers]
         for grid, (state, _) in zip(self.grids, host):
@@ -152,6 +154,42 @@ def test_a_copy_of_a_model_captures_its_own_graphs():
     assert len(copied._graphs) == 0 and len(graphed._graphs) == 1
     assert torch.equal(copied(xs[2]), eager(xs[2]))  # the copy goes on from the original's noise
     assert len(pickle.loads(pickle.dumps(graphed._graphs))) == 0
+
+
+@pytest.mark.parametrize("where", ["layer", "every module"])
+def test_forward_hooks_run_at_every_pass_without_graphs_while_registered(where):
+    """A replay runs no Python: while a forward hook is registered (here one that keeps
+    the first analog layer's outputs), passes run eagerly, the hook called at each, with
+    one warning; once it is removed, passes are replayed again."""
+    eager, graphed = torch_model(), emulating(torch_model())
+
+    def replays():  # (an emulated replay runs the pass's Python, hooks included; a real one runs none)
+        return sum(captured.replays for captured in graphed._graphs._passes.values())
+
+    first = [next(m for m in analog.module.modules() if isinstance(m, AnalogLayer)) for analog in (eager, graphed)]
+    kept = {id(layer): [] for layer in first}
+
+    def keep(module, args, out):
+        if id(module) in kept:
+            kept[id(module)].append(out.clone())
+
+    xs = inputs(6)
+    for x in xs[:2]:
+        assert torch.equal(graphed(x), eager(x))  # captured, then replayed
+    handles = ([layer.register_forward_hook(keep) for layer in first] if where == "layer"
+               else [nn.modules.module.register_module_forward_hook(keep)])
+    try:
+        with pytest.warns(RuntimeWarning, match="passes run without graphs") as caught:
+            for x in xs[2:5]:
+                assert torch.equal(graphed(x), eager(x))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(caught) == 1 and graphed._graphs.hooked_passes == 3 and replays() == 1
+    want, got = kept[id(first[0])], kept[id(first[1])]
+    assert len(got) == len(want) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(graphed(xs[5]), eager(xs[5]))  # hooks gone: a replay again
+    assert replays() == 2 and graphed._graphs.captures == 1 and graphed.counts() == eager.counts()
 
 
 def test_a_replay_that_fails_a_check_runs_the_pass_checked_and_keeps_nothing():

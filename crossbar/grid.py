@@ -72,6 +72,19 @@ def time_bits(t: float) -> int:
     return int(np.float64(t).view(np.uint64))
 
 
+def inference_time(t) -> float:
+    """``t``, s since programming, as a float: a finite real number >= 0, given as a
+    Python or numpy number or a one-element real tensor (``torch.logspace``'s, say)."""
+    value = t
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and not (t.is_complex() or t.dtype == torch.bool):
+        value = t.item()
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
+            or not np.isfinite(value) or value < 0):
+        raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s, as a real number "
+                         f"or a one-element real tensor")
+    return float(value)
+
+
 class TileGrid(CountsChanges, nn.Module):
     """The tiles of one (n_in x n_out) conductance matrix, programmed and read together.
 
@@ -246,9 +259,7 @@ class TileGrid(CountsChanges, nn.Module):
         """Set the inference time, s since programming: drift, and the 1/f sample frozen
         for every read at this time (the same t always gives the same sample)."""
         self._require_programmed("at")
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) or t < 0:
-            raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s")
-        t = float(t)
+        t = inference_time(t)
         self.device.check_time(t)
         bits = time_bits(t)
         g_prog = self.g_prog.cpu().numpy()

@@ -11,6 +11,7 @@ from torch import nn
 
 from crossbar import TileConfig, deferred
 from crossbar.precision import ieee_float32
+from crossbar.grid import inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
@@ -153,9 +154,10 @@ class AnalogModel(nn.Module):
 
     def at(self, t: float) -> "AnalogModel":
         """Set the inference time (s since programming) of every analog layer."""
+        t = inference_time(t)
         for _, layer in self.analog_layers():
             layer.at(t)
-        self.time = float(t)
+        self.time = t
         return self
 
     def calibrate(self, batches: Iterable, seed: int = 0) -> "AnalogModel":

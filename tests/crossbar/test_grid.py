@@ -2,6 +2,7 @@
 edge tiles and per-tile ranges; noise off equal, noise on by its statistics."""
 import numpy as np
 import pytest
+import torch
 
 from crossbar import ReferenceTile, Tile, presets
 from crossbar.grid import TileGrid
@@ -119,6 +120,27 @@ def test_grid_state_round_trips_through_state_dict():
     assert copy.time == 3600.0 and np.array_equal(copy.output_ranges(), grid.output_ranges())
     assert np.array_equal(copy.product(x), first)
     assert set(grid.state_dict()) >= {"g_prog", "nu", "dac_range", "adc_ranges"}
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "3600", None, 3600j,
+                                 torch.tensor([1.0, 2.0]), torch.tensor(True), torch.tensor(-1.0)])
+def test_a_bad_time_is_refused_by_name_and_changes_nothing(bad):
+    grid, *_ = programmed_grid(presets.pcm(rows=32, cols=16), 40, 20, seed=3)
+    grid.at(60.0)
+    before = grid.conductances().copy()
+    with pytest.raises(ValueError, match=r"^t = .* is invalid: expected a finite time >= 0 s"):
+        grid.at(bad)
+    assert grid.time == 60.0 and np.array_equal(grid.conductances(), before)
+
+
+@pytest.mark.parametrize("t", [np.float32(3600.0), np.int64(3600), 3600, torch.tensor(3600.0),
+                               torch.tensor([3600], dtype=torch.int32), torch.logspace(0, 6, 4)[2]])
+def test_a_time_given_as_any_real_number_or_one_element_tensor_is_that_float(t):
+    grid, *_ = programmed_grid(presets.pcm(rows=32, cols=16), 40, 20, seed=3)
+    want = programmed_grid(presets.pcm(rows=32, cols=16), 40, 20, seed=3)[0].at(float(t))
+    grid.at(t)
+    assert type(grid.time) is float and grid.time == float(t)
+    assert np.array_equal(grid.conductances(), want.conductances())
 
 
 def test_grid_errors_name_the_problem():

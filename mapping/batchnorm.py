@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
@@ -12,14 +13,23 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode) in which every BatchNorm that directly follows
-    a Conv1d/2d/3d, ConvTranspose1d/2d or Linear used nowhere else is folded into that layer's weight and
-    bias and replaced by Identity. BatchNorms without such a predecessor stay."""
+    a Conv1d/2d/3d, ConvTranspose1d/2d or Linear whose output is used nowhere else is
+    folded into that layer's weight and bias and replaced by Identity. BatchNorms without
+    such a predecessor stay, and so do pairs in which either module is shared (called
+    more than once, or held under more than one name: ``nn.ModuleList([conv] * n)``, an
+    alias), where folding one use would change the others."""
     model = copy.deepcopy(model).eval()
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as err:  # fx cannot trace data-dependent control flow
         raise ValueError(f"fold_batchnorm=True needs a model torch.fx can trace: {err}") from None
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # (fx names a module held under several names by its first)
+    calls = Counter(id(modules[node.target]) for node in graph.nodes if node.op == "call_module")
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+    def used_once(module: nn.Module) -> bool:
+        return calls[id(module)] == 1 and names[id(module)] == 1
+
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _NORMS):
             continue
@@ -28,6 +38,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         layer, norm = modules[prev.target], modules[node.target]
         if not isinstance(layer, _FOLDABLE) or not norm.track_running_stats:
+            continue
+        if not (used_once(layer) and used_once(norm)):
             continue
         if isinstance(layer, nn.Linear):
             fused = fuse_linear_bn_eval(layer, norm)

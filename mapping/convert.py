@@ -248,21 +248,31 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
         module = _fold_batchnorm(module)
     report, digital = [], []
     targets, refused = mapped_modules(module)
+    paths = shared_paths(module, [name for name, _, _ in targets])
+    analog_names = set()
     for name, layer, analog in on_tiles(targets, tile_config, root_seed, mapping):
         label = name or type(layer).__name__
-        if name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, child, analog)
-        else:
+        if not name:
             module = analog
-        report.extend(_analog_entries(name, label, layer, analog))
-    analog_names = {name for name, _, _ in targets}
+        # a module under several paths (shared weights) runs on the same tiles under each
+        for path in paths[name] if name else ():
+            parent_name, _, child = path.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, analog)
+        analog_names.update(paths[name])
+        entries = _analog_entries(name, label, layer, analog)
+        if len(paths[name]) > 1:
+            entries[0]["shared_with"] = paths[name][1:]
+        report.extend(entries)
     for m in module.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False  # its nested-tensor fast path would bypass the analog layers
-    for name, m in module.named_modules():
-        if isinstance(m, AnalogLayer) or any(name == a or name.startswith(a + ".") for a in analog_names if a):
+    reported = set()
+    # every path (a float module shared with one inside a mapped module is still called here), each module once
+    for name, m in module.named_modules(remove_duplicate=False):
+        if (isinstance(m, AnalogLayer) or id(m) in reported
+                or any(name == a or name.startswith(a + ".") for a in analog_names if a)):
             continue
+        reported.add(id(m))
         own = list(m.parameters(recurse=False))
         if own:
             digital.append(name)
@@ -294,6 +304,21 @@ def mapped_modules(model: nn.Module) -> tuple:
         elif why:
             refused[name] = why
     return targets, refused
+
+
+def shared_paths(model: nn.Module, targets: list) -> dict:
+    """{target path: every path of that module in ``model``, the target's first}, for
+    the module paths ``targets`` (``mapped_modules``' first paths, none inside another):
+    a module held under several names (``nn.ModuleList([block] * n)``, an alias) is
+    called under each. Paths inside another target are left to that target's own
+    conversion."""
+    instance = {id(model.get_submodule(t)): t for t in targets}
+    paths = {t: [t] for t in targets}
+    for path, m in model.named_modules(remove_duplicate=False):
+        target = instance.get(id(m))
+        if target is not None and path != target and not any(path.startswith(t + ".") for t in targets if t):
+            paths[target].append(path)
+    return paths
 
 
 def on_tiles(targets: list, tile_config: TileConfig, seed: SeedLike, mapping: MappingConfig):

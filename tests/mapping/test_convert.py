@@ -28,7 +28,7 @@ def cnn():
 
 def randomise_batchnorm(model):
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
@@ -72,6 +72,97 @@ def test_batchnorm_folding_is_exact_in_float():
     analog = convert(model, presets.ideal(rows=64, cols=64), seed=0, fold_batchnorm=True)
     assert analog.digital_layers == []
     assert torch.allclose(analog(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SharedBlocks(nn.Module):
+    """One Linear held under four names, called three times per pass, and a
+    convolution whose BatchNorm differs at each of its two calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        linear = nn.Linear(16, 16)
+        self.blocks = nn.ModuleList([linear] * 3)
+        self.alias = linear
+        conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.convs = nn.ModuleList([conv, conv])
+        self.norms = randomise_batchnorm(nn.ModuleList([nn.BatchNorm1d(2), nn.BatchNorm1d(2)]))
+        self.first = nn.Conv1d(1, 2, 3, padding=1)  # unshared, with its own norm: folded
+        self.first_norm = randomise_batchnorm(nn.BatchNorm1d(2))
+
+    def forward(self, x):
+        x = torch.relu(self.first_norm(self.first(x.unsqueeze(1))))
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        x = x.mean(1)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_a_module_under_several_names_runs_on_the_same_tiles_under_each():
+    """Before, only a shared module's first name was put on tiles: its other uses ran
+    as exact float layers, unreported but by one of their names."""
+    model = SharedBlocks().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the norms stay digital)
+        analog = convert(model, presets.pcm(rows=32, cols=32), seed=0)
+        ideal = convert(model, presets.ideal(rows=32, cols=32), seed=0,
+                        mapping=MappingConfig(drift_compensation=False))
+    blocks = analog.module.blocks
+    assert blocks[0] is blocks[1] is blocks[2] is analog.module.alias
+    assert analog.module.convs[0] is analog.module.convs[1]
+    assert [name for name, _ in analog.analog_layers()] == ["blocks.0", "convs.0", "first"]
+    shared = {r["layer"]: r.get("shared_with") for r in analog.report if r["where"] == "analog"}
+    assert shared == {"first": None, "convs.0": ["convs.1"], "blocks.0": ["blocks.1", "blocks.2", "alias"]}
+    assert not [name for name in analog.digital_layers if "norms" not in name and "first_norm" not in name]
+    x = torch.rand(5, 16)
+    analog.calibrate([x])
+    grid = blocks[0].matrices[0].grid
+    before = grid._vectors_read
+    analog(x)
+    assert grid._vectors_read - before == 3 * 5  # every call read the one chip
+    assert torch.allclose(ideal(x), model(x), atol=1e-4)
+
+
+def test_a_module_shared_with_one_inside_a_mapped_module_is_reported_digital():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = self.attn.out_proj  # (fx or a user may alias it)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): head$"):
+        analog = convert(Head().eval(), presets.ideal(), seed=0)
+    assert analog.digital_layers == ["head"] and isinstance(analog.module.head, nn.Linear)
+
+
+def test_batchnorm_of_a_shared_layer_is_not_folded():
+    """Folding a BatchNorm into a convolution called twice, or held under two names,
+    would change its other use: before, the folded model differed by up to 3.0."""
+    model = SharedBlocks().eval()
+    x = torch.rand(5, 16)
+    folded = mapping.fold_batchnorm(model)
+    assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert isinstance(folded.first_norm, nn.Identity)  # the unshared pair is folded
+    assert all(isinstance(norm, nn.BatchNorm1d) for norm in folded.norms)
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 3)
+            self.alias = self.conv
+            self.norm = randomise_batchnorm(nn.BatchNorm1d(2))
+
+        def forward(self, x):
+            return self.norm(self.alias(x))
+
+    model, x = Aliased().eval(), torch.rand(3, 2, 9)
+    folded = mapping.fold_batchnorm(model)
+    assert isinstance(folded.norm, nn.BatchNorm1d) and torch.equal(folded(x), model(x))
 
 
 def test_more_row_tiles_mean_more_quantization_error(rng):

@@ -2,14 +2,13 @@
 W' = W + sigma xi, independent per weight, fresh per Monte Carlo repeat."""
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from mapping import is_digital_bias, mapped_modules
+from mapping import is_digital_bias, mapped_modules, plain_copy
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -44,7 +43,7 @@ def noisy_copy(model: nn.Module, normalization: str, level: float, rng: np.rando
                noise_bias: bool = False, noise_batchnorm: bool = False, sigmas: dict = None) -> tuple:
     """(copy of model with W + sigma xi, {tensor: sigma used}). ``sigmas`` overrides the
     normalisation with explicit per-tensor sigmas (keys "module.param")."""
-    noisy = copy.deepcopy(model).eval()
+    noisy = plain_copy(model)  # (pruned or parametrized weights made plain, as convert puts them on tiles)
     used = {}
     for module_name, param in noised_tensors(noisy, noise_bias, noise_batchnorm):
         key = f"{module_name}.{param}" if module_name else param

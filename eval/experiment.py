@@ -164,6 +164,7 @@ def validation_tile_config(tile: TileConfig, cfg: ValidationConfig) -> TileConfi
 def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
     """Per mapped weight tensor: sqrt(2) sigma_abs max|W| / (g_max - g_min) (PHYSICS.md 7)."""
     dev = tile.device
+    model = mapping.plain_copy(model)  # the weights by the names and values noisy_copy perturbs
     keys = [f"{name}.{param}" if name else param for name, param in noised_tensors(model, False, False)]
     return {key: float(np.sqrt(2) * dev.prog_sigma_abs * model.get_parameter(key).detach().abs().max().item()
                        / (dev.g_max - dev.g_min)) for key in keys}

@@ -2,6 +2,7 @@
 from .batchnorm import fold_batchnorm
 from .conductance import conductances_to_weights, reference_weight, weights_to_conductances
 from .config import MappingConfig
+from .copying import plain_copy
 from .attention import AnalogMultiheadAttention
 from .recurrent import AnalogRNNBase
 from .convert import (ANALOG_LAYERS, AnalogModel, analog_type_for, convert, is_digital_bias, mapped_modules,
@@ -16,4 +17,4 @@ __all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "Analog
            "AnalogConvTranspose2d", "MappingConfig",
            "convert", "fold_batchnorm", "weights_to_conductances", "conductances_to_weights",
            "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for",
-           "mapped_modules", "on_tiles", "tile_parameters", "is_digital_bias"]
+           "mapped_modules", "on_tiles", "tile_parameters", "is_digital_bias", "plain_copy"]

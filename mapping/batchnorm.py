@@ -1,11 +1,12 @@
 """Folding BatchNorm into the preceding convolution or linear layer (exact in float)."""
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from .copying import plain_copy
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -18,7 +19,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     such a predecessor stay, and so do pairs in which either module is shared (called
     more than once, or held under more than one name: ``nn.ModuleList([conv] * n)``, an
     alias), where folding one use would change the others."""
-    model = copy.deepcopy(model).eval()
+    model = plain_copy(model)
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as err:  # fx cannot trace data-dependent control flow

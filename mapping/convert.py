@@ -1,7 +1,6 @@
 """Whole torch models on crossbar tiles."""
 from __future__ import annotations
 
-import copy
 import warnings
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -16,6 +15,7 @@ from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .config import MappingConfig
+from .copying import plain_copy
 from .inputs import batch_inputs, call_model
 from .attention import AnalogMultiheadAttention
 from .conv import AnalogConv2d
@@ -243,7 +243,8 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     if not isinstance(mapping, MappingConfig):
         raise ValueError(f"mapping = {mapping!r} is invalid: expected a mapping.MappingConfig")
     root_seed = as_seed_sequence(seed)  # a bad seed fails before any copying
-    module = copy.deepcopy(model).cpu().float().eval()
+    _refuse_lazy(model)
+    module = plain_copy(model).cpu().float()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
     report, digital = [], []
@@ -286,6 +287,16 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     # dropout acts in training mode
     analog_model = AnalogModel(module, report, digital).eval()
     return analog_model if device is None else analog_model.to(device)
+
+
+def _refuse_lazy(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        lazy = [n for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+                if nn.parameter.is_lazy(t)]
+        if lazy:
+            raise ValueError(f"model = {type(model).__name__} is invalid: layer {name or type(m).__name__!r} "
+                             f"({type(m).__name__}) has uninitialized {', '.join(lazy)}: run the model once on "
+                             f"a sample input before converting it, which sets their shapes")
 
 
 def mapped_modules(model: nn.Module) -> tuple:

@@ -165,6 +165,12 @@ def test_batchnorm_of_a_shared_layer_is_not_folded():
     assert isinstance(folded.norm, nn.BatchNorm1d) and torch.equal(folded(x), model(x))
 
 
+def test_a_lazy_layer_not_yet_run_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"layer '1' \(LazyLinear\) has uninitialized weight, bias: run the model"):
+        convert(model, presets.ideal(), seed=0)
+
+
 def test_more_row_tiles_mean_more_quantization_error(rng):
     """Same 8-bit ADC range on every tile: each row tile adds an independent uniform
     rounding error of step / sqrt(12), so the RMS error is sqrt(row tiles) times that."""

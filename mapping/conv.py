@@ -85,15 +85,21 @@ class AnalogConv2d(AnalogLayer):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, x = x.dtype, self._check_input(x)
-        self._check_shape(x)
-        return self._forward(x, self.pad).to(dtype)
+        x, unbatched = self._batched(x)
+        y = self._forward(x, self.pad).to(dtype)
+        return y.squeeze(0) if unbatched else y
 
-    def _check_shape(self, x: torch.Tensor) -> None:
+    def _batched(self, x: torch.Tensor) -> tuple:
+        """(x as a batch, whether it was one unbatched input): torch's convolutions take
+        (channels, *spatial) as a batch of one, and so do these."""
         c_in = self.weight.shape[1] * self.groups
         spatial = 1 if self.one_d else 2
-        if x.dim() != spatial + 2 or x.shape[1] != c_in:
+        unbatched = x.dim() == spatial + 1
+        if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != c_in:
+            sizes = "length" if self.one_d else "height, width"
             raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
-                             f"(batch, {c_in}{', length' if self.one_d else ', height, width'})")
+                             f"(batch, {c_in}, {sizes}) or, unbatched, ({c_in}, {sizes})")
+        return (x.unsqueeze(0) if unbatched else x), unbatched
 
     def _forward(self, x: torch.Tensor, pad: tuple) -> torch.Tensor:
         """The convolution of a checked input after padding it by ``pad`` (F.pad order:

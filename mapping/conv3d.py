@@ -37,9 +37,12 @@ class AnalogConv3d(AnalogLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, x = x.dtype, self._check_input(x)
         c_in = self.weight.shape[1] * self.groups
-        if x.dim() != 5 or x.shape[1] != c_in:
-            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: "
-                             f"expected (batch, {c_in}, depth, height, width)")
+        if x.dim() not in (4, 5) or x.shape[-4] != c_in:
+            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
+                             f"(batch, {c_in}, depth, height, width) or, unbatched, ({c_in}, depth, height, width)")
+        unbatched = x.dim() == 4  # as torch's Conv3d takes it: a batch of one
+        if unbatched:
+            x = x.unsqueeze(0)
         with torch.no_grad():
             if any(self.pad):
                 x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
@@ -61,7 +64,8 @@ class AnalogConv3d(AnalogLayer):
                     patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)[images, depths]
                     y = self._product(g, patches.reshape(-1, per_in * kernel.numel()))
                     out[images, depths, ..., g * per_out:(g + 1) * per_out] = y.view(*patches.shape[:4], per_out)
-            return self._add_bias(out, 4).permute(0, 4, 1, 2, 3).to(dtype)
+            y = self._add_bias(out, 4).permute(0, 4, 1, 2, 3).to(dtype)
+        return y.squeeze(0) if unbatched else y
 
     def _patches(self, xg: torch.Tensor, out_size: list) -> torch.Tensor:
         """A (N, D', H', W', C, kd, kh, kw) view of an NDHWC group input: the receptive fields."""

@@ -56,9 +56,9 @@ class AnalogConvTranspose2d(AnalogConv2d):
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         dtype, x = x.dtype, self._check_input(x)
-        self._check_shape(x)
+        x, unbatched = self._batched(x)
         with torch.no_grad():
-            output_padding = self._output_padding(x, output_size)
+            output_padding = self._output_padding(x, output_size, unbatched)
             kernel = self.weight.shape[2:]
             spatial = (1,) + tuple(x.shape[2:]) if self.one_d else tuple(x.shape[2:])
             out_size = [(n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
@@ -71,7 +71,8 @@ class AnalogConvTranspose2d(AnalogConv2d):
             for axis in (1, 0):
                 before = self.dilation[axis] * (kernel[axis] - 1) - self.t_padding[axis]
                 pad += [before, before + output_padding[axis]]
-            return self._forward(self._zeros_inserted(x), tuple(pad)).to(dtype)
+            y = self._forward(self._zeros_inserted(x), tuple(pad)).to(dtype)
+        return y.squeeze(0) if unbatched else y
 
     def _zeros_inserted(self, x: torch.Tensor) -> torch.Tensor:
         """x with stride - 1 zeros between neighbouring pixels, in channels-last memory
@@ -82,18 +83,21 @@ class AnalogConvTranspose2d(AnalogConv2d):
         spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
         return spread
 
-    def _output_padding(self, x: torch.Tensor, output_size) -> tuple:
+    def _output_padding(self, x: torch.Tensor, output_size, unbatched: bool) -> tuple:
         """(height, width) output padding: the layer's own, or what ``output_size`` (as
-        torch takes it: the spatial sizes, optionally after batch and channels) asks."""
+        torch takes it: the spatial sizes, optionally after batch and channels, or after
+        channels for an unbatched input) asks."""
         if output_size is None:
             return self.t_output_padding
         spatial = 1 if self.one_d else 2
         sizes = [int(n) for n in output_size]
-        if len(sizes) == spatial + 2:
-            sizes = sizes[2:]
+        leading = 1 if unbatched else 2
+        if len(sizes) == spatial + leading:
+            sizes = sizes[leading:]
         if len(sizes) != spatial:
+            with_leading = "channels" if unbatched else "batch and channels"
             raise ValueError(f"layer {self.layer_name!r}: output_size = {list(output_size)} is invalid: expected "
-                             f"{spatial} spatial sizes (or {spatial + 2} with batch and channels)")
+                             f"{spatial} spatial sizes (or {spatial + leading} with {with_leading})")
         axes = (1,) if self.one_d else (0, 1)
         kernel = self.weight.shape[2:]
         padding = []

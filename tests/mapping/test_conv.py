@@ -137,3 +137,24 @@ def test_operations_per_pass_do_not_grow_with_the_channel_segments(monkeypatch):
     (whole, whole_segments), (split, split_segments) = issued[18], issued[20]
     assert (whole_segments, split_segments) == (2, 3)
     assert split == whole
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("make", LAYERS + [lambda: nn.Conv3d(3, 4, (2, 3, 3), stride=(1, 2, 1), padding=1)])
+def test_an_unbatched_input_is_a_batch_of_one_as_in_torch(make, engine):
+    """torch's convolutions take (channels, *spatial); before, these refused it."""
+    model, analog = analog_layer(make, presets.pcm(rows=24, cols=8))
+    _, again = analog_layer(make, presets.pcm(rows=24, cols=8))  # the same chip
+    layer = model[0]
+    x = inputs(layer, batch=1) if not isinstance(layer, nn.Conv3d) else torch.rand(1, 3, 5, 6, 7)
+    for a in (analog, again):
+        a.set_engine(engine).calibrate([x]).at(3600.0)
+    y = analog(x[0])
+    assert y.shape == layer(x[0]).shape
+    assert torch.equal(y, again(x)[0])  # its noise too: the same reads as the batch of one
+    assert analog.counts() == again.counts()
+    if isinstance(layer, nn.ConvTranspose2d):  # output_size as torch takes it unbatched: (channels, h, w)
+        size = (layer.out_channels, 21, 21)  # (not the layer's own output padding)
+        assert analog.module[0](x[0], output_size=size).shape == layer(x[0], output_size=size).shape == (4, 21, 21)
+    with pytest.raises(ValueError, match=r"input has shape \(2, .*\): expected \(batch, \d+, .*\) or, unbatched"):
+        analog(torch.rand(2, *x.shape[2:]))

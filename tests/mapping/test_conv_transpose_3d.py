@@ -185,8 +185,9 @@ def test_the_chip_saved_and_loaded_bitwise(make, shape):
 
 def test_wrong_inputs_are_refused_with_the_shape_expected():
     transposed = converted(nn.ConvTranspose2d(4, 6, 3))
-    with pytest.raises(ValueError, match=r"input has shape \(4, 5, 5\): expected \(batch, 4, height, width\)"):
-        transposed(torch.randn(4, 5, 5))
+    with pytest.raises(ValueError, match=r"input has shape \(4, 5\): expected \(batch, 4, height, width\) or, "
+                                         r"unbatched, \(4, height, width\)"):
+        transposed(torch.randn(4, 5))
     one_d = converted(nn.ConvTranspose1d(4, 6, 3))
     with pytest.raises(ValueError, match=r"input has shape \(2, 3, 5\): expected \(batch, 4, length\)"):
         one_d(torch.randn(2, 3, 5))

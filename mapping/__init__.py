@@ -4,7 +4,7 @@ from .conductance import conductances_to_weights, reference_weight, weights_to_c
 from .config import MappingConfig
 from .copying import plain_copy
 from .attention import AnalogMultiheadAttention
-from .recurrent import AnalogRNNBase
+from .recurrent import AnalogRNNBase, AnalogRNNCellBase
 from .convert import (ANALOG_LAYERS, AnalogModel, analog_type_for, convert, is_digital_bias, mapped_modules,
                       on_tiles, register_layer, tile_parameters)
 from .conv import AnalogConv2d
@@ -16,5 +16,6 @@ from .matrix import AnalogMatrix
 __all__ = ["AnalogMatrix", "AnalogModel", "AnalogLayer", "AnalogLinear", "AnalogConv2d", "AnalogConv3d",
            "AnalogConvTranspose2d", "MappingConfig",
            "convert", "fold_batchnorm", "weights_to_conductances", "conductances_to_weights",
-           "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "register_layer", "analog_type_for",
+           "reference_weight", "ANALOG_LAYERS", "AnalogMultiheadAttention", "AnalogRNNBase", "AnalogRNNCellBase",
+           "register_layer", "analog_type_for",
            "mapped_modules", "on_tiles", "tile_parameters", "is_digital_bias", "plain_copy"]

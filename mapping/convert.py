@@ -22,7 +22,7 @@ from .conv import AnalogConv2d
 from .conv3d import AnalogConv3d
 from .conv_transpose import AnalogConvTranspose2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
-from .recurrent import AnalogRNNBase
+from .recurrent import AnalogRNNBase, AnalogRNNCellBase
 from .devices import resolve_device
 from .graphs import PassGraphs
 from .memory import release_free_memory
@@ -34,7 +34,8 @@ ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: An
                  nn.Conv3d: AnalogConv3d, nn.ConvTranspose2d: AnalogConvTranspose2d,
                  nn.ConvTranspose1d: AnalogConvTranspose2d,
                  nn.MultiheadAttention: AnalogMultiheadAttention,
-                 nn.RNN: AnalogRNNBase, nn.LSTM: AnalogRNNBase, nn.GRU: AnalogRNNBase}
+                 nn.RNN: AnalogRNNBase, nn.LSTM: AnalogRNNBase, nn.GRU: AnalogRNNBase,
+                 nn.RNNCell: AnalogRNNCellBase, nn.LSTMCell: AnalogRNNCellBase, nn.GRUCell: AnalogRNNCellBase}
 
 
 def register_layer(torch_type: type, analog_type: type) -> None:
@@ -222,7 +223,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
             device=None) -> AnalogModel:
     """A new module in which every matrix layer of a mapped type (``ANALOG_LAYERS``: Linear,
-    Conv1d/2d/3d, ConvTranspose1d/2d, MultiheadAttention, RNN, LSTM, GRU, their subclasses
+    Conv1d/2d/3d, ConvTranspose1d/2d, MultiheadAttention, RNN, LSTM, GRU and their cells, their subclasses
     that keep the base's forward, and registered types) runs on programmed tiles.
 
     The original model is untouched. Layers that cannot be mapped stay digital and are

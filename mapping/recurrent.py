@@ -1,4 +1,4 @@
-"""nn.RNN, nn.LSTM and nn.GRU with their weight matrices on tiles.
+"""nn.RNN, nn.LSTM and nn.GRU, and their cells, with their weight matrices on tiles.
 
 Each layer and direction has two analog linear layers: input-to-hidden (W_ih, with b_ih)
 over the whole sequence at once, and hidden-to-hidden (W_hh, with b_hh) once per time
@@ -126,18 +126,79 @@ class AnalogRNNBase(nn.Module):
         return torch.stack(outputs), h, c
 
     def _step(self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]) -> tuple:
-        if self.mode == "LSTM":
-            i, f, g, o = (gx + gh).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        if self.mode == "GRU":
-            r_x, z_x, n_x = gx.chunk(3, dim=1)
-            r_h, z_h, n_h = gh.chunk(3, dim=1)
-            r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
-            n = torch.tanh(n_x + r * n_h)
-            return (1 - z) * n + z * h, None
-        act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
-        return act(gx + gh), None
+        return _step(self.mode, gx, gh, h, c)
+
+
+class AnalogRNNCellBase(nn.Module):
+    """The analog counterpart of nn.RNNCell, nn.LSTMCell and nn.GRUCell: one step of
+    the recurrent layers above, its two matrices on tiles (``ih``, ``hh``), called as
+    torch's cells are (``cell(x, hx)``, batched or not, ``hx`` zero when omitted)."""
+
+    DIGITAL_PART = DIGITAL_PART
+
+    def __init__(self, ih: AnalogLinear, hh: AnalogLinear, cell: nn.RNNCellBase) -> None:
+        super().__init__()
+        self.ih, self.hh = ih, hh
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        if isinstance(cell, nn.LSTMCell):
+            self.mode = "LSTM"
+        elif isinstance(cell, nn.GRUCell):
+            self.mode = "GRU"
+        else:
+            self.mode = "RNN_TANH" if cell.nonlinearity == "tanh" else "RNN_RELU"
+
+    @classmethod
+    def from_torch(cls, cell: nn.RNNCellBase, tile_config, seed, mapping, name: str) -> "AnalogRNNCellBase":
+        ih, hh = (AnalogLinear.from_weight(getattr(cell, f"weight_{kind}"), getattr(cell, f"bias_{kind}", None),
+                                           tile_config, derive(seed, k), mapping, f"{name}.{kind}")
+                  for k, kind in enumerate(("ih", "hh")))
+        return cls(ih, hh, cell)
+
+    def weights_held(self) -> dict:
+        """The weights the tiles hold now, in torch's names (weight_ih, weight_hh)."""
+        return {f"weight_{name}": cell.weights_held()["weight"] for name, cell in self.named_children()}
+
+    def forward(self, x: torch.Tensor, hx=None):
+        if x.dim() not in (1, 2):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {x.dim()}D instead")
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        states = self._initial_states(hx, x, batched)
+        h, c = _step(self.mode, self.ih(x), self.hh(states[0]), states[0], states[1] if len(states) > 1 else None)
+        if not batched:
+            h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
+        return (h, c) if self.mode == "LSTM" else h
+
+    def _initial_states(self, hx, x: torch.Tensor, batched: bool) -> tuple:
+        count = 2 if self.mode == "LSTM" else 1
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            return (zeros,) * count
+        states = hx if self.mode == "LSTM" else (hx,)
+        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
+            raise ValueError("LSTMCell: hx must be a tuple (h_0, c_0)")
+        states = tuple(s if batched else s.unsqueeze(0) for s in states)
+        for s in states:
+            if tuple(s.shape) != (x.shape[0], self.hidden_size):
+                raise RuntimeError(f"Expected hidden size {(x.shape[0], self.hidden_size)}, got {tuple(s.shape)}")
+        return states
+
+
+def _step(mode: str, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]) -> tuple:
+    """One time step's digital part, from the two products: (h', c'; None but for an LSTM)."""
+    if mode == "LSTM":
+        i, f, g, o = (gx + gh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        r_x, z_x, n_x = gx.chunk(3, dim=1)
+        r_h, z_h, n_h = gh.chunk(3, dim=1)
+        r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
+        n = torch.tanh(n_x + r * n_h)
+        return (1 - z) * n + z * h, None
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return act(gx + gh), None
 
 
 def _suffix(layer: int, direction: int) -> str:

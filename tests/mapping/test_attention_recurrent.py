@@ -145,6 +145,61 @@ def test_recurrent_layers_equal_torch_with_initial_states(kind, options):
         close(analog(unbatched), rnn(unbatched))
 
 
+class Decoder(nn.Module):
+    """A cell stepped by the model's own loop, as seq2seq decoders and controllers do."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell, self.out = cell, nn.Linear(cell.hidden_size, cell.input_size)
+
+    def forward(self, x, steps=4):
+        hx, outputs = None, []
+        for _ in range(steps):
+            hx = self.cell(x, hx)
+            x = self.out(hx[0] if isinstance(hx, tuple) else hx)
+            outputs.append(x)
+        return torch.stack(outputs)
+
+
+CELLS = {"lstm": lambda: nn.LSTMCell(9, 27), "gru": lambda: nn.GRUCell(9, 27),
+         "rnn relu": lambda: nn.RNNCell(9, 27, nonlinearity="relu"), "gru no bias": lambda: nn.GRUCell(9, 27, bias=False)}
+
+
+@pytest.mark.parametrize("make", CELLS.values(), ids=CELLS.keys())
+def test_recurrent_cells_equal_torch_with_and_without_states_batched_or_not(make):
+    torch.manual_seed(4)
+    cell = make().eval()
+    x = torch.randn(3, 9)
+    hx = (torch.randn(3, 27), torch.randn(3, 27)) if isinstance(cell, nn.LSTMCell) else torch.randn(3, 27)
+    analog = converted(cell, calibrate_with=x)
+    assert [e["layer"] for e in analog.report if e["where"] == "analog"] == ["ih", "hh"]
+    with torch.no_grad():
+        close(analog(x), cell(x))
+        close(analog(x, hx), cell(x, hx))
+        one = tuple(h[0] for h in hx) if isinstance(hx, tuple) else hx[0]
+        close(analog(x[0], one), cell(x[0], one))
+        decoder = Decoder(cell).eval()
+        close(converted(decoder, calibrate_with=x)(x), decoder(x))
+    assert set(analog.module.weights_held()) == {"weight_ih", "weight_hh"}
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(3, 27\), got \(2, 27\)"):
+        analog(x, (hx[0][:2], hx[1][:2]) if isinstance(hx, tuple) else hx[:2])
+
+
+def test_a_cell_reads_its_tiles_once_per_step():
+    torch.manual_seed(5)
+    decoder = Decoder(nn.LSTMCell(6, 10)).eval()
+    x = torch.randn(2, 6)
+    analog = converted(decoder, presets.pcm(rows=16, cols=16), calibrate_with=x).at(3600.0)
+    analog.reset_counts()
+    first = analog(x, steps=5)
+    counts = analog.counts()
+    # 4 gates x 10 = 40 outputs: three 16-column tiles, each converting every input it sees, once per step
+    assert counts["cell.ih"]["dac_converted"] == 3 * 5 * 2 * 6
+    assert counts["cell.hh"]["dac_converted"] == 3 * 5 * 2 * 10
+    again = converted(decoder, presets.pcm(rows=16, cols=16), calibrate_with=x).at(3600.0)
+    assert torch.equal(again(x, steps=5), first)  # the same chip and reads: the same outputs, noise included
+
+
 def test_recurrent_counts_errors_and_the_chip_saved_bitwise():
     torch.manual_seed(5)
     lstm = nn.LSTM(6, 10).eval()

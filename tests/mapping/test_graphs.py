@@ -25,6 +25,8 @@ from mapping import convert
 from mapping.graphs import CapturedPass, PassGraphs, state_fingerprint
 from mapping.layers import AnalogLayer
 from tests.conftest import needs_cuda
+from tests.mapping.test_attention_recurrent import Decoder
+from tests.mapping.test_convert import SharedBlocks
 from tests.mapping.test_torch_engine_models import X, converted
 
 pytestmark = pytest.mark.gpu
@@ -326,3 +328,24 @@ def test_on_cuda_graph_replays_equal_eager_passes_bitwise():
         assert torch.equal(graphed(x), eager(x)), i
     assert graphed.counts() == eager.counts()
     assert graphed._graphs.captures == 1
+
+
+@pytest.mark.parametrize("which", ["shared modules", "cell decoder"])
+def test_shared_modules_and_cells_run_alike_on_both_engines_and_in_replays(which):
+    """A layer read several times per pass (one module under several names; a cell
+    stepped by the model's loop): the torch engine, eagerly and replayed, equals the
+    Numba engine bitwise, noise and counts included."""
+    make, x = ((lambda: SharedBlocks().eval(), torch.rand(5, 16)) if which == "shared modules"
+               else (lambda: Decoder(nn.GRUCell(9, 20)).eval(), torch.rand(3, 9)))
+    model, results = make(), {}
+    for mode in ("numba", "torch", "graphs"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analog = convert(model, CONFIG, seed=0)
+        analog.calibrate([x]).set_engine("numba" if mode == "numba" else "torch").at(86400.0)
+        if mode == "graphs":
+            emulating(analog)
+        results[mode] = [analog(x) for _ in range(3)], analog.counts()
+    for mode in ("torch", "graphs"):
+        assert all(torch.equal(a, b) for a, b in zip(results[mode][0], results["numba"][0])), mode
+        assert results[mode][1] == results["numba"][1], mode

@@ -60,7 +60,7 @@ class AnalogRNNBase(nn.Module):
     def weights_held(self) -> dict:
         """The weights the tiles hold now, in torch's parameter names (weight_ih_l0, ...;
         see AnalogLayer.weights_held)."""
-        return {f"weight_{name}": cell.weights_held()["weight"] for name, cell in self.named_children()}
+        return _weights_held(self)
 
     def forward(self, x: torch.Tensor, hx=None):
         if isinstance(x, nn.utils.rnn.PackedSequence):
@@ -100,17 +100,7 @@ class AnalogRNNBase(nn.Module):
 
     def _initial_states(self, hx, batch: int, batched: bool, x: torch.Tensor) -> tuple:
         shape = (self.num_layers * self.directions, batch, self.hidden_size)
-        zeros = x.new_zeros(shape)
-        if hx is None:
-            return zeros, (zeros if self.mode == "LSTM" else None)
-        states = hx if self.mode == "LSTM" else (hx,)
-        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
-            raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
-        states = tuple(s if batched else s.unsqueeze(1) for s in states)
-        for s in states:
-            if tuple(s.shape) != shape:
-                raise RuntimeError(f"Expected hidden size {shape}, got {tuple(s.shape)}")
-        return (states[0], states[1]) if self.mode == "LSTM" else (states[0], None)
+        return _initial_states(self.mode, hx, shape, batched, 1, x, "LSTM")
 
     def _run_direction(self, ih: AnalogLinear, hh: AnalogLinear, x: torch.Tensor, h: torch.Tensor,
                        c: Optional[torch.Tensor], reverse: bool):
@@ -156,7 +146,7 @@ class AnalogRNNCellBase(nn.Module):
 
     def weights_held(self) -> dict:
         """The weights the tiles hold now, in torch's names (weight_ih, weight_hh)."""
-        return {f"weight_{name}": cell.weights_held()["weight"] for name, cell in self.named_children()}
+        return _weights_held(self)
 
     def forward(self, x: torch.Tensor, hx=None):
         if x.dim() not in (1, 2):
@@ -164,25 +154,27 @@ class AnalogRNNCellBase(nn.Module):
         batched = x.dim() == 2
         if not batched:
             x = x.unsqueeze(0)
-        states = self._initial_states(hx, x, batched)
-        h, c = _step(self.mode, self.ih(x), self.hh(states[0]), states[0], states[1] if len(states) > 1 else None)
+        h, c = _initial_states(self.mode, hx, (x.shape[0], self.hidden_size), batched, 0, x, "LSTMCell")
+        h, c = _step(self.mode, self.ih(x), self.hh(h), h, c)
         if not batched:
             h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
         return (h, c) if self.mode == "LSTM" else h
 
-    def _initial_states(self, hx, x: torch.Tensor, batched: bool) -> tuple:
-        count = 2 if self.mode == "LSTM" else 1
-        if hx is None:
-            zeros = x.new_zeros(x.shape[0], self.hidden_size)
-            return (zeros,) * count
-        states = hx if self.mode == "LSTM" else (hx,)
-        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
-            raise ValueError("LSTMCell: hx must be a tuple (h_0, c_0)")
-        states = tuple(s if batched else s.unsqueeze(0) for s in states)
-        for s in states:
-            if tuple(s.shape) != (x.shape[0], self.hidden_size):
-                raise RuntimeError(f"Expected hidden size {(x.shape[0], self.hidden_size)}, got {tuple(s.shape)}")
-        return states
+
+def _initial_states(mode: str, hx, shape: tuple, batched: bool, batch_dim: int, x: torch.Tensor,
+                    who: str) -> tuple:
+    """(h, c) of ``shape`` (c None but for an LSTM): zeros where ``hx`` is None, else
+    hx's, checked as torch checks them; unbatched ones gain the batch dimension."""
+    if hx is None:
+        zeros = x.new_zeros(shape)
+        return zeros, (zeros if mode == "LSTM" else None)
+    if mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
+        raise ValueError(f"{who}: hx must be a tuple (h_0, c_0)")
+    states = tuple(s if batched else s.unsqueeze(batch_dim) for s in (hx if mode == "LSTM" else (hx,)))
+    for s in states:
+        if tuple(s.shape) != shape:
+            raise RuntimeError(f"Expected hidden size {shape}, got {tuple(s.shape)}")
+    return states[0], (states[1] if mode == "LSTM" else None)
 
 
 def _step(mode: str, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]) -> tuple:
@@ -199,6 +191,11 @@ def _step(mode: str, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Opt
         return (1 - z) * n + z * h, None
     act = torch.tanh if mode == "RNN_TANH" else torch.relu
     return act(gx + gh), None
+
+
+def _weights_held(module: nn.Module) -> dict:
+    """Each analog child's weight, named as torch names the weight it holds."""
+    return {f"weight_{name}": layer.weights_held()["weight"] for name, layer in module.named_children()}
 
 
 def _suffix(layer: int, direction: int) -> str:

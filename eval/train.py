@@ -103,12 +103,23 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
 
 def accuracy(model: nn.Module, batches) -> float:
     """Top-1 accuracy, a fraction in [0, 1], over (inputs, labels) batches (inputs as in
-    :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict)."""
+    :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict): the share
+    of labels whose class scores (the model's output, classes last) are highest; labels
+    per position (a sequence's tokens) count one each."""
     correct = total = 0
     with torch.no_grad():
         for inputs, y in batches:
-            correct += (call_model(model, inputs).argmax(-1).cpu() == y).sum().item()
-            total += len(y)
+            scores = call_model(model, inputs)
+            if not isinstance(scores, torch.Tensor):
+                raise ValueError(f"accuracy: the model returned a {type(scores).__name__}: expected a tensor of "
+                                 f"class scores, classes last")
+            predicted, y = scores.argmax(-1).cpu(), torch.as_tensor(y)
+            if predicted.shape != y.shape:  # (broadcasting would compare every prediction with every label)
+                raise ValueError(f"accuracy: the model's scores of shape {tuple(scores.shape)} give predictions "
+                                 f"of shape {tuple(predicted.shape)} (classes last) for labels of shape "
+                                 f"{tuple(y.shape)}: expected the same shape")
+            correct += (predicted == y).sum().item()
+            total += y.numel()  # (per token, for labels per position)
     if total == 0:
         raise ValueError("accuracy: the batches held no samples")
     return correct / total

@@ -85,3 +85,28 @@ def test_train_restores_the_global_rng(digits):
     state = torch.get_rng_state()
     train(seeded_model("mlp", digits, False, 0), digits, 1, seed=3, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class Fixed(torch.nn.Module):
+    """Returns the scores it is given (the inputs), so the accuracy is known by hand."""
+
+    def forward(self, scores):
+        return scores
+
+
+class Pair(torch.nn.Module):
+    def forward(self, scores):
+        return scores, scores
+
+
+def test_accuracy_counts_each_label_once_and_refuses_shapes_that_would_broadcast():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])  # predicts 1, 0, 1
+    assert accuracy(Fixed(), [(scores, torch.tensor([1, 1, 1]))]) == pytest.approx(2 / 3)
+    # labels per position (a sequence's tokens): one count per token; before, divided by the batch
+    tokens = torch.stack([scores, scores.flip(0)])  # (2 sequences, 3 positions, 2 classes)
+    assert accuracy(Fixed(), [(tokens, torch.tensor([[1, 0, 0], [1, 0, 1]]))]) == pytest.approx(5 / 6)
+    # (3, 1) labels against 3 predictions broadcast to 9 comparisons before
+    with pytest.raises(ValueError, match=r"predictions of shape \(3,\) .* for labels of shape \(3, 1\)"):
+        accuracy(Fixed(), [(scores, torch.tensor([[1], [1], [1]]))])
+    with pytest.raises(ValueError, match="the model returned a tuple: expected a tensor of class scores"):
+        accuracy(Pair(), [(scores, torch.tensor([1, 1, 1]))])

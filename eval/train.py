@@ -101,11 +101,15 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     return losses
 
 
+IGNORED_LABEL = -100  # torch's CrossEntropyLoss ignore_index default
+
+
 def accuracy(model: nn.Module, batches) -> float:
     """Top-1 accuracy, a fraction in [0, 1], over (inputs, labels) batches (inputs as in
     :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict): the share
     of labels whose class scores (the model's output, classes last) are highest; labels
-    per position (a sequence's tokens) count one each."""
+    per position (a sequence's tokens) count one each, but positions labelled -100 (the
+    padding that torch's cross-entropy ignores by default) are not scored."""
     correct = total = 0
     with torch.no_grad():
         for inputs, y in batches:
@@ -118,8 +122,12 @@ def accuracy(model: nn.Module, batches) -> float:
                 raise ValueError(f"accuracy: the model's scores of shape {tuple(scores.shape)} give predictions "
                                  f"of shape {tuple(predicted.shape)} (classes last) for labels of shape "
                                  f"{tuple(y.shape)}: expected the same shape")
-            correct += (predicted == y).sum().item()
-            total += y.numel()  # (per token, for labels per position)
+            scored = y != IGNORED_LABEL
+            if (y[scored] < 0).any():
+                raise ValueError(f"accuracy: labels hold {int(y[scored].min())}: expected class indices >= 0, "
+                                 f"or {IGNORED_LABEL} for positions not scored")
+            correct += (predicted[scored] == y[scored]).sum().item()
+            total += int(scored.sum())  # (per token, for labels per position)
     if total == 0:
         raise ValueError("accuracy: the batches held no samples")
     return correct / total

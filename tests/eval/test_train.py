@@ -105,6 +105,10 @@ def test_accuracy_counts_each_label_once_and_refuses_shapes_that_would_broadcast
     # labels per position (a sequence's tokens): one count per token; before, divided by the batch
     tokens = torch.stack([scores, scores.flip(0)])  # (2 sequences, 3 positions, 2 classes)
     assert accuracy(Fixed(), [(tokens, torch.tensor([[1, 0, 0], [1, 0, 1]]))]) == pytest.approx(5 / 6)
+    # padding labelled -100, as torch's cross-entropy ignores it: not scored
+    assert accuracy(Fixed(), [(tokens, torch.tensor([[1, 0, -100], [1, -100, -100]]))]) == pytest.approx(3 / 3)
+    with pytest.raises(ValueError, match="labels hold -1: expected class indices >= 0, or -100"):
+        accuracy(Fixed(), [(scores, torch.tensor([1, -1, 1]))])
     # (3, 1) labels against 3 predictions broadcast to 9 comparisons before
     with pytest.raises(ValueError, match=r"predictions of shape \(3,\) .* for labels of shape \(3, 1\)"):
         accuracy(Fixed(), [(scores, torch.tensor([[1], [1], [1]]))])

@@ -205,7 +205,9 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
         raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
     on = resolve_device(device, "device")
     start = _time.perf_counter()
-    model = model.cpu().float().eval()
+    # a copy: the caller's model keeps its device, dtype and training mode (a training
+    # loop that evaluates on chips now and then goes on training as it was)
+    model = mapping.plain_copy(model).cpu().float()
     test = _materialise(test_batches, config.eval_samples)
     calibration = _materialise(calibration_batches, config.calibration_samples)
     results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}

@@ -7,7 +7,7 @@ from crossbar import TileConfig
 from eval.baseline import noisy_copy
 from eval.config import BaselineConfig, RunConfig, ValidationConfig, run_config_from_dict
 from eval.datasets import load_digits
-from eval.experiment import validation_check, validation_tile_config
+from eval.experiment import run_experiment, validation_check, validation_tile_config
 from eval.models import build_model
 from eval.stats import difference_ci, summarize
 from eval.train import load_checkpoint, save_checkpoint, seeded_model, train, training_record
@@ -137,3 +137,22 @@ def test_run_config_errors_name_the_key():
         RunConfig(repeats=0)
     with pytest.raises(ValueError, match="preset"):
         run_config_from_dict({"preset": "rram"})
+
+
+def test_run_experiment_leaves_the_callers_model_as_it_was():
+    """Before, it moved the caller's model to the CPU, cast it to float32 and left it in
+    eval mode: a training loop that evaluated on chips went on training with its dropout
+    and batch norm frozen. Now it works on a copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)).double()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    config = RunConfig(repeats=1, times=(1.0,), baseline=BaselineConfig(enabled=False),
+                       validation=ValidationConfig(enabled=False), tile=TileConfig())
+    results = run_experiment(model, batches, batches, config, progress=False, histograms=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert results["test_samples"] == 32 and 0.0 <= results["ideal_accuracy"] <= 1.0

@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from crossbar import TileConfig, deferred
 from crossbar.precision import ieee_float32
@@ -98,6 +99,11 @@ class AnalogModel(nn.Module):
         self._graphs: Optional[PassGraphs] = None  # see use_cuda_graphs
 
     def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and not self.__dict__.get("_warned_grad") and _any_requires_grad((args, kwargs)):
+            warnings.warn("an input requires grad, but an analog model computes no gradients (its passes run "
+                          "under torch.no_grad: a chip's reads have none), so its outputs do not require grad; "
+                          "train the float model for the chip instead (eval.hwa)", RuntimeWarning, stacklevel=2)
+            self._warned_grad = True  # (once per model)
         graphs = self.__dict__.get("_graphs")  # (absent from a model pickled before graphs existed)
         if graphs is not None:
             return self._run(lambda: graphs.run(self, args, kwargs), "forward pass")
@@ -217,6 +223,10 @@ class AnalogModel(nn.Module):
     def reset_counts(self) -> None:
         for _, layer in self.analog_layers():
             layer.reset_counts()
+
+
+def _any_requires_grad(inputs) -> bool:
+    return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in tree_flatten(inputs)[0])
 
 
 def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,

@@ -297,3 +297,19 @@ def test_weights_held_are_the_float_weights_in_torchs_names_and_layouts_on_ideal
             assert float((held - want).abs().max()) <= 1e-6 * float(want.abs().max())
             keys.append(f"{name}.{key}")
     assert keys == [f"{n}.{p}" for n, p in mapping.tile_parameters(model)]
+
+
+def test_an_input_that_requires_grad_is_told_once_that_no_gradient_flows():
+    """A converted model's passes run under no_grad: its output never requires grad.
+    Before, that was silent until backward() failed with torch's generic message."""
+    analog = convert(mlp(), presets.ideal(rows=32, cols=32), seed=0)
+    x = torch.rand(3, 40, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="an analog model computes no gradients") as caught:
+        y = analog(x)
+        analog({"input": x}["input"])  # once per model
+    assert len(caught) == 1 and not y.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            convert(mlp(), presets.ideal(rows=32, cols=32), seed=0)(x)  # no gradient asked: no warning
+        convert(mlp(), presets.ideal(rows=32, cols=32), seed=0)(x.detach())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time as _time
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -54,12 +54,14 @@ def _on_device(batches: list, device) -> list:
     return [(map_tensors(x, lambda t: t.to(device)), y) for x, y in batches]
 
 
-def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None):
+def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None,
+             allow_skipping: Sequence[str] = ()):
     # layers left digital are recorded in the results rather than warned about per repeat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg,
-                               device=device)
+        analog = mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg,
+                                 device=device)
+    return analog.allow_skipping(*((allow_skipping,) if isinstance(allow_skipping, str) else allow_skipping))
 
 
 def _effective_eta(analog) -> float:
@@ -98,18 +100,19 @@ def _rates(counts: dict) -> dict:
 def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list, calibration: list,
                     times, repeats: int, seed: int, fold_batchnorm: bool = False,
                     progress: bool = True, histograms: bool = False, stream: int = _ANALOG,
-                    device=None) -> dict:
+                    device=None, allow_skipping: Sequence[str] = ()) -> dict:
     """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
     the effective eta of the first chip; plus the conversion report (with the first
     chip's calibration fallbacks per layer). Chip r is programmed from sub-stream
     (stream, r) of ``seed``; ``device`` (a torch device, None: the CPU engine) is where
-    the chips compute, the same chips on any device."""
+    the chips compute, the same chips on any device; ``allow_skipping``: the analog
+    layers a pass may leave uncalled (``AnalogModel.allow_skipping``)."""
     test, calibration = _on_device(test, device), _on_device(calibration, device)
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
     report, digital, hist, fallbacks = None, [], {}, {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
     for r in range(repeats):
-        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm, device)
+        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm, device, allow_skipping)
         report, digital = analog.report, analog.digital_layers
         analog.calibrate(calibration)
         if r == 0:
@@ -171,14 +174,16 @@ def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
 
 
 def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,
-                     tile: TileConfig, repeats: int, seed: int, progress: bool = True, device=None) -> dict:
+                     tile: TileConfig, repeats: int, seed: int, progress: bool = True, device=None,
+                     allow_skipping: Sequence[str] = ()) -> dict:
     """Crossbar (``tile``, normally validation_tile_config) against the baseline at the
     equivalent sigma, as an equivalence test (eval.stats.equivalence): PASSED when the
     95% CI of the difference of mean accuracies lies within +-tolerance, FAILED when it
     lies wholly outside, INCONCLUSIVE otherwise, with the repeats likely to decide."""
     mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
     crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats, seed,
-                               progress=progress, stream=_VALIDATION_CROSSBAR, device=device)["rows"][0]
+                               progress=progress, stream=_VALIDATION_CROSSBAR, device=device,
+                               allow_skipping=allow_skipping)["rows"][0]
     sigmas = equivalent_sigmas(model, tile)
     accs = []
     for r in range(repeats):
@@ -194,12 +199,15 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
 
 def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches: Iterable,
                    config: Optional[RunConfig] = None, fold_batchnorm: bool = False,
-                   progress: bool = True, histograms: bool = True, device: Optional[str] = None) -> dict:
+                   progress: bool = True, histograms: bool = True, device: Optional[str] = None,
+                   allow_skipping: Sequence[str] = ()) -> dict:
     """The main job for any model and data: ideal, analog over time, baseline, validation.
 
     ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders.
     ``device`` ("cpu", "cuda", "cuda:N"; None: "cpu") is where the analog chips compute;
-    the float model and the additive baseline stay on the CPU."""
+    the float model and the additive baseline stay on the CPU. ``allow_skipping`` names
+    the analog layers a pass may leave uncalled, for models that choose their layers per
+    call (``mapping.AnalogModel.allow_skipping``)."""
     config = config or RunConfig()
     if not isinstance(config, RunConfig):
         raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
@@ -212,14 +220,16 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     calibration = _materialise(calibration_batches, config.calibration_samples)
     results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}
     analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
-                             config.repeats, config.seed, fold_batchnorm, progress, histograms, device=on)
+                             config.repeats, config.seed, fold_batchnorm, progress, histograms, device=on,
+                             allow_skipping=allow_skipping)
     results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"],
                    calibration_fallbacks=analog["calibration_fallbacks"])
     results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress)
                            if config.baseline.enabled else [])
     results["validation"] = (validation_check(model, test, calibration, config.validation,
                                               validation_tile_config(config.tile, config.validation),
-                                              config.repeats, config.seed, progress, device=on)
+                                              config.repeats, config.seed, progress, device=on,
+                                              allow_skipping=allow_skipping)
                              if config.validation.enabled else {"verdict": None, "passed": None, "skipped": True})
     results["histograms"] = analog["histograms"]
     results["device"] = str(on or "cpu")

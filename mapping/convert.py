@@ -1,6 +1,7 @@
 """Whole torch models on crossbar tiles."""
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -97,6 +98,7 @@ class AnalogModel(nn.Module):
         self.digital_layers = digital_layers
         self.time = 0.0
         self._graphs: Optional[PassGraphs] = None  # see use_cuda_graphs
+        self._skippable: tuple = ()  # see allow_skipping
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and not self.__dict__.get("_warned_grad") and _any_requires_grad((args, kwargs)):
@@ -134,12 +136,41 @@ class AnalogModel(nn.Module):
             layer.called = False
         with torch.no_grad(), fused_fast_paths_off(), ieee_float32():
             out = fn()
-        skipped = [name or type(layer).__name__ for name, layer in layers if not layer.called]
+        skipped = [name or type(layer).__name__ for name, layer in layers
+                   if not layer.called and not self._may_skip(layer)]
         if skipped:
             raise RuntimeError(f"analog layer{'s' if len(skipped) > 1 else ''} {', '.join(map(repr, skipped))} "
                                f"{'were' if len(skipped) > 1 else 'was'} not called during the {what}: "
                                f"{NOT_CALLED_WHY}")
         return out
+
+    def allow_skipping(self, *layers: str) -> "AnalogModel":
+        """Let the analog layers named (module paths, or patterns such as ``"heads.*"``
+        as :mod:`fnmatch` reads them; ``"*"``: every one) go uncalled in a forward pass or
+        a calibration batch, for models that choose their layers per call: a head per
+        task, an early exit, a mixture of experts. By default every analog layer must run
+        in every pass, so that a fused path computing without the tiles is an error, not a
+        silently digital result. Calibration still needs each layer called by some batch
+        (its ranges come from what it saw). ``allow_skipping()`` is strict again."""
+        names = [name for name, _ in self._layer_names()]
+        for pattern in layers:
+            if not isinstance(pattern, str) or not fnmatch.filter(names, pattern):
+                raise ValueError(f"layers: {pattern!r} is invalid: expected the name or a pattern of an analog "
+                                 f"layer; they are {', '.join(map(repr, names[:8]))}"
+                                 f"{f' and {len(names) - 8} more' if len(names) > 8 else ''}")
+        self._skippable = tuple(layers)
+        return self
+
+    def _layer_names(self) -> list:
+        """(module path, analog layer) for every path of every analog layer (a shared
+        layer has several)."""
+        return [(name, m) for name, m in self.module.named_modules(remove_duplicate=False)
+                if isinstance(m, AnalogLayer)]
+
+    def _may_skip(self, layer: AnalogLayer) -> bool:
+        patterns = self.__dict__.get("_skippable", ())  # (absent from a model pickled before it existed)
+        return bool(patterns) and any(fnmatch.fnmatchcase(name, pattern) for name, m in self._layer_names()
+                                      if m is layer for pattern in patterns)
 
     def set_engine(self, engine: str) -> "AnalogModel":
         """Run every tile grid's products with ``engine``: "numba" (the CPU's), "torch"

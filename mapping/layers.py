@@ -34,7 +34,8 @@ def group_rows(weight: torch.Tensor, groups: int, g: int) -> torch.Tensor:
 NOT_CALLED_WHY = ("the model computed without it, either through a fused fast path that reads its weight "
                   "directly (such paths are switched off for converted models; a custom module may still "
                   "have one) or because its forward never uses this layer. Its output would not come from "
-                  "the tiles, so it is refused; remove unused layers before converting")
+                  "the tiles, so it is refused; remove unused layers before converting, or, if the model "
+                  "chooses its layers per call, allow it with analog_model.allow_skipping(name)")
 
 
 class AnalogLayer(CountsChanges, nn.Module):
@@ -140,8 +141,9 @@ class AnalogLayer(CountsChanges, nn.Module):
             if parts is None:
                 continue
             if not parts:
-                raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: "
-                                   f"{NOT_CALLED_WHY}")
+                raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: its "
+                                   f"ranges come from the inputs it sees there, so calibrate on batches that use it "
+                                   f"(if no pass ever does: {NOT_CALLED_WHY})")
             sample = np.concatenate(parts)
             if len(sample) == 0:
                 raise ValueError(f"analog layer {self.layer_name!r} saw only empty batches during calibration: "

@@ -11,6 +11,7 @@ from eval.experiment import run_experiment, validation_check, validation_tile_co
 from eval.models import build_model
 from eval.stats import difference_ci, summarize
 from eval.train import load_checkpoint, save_checkpoint, seeded_model, train, training_record
+from tests.mapping.test_skipping import MultiTask
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,15 @@ def test_run_experiment_leaves_the_callers_model_as_it_was():
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert results["test_samples"] == 32 and 0.0 <= results["ideal_accuracy"] <= 1.0
+
+
+def test_run_experiment_takes_models_that_choose_their_layers_per_call():
+    g = torch.Generator().manual_seed(3)
+    batches = [({"x": torch.rand(8, 8, generator=g), "task": task}, torch.randint(0, 3, (8,), generator=g))
+               for task in ("a", "b")]
+    config = RunConfig(repeats=2, times=(1.0,), baseline=BaselineConfig(enabled=False), tile=TileConfig())
+    with pytest.raises(RuntimeError, match="allow_skipping"):
+        run_experiment(MultiTask(), batches, batches, config, progress=False, histograms=False)
+    results = run_experiment(MultiTask(), batches, batches, config, progress=False, histograms=False,
+                             allow_skipping="heads.*")
+    assert len(results["analog"][0]["accuracies"]) == 2 and results["validation"]["repeats"] == 2

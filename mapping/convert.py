@@ -285,6 +285,11 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     if not isinstance(mapping, MappingConfig):
         raise ValueError(f"mapping = {mapping!r} is invalid: expected a mapping.MappingConfig")
     root_seed = as_seed_sequence(seed)  # a bad seed fails before any copying
+    programmed = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, AnalogLayer)]
+    if programmed:  # their chips would be kept as they are, whatever this call's configuration
+        raise ValueError(f"model = {type(model).__name__} is invalid: it holds analog layers already "
+                         f"({', '.join(map(repr, programmed[:3]))}{', ...' if len(programmed) > 3 else ''}): "
+                         f"convert the float model")
     _refuse_lazy(model)
     module = plain_copy(model).cpu().float()
     if fold_batchnorm:

@@ -313,3 +313,14 @@ def test_an_input_that_requires_grad_is_told_once_that_no_gradient_flows():
         with torch.no_grad():
             convert(mlp(), presets.ideal(rows=32, cols=32), seed=0)(x)  # no gradient asked: no warning
         convert(mlp(), presets.ideal(rows=32, cols=32), seed=0)(x.detach())
+
+
+def test_a_converted_model_is_not_converted_again():
+    """Before, convert(analog_model, other_config) returned a copy that ran on the first
+    chip, whatever the new configuration, without a word."""
+    analog = convert(mlp(), presets.pcm(rows=32, cols=32), seed=0)
+    with pytest.raises(ValueError, match=r"model = AnalogModel is invalid: it holds analog layers already "
+                                         r"\('module.0', 'module.2'\): convert the float model"):
+        convert(analog, presets.ideal(rows=64, cols=64), seed=1)
+    with pytest.raises(ValueError, match=r"holds analog layers already \('0'\)"):
+        convert(nn.Sequential(analog.module[0]), presets.ideal(), seed=1)

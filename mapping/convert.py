@@ -264,15 +264,18 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
             device=None) -> AnalogModel:
     """A new module in which every matrix layer of a mapped type (``ANALOG_LAYERS``: Linear,
-    Conv1d/2d/3d, ConvTranspose1d/2d, MultiheadAttention, RNN, LSTM, GRU and their cells, their subclasses
-    that keep the base's forward, and registered types) runs on programmed tiles.
+    Conv1d/2d/3d, ConvTranspose1d/2d, MultiheadAttention, RNN, LSTM, GRU and their cells,
+    their subclasses that keep the base's forward, and registered types) runs on
+    programmed tiles.
 
-    The original model is untouched. Layers that cannot be mapped stay digital and are
-    named in a warning and in ``report``. Each layer's tiles draw from their own
-    sub-stream of ``seed``, so results are reproducible layer by layer. ``device`` (a
-    torch device or its name, e.g. "cuda") moves the converted model there, as
-    ``.to(device)`` would: the chip is programmed on the host and is the same on every
-    device for the same seed.
+    The original model is untouched: a copy (``plain_copy``: pruned, normed and
+    parametrized weights as its forward computes them) is converted. A module held under
+    several names is one analog layer under each. Layers that cannot be mapped stay
+    digital and are named in a warning and in ``report``. Each layer's tiles draw from
+    their own sub-stream of ``seed``, so results are reproducible layer by layer.
+    ``device`` (a torch device or its name, e.g. "cuda") moves the converted model there,
+    as ``.to(device)`` would: the chip is programmed on the host and is the same on
+    every device for the same seed.
     """
     device = resolve_device(device, "device")
     if not isinstance(model, nn.Module):
@@ -285,12 +288,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     if not isinstance(mapping, MappingConfig):
         raise ValueError(f"mapping = {mapping!r} is invalid: expected a mapping.MappingConfig")
     root_seed = as_seed_sequence(seed)  # a bad seed fails before any copying
-    programmed = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, AnalogLayer)]
-    if programmed:  # their chips would be kept as they are, whatever this call's configuration
-        raise ValueError(f"model = {type(model).__name__} is invalid: it holds analog layers already "
-                         f"({', '.join(map(repr, programmed[:3]))}{', ...' if len(programmed) > 3 else ''}): "
-                         f"convert the float model")
-    _refuse_lazy(model)
+    _check_convertible(model)
     module = plain_copy(model).cpu().float()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
@@ -336,7 +334,14 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     return analog_model if device is None else analog_model.to(device)
 
 
-def _refuse_lazy(model: nn.Module) -> None:
+def _check_convertible(model: nn.Module) -> None:
+    """Refuse a model holding analog layers (their chips would be kept as they are,
+    whatever this conversion's configuration) or lazy layers not yet run."""
+    programmed = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, AnalogLayer)]
+    if programmed:
+        raise ValueError(f"model = {type(model).__name__} is invalid: it holds analog layers already "
+                         f"({', '.join(map(repr, programmed[:3]))}{', ...' if len(programmed) > 3 else ''}): "
+                         f"convert the float model")
     for name, m in model.named_modules():
         lazy = [n for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                 if nn.parameter.is_lazy(t)]

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import crossbar
+from mapping.copying import computed_weights
 from mapping.inputs import call_model
 
 from .datasets import Dataset
@@ -61,6 +62,11 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     hwa = hwa if hwa is not None else HWAConfig()
     if not isinstance(hwa, HWAConfig):
         raise ValueError(f"hwa = {hwa!r} is invalid: expected an eval.hwa.HWAConfig or None")
+    computed = computed_weights(model) if not hwa.plain else []
+    if computed:  # noise, clipping and the converters' hooks act on a layer's own weight tensor
+        raise ValueError(f"hwa: layer {computed[0]!r} computes its weight from other tensors (pruning, weight or "
+                         f"spectral norm, a parametrization), which hardware-aware training cannot perturb: make "
+                         f"its weight plain first (mapping.plain_copy(model).train(), or torch's prune.remove)")
     noise = WeightNoise(model, hwa, seed) if hwa.mode != "off" else None
     order_rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

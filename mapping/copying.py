@@ -19,6 +19,9 @@ from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weig
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+# forward pre-hooks that set a module's weight attribute from its other tensors
+_WEIGHT_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, in eval mode, in which every pruned, weight-normed,
@@ -43,6 +46,14 @@ def plain_copy(model: nn.Module) -> nn.Module:
             if parametrize.is_parametrized(m):
                 _make_plain(m)
     return copied
+
+
+def computed_weights(model: nn.Module) -> list:
+    """Paths of the modules of ``model`` whose tensors torch computes at each pass from
+    others (pruning, the old weight or spectral norm, a parametrization)."""
+    return [name for name, m in model.named_modules()
+            if parametrize.is_parametrized(m) or any(isinstance(hook, _WEIGHT_HOOKS)
+                                                      for hook in m._forward_pre_hooks.values())]
 
 
 def _make_plain(module: nn.Module) -> None:

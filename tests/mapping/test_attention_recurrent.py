@@ -162,7 +162,8 @@ class Decoder(nn.Module):
 
 
 CELLS = {"lstm": lambda: nn.LSTMCell(9, 27), "gru": lambda: nn.GRUCell(9, 27),
-         "rnn relu": lambda: nn.RNNCell(9, 27, nonlinearity="relu"), "gru no bias": lambda: nn.GRUCell(9, 27, bias=False)}
+         "rnn relu": lambda: nn.RNNCell(9, 27, nonlinearity="relu"),
+         "gru no bias": lambda: nn.GRUCell(9, 27, bias=False)}
 
 
 @pytest.mark.parametrize("make", CELLS.values(), ids=CELLS.keys())

@@ -10,7 +10,10 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 from crossbar import presets
 from eval.baseline import noisy_copy
+from eval.datasets import Dataset
 from eval.experiment import equivalent_sigmas
+from eval.hwa import HWAConfig
+from eval.train import train
 from mapping import convert, plain_copy
 
 
@@ -90,3 +93,20 @@ def test_the_baseline_perturbs_the_computed_weight_by_its_name():
     assert sigmas["0.weight"] == pytest.approx(0.1 * weight.double().std().item())
     changed = (noisy[0].weight != weight).float().mean().item()
     assert changed == 1.0  # every weight, the pruned zeros included, as tiles program them
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hardware_aware_training_refuses_a_computed_weight_by_name_and_takes_its_plain_copy(kind):
+    """HWA perturbs, clips and hooks a layer's own weight tensor: before, a pruned model
+    in device mode failed with a KeyError, and additive noise went to weight_orig or to
+    weight norm's g and v, not to the weight."""
+    model, _ = trained(kind)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset("toy", torch.rand(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g),
+                   torch.rand(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g), 4)
+    hwa = HWAConfig(mode="additive", eta=0.05)
+    with pytest.raises(ValueError, match=r"hwa: layer '0' computes its weight from other tensors"):
+        train(model, data, 1, progress=False, hwa=hwa)
+    plain = plain_copy(model).train()
+    assert len(train(plain, data, 1, progress=False, hwa=hwa)) == 1
+    train(model, data, 1, progress=False)  # plain training takes it as it is

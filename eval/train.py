@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import crossbar
+from mapping import mapped_modules
 from mapping.copying import computed_weights
 from mapping.inputs import call_model
 
@@ -62,7 +63,8 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     hwa = hwa if hwa is not None else HWAConfig()
     if not isinstance(hwa, HWAConfig):
         raise ValueError(f"hwa = {hwa!r} is invalid: expected an eval.hwa.HWAConfig or None")
-    computed = computed_weights(model) if not hwa.plain else []
+    mapped = {name for name, _, _ in mapped_modules(model)[0]} if not hwa.plain else set()
+    computed = [name for name in computed_weights(model) if name in mapped]
     if computed:  # noise, clipping and the converters' hooks act on a layer's own weight tensor
         raise ValueError(f"hwa: layer {computed[0]!r} computes its weight from other tensors (pruning, weight or "
                          f"spectral norm, a parametrization), which hardware-aware training cannot perturb: make "

@@ -24,6 +24,11 @@ class Symmetric(nn.Module):
         return x.triu() + x.triu(1).transpose(-1, -2)
 
 
+class Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
 def pruned_twice(layer):
     prune.l1_unstructured(layer, "weight", 0.4)
     prune.random_unstructured(layer, "weight", 0.2)  # (a PruningContainer of both)
@@ -110,3 +115,6 @@ def test_hardware_aware_training_refuses_a_computed_weight_by_name_and_takes_its
     plain = plain_copy(model).train()
     assert len(train(plain, data, 1, progress=False, hwa=hwa)) == 1
     train(model, data, 1, progress=False)  # plain training takes it as it is
+    # a digital layer's computed weight is no concern of HWA
+    digital = nn.Sequential(plain_copy(model), parametrize.register_parametrization(nn.PReLU(4), "weight", Abs()))
+    assert len(train(digital, data, 1, progress=False, hwa=hwa)) == 1

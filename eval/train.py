@@ -125,7 +125,7 @@ def accuracy(model: nn.Module, batches) -> float:
             if not isinstance(scores, torch.Tensor):
                 raise ValueError(f"accuracy: the model returned a {type(scores).__name__}: expected a tensor of "
                                  f"class scores, classes last")
-            predicted, y = scores.argmax(-1).cpu(), torch.as_tensor(y)
+            predicted, y = scores.argmax(-1).cpu(), torch.as_tensor(y).cpu()  # (labels may be on a GPU too)
             if predicted.shape != y.shape:  # (broadcasting would compare every prediction with every label)
                 raise ValueError(f"accuracy: the model's scores of shape {tuple(scores.shape)} give predictions "
                                  f"of shape {tuple(predicted.shape)} (classes last) for labels of shape "

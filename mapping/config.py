@@ -25,10 +25,11 @@ class MappingConfig(Config):
             GlobalDriftCompensation) or ``"ones"`` (all lines at once). One-hot reads a
             single device pair per column, which a coarse ADC calibrated for real sums
             rounds towards zero (alpha then overcompensates), hence the default.
-        calibration_rows: input vectors per layer kept for DAC/ADC range calibration: the
-            first ones the calibration batches provide (a seeded random subset of the
-            batch that overfills them), >= 16. A layer calibrates as soon as its sample
-            is full.
+        calibration_rows: input vectors per layer kept for DAC/ADC range calibration, >= 16:
+            for a layer called once per pass the first ones the calibration batches
+            provide (a seeded random subset of the batch that overfills them; the layer
+            calibrates as soon as its sample is full), for one called several times per
+            pass a uniform sample of all its calls (``mapping.calibration_sample``).
         max_rows_per_chunk: input vectors per tiled product on the CPU, >= 1; bounds
             memory: a convolution that unrolls holds this many unrolled vectors at a
             time, and one that convolves per row block spends the same memory on its

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import warnings
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -16,6 +17,7 @@ from crossbar.grid import inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
+from .calibration_sample import CallCount, FirstRows, Reservoir
 from .config import MappingConfig
 from .copying import plain_copy
 from .inputs import batch_inputs, call_model
@@ -32,6 +34,8 @@ from .memory import release_free_memory
 # torch layer type -> analog counterpart (a class with from_torch(layer, tile_config, seed,
 # mapping, name)); subclasses of these types map too (see analog_type_for); everything
 # else stays digital
+_NOTHING = object()  # (what an exhausted iterator gives next())
+
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d,
                  nn.Conv3d: AnalogConv3d, nn.ConvTranspose2d: AnalogConvTranspose2d,
                  nn.ConvTranspose1d: AnalogConvTranspose2d,
@@ -208,27 +212,41 @@ class AnalogModel(nn.Module):
         calibrates at t = 0, and the model returns to its current time. The report gains
         each layer's calibration fallbacks (tiles that saw no signal)."""
         layers = self.analog_layers()
-        for i, (_, layer) in enumerate(layers):
-            layer.begin_calibration(seed + i)
-        seen = 0
+        batches = iter(batches)
+        first = next(batches, _NOTHING)
+        if first is _NOTHING:
+            raise ValueError("calibrate(batches): batches yielded nothing")
         try:
-            for batch in batches:
+            repeated = self._called_repeatedly(batch_inputs(first))
+            for i, (_, layer) in enumerate(layers):
+                layer.begin_calibration(seed + i, Reservoir if id(layer) in repeated else FirstRows)
+            for batch in itertools.chain([first], batches):
                 inputs = batch_inputs(batch)
                 self._run(lambda: call_model(self.module, inputs), "calibration")
-                seen += 1
         except BaseException:
             for _, layer in layers:
                 layer._calibration = None
             raise
-        if seen == 0:
-            for _, layer in layers:
-                layer._calibration = None
-            raise ValueError("calibrate(batches): batches yielded nothing")
         for _, layer in layers:
             layer.end_calibration()
         self._report_calibration()
         release_free_memory()
         return self
+
+    def _called_repeatedly(self, inputs) -> set:
+        """ids of the analog layers called more than once in a float pass on ``inputs``
+        (the first calibration batch): their samples are drawn from every call
+        (``mapping.calibration_sample``), as the first calls alone would be the first
+        time steps of a recurrence, or the first use of a shared layer."""
+        layers = [layer for _, layer in self.analog_layers()]
+        for layer in layers:
+            layer.begin_calibration(0, CallCount)
+        try:
+            self._run(lambda: call_model(self.module, inputs), "calibration")
+            return {id(layer) for layer in layers if layer.calibration_calls() > 1}
+        finally:
+            for layer in layers:
+                layer._calibration = None
 
     def _report_calibration(self) -> None:
         """Per analog layer in ``report``: tiles whose ADC range came from their

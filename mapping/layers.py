@@ -15,6 +15,7 @@ from torch import nn
 
 from crossbar.state_changes import CountsChanges
 
+from .calibration_sample import FirstRows
 from .matrix import AnalogMatrix
 
 
@@ -53,8 +54,7 @@ class AnalogLayer(CountsChanges, nn.Module):
         self.layer_name = name
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._calibration: Optional[list] = None  # per group: sampled input rows
-        self._calibration_rng: Optional[np.random.Generator] = None
+        self._calibration: Optional[list] = None  # per group: its calibration sample (None: final)
         self.called = False  # set by every product: AnalogModel checks that no layer was bypassed
 
     def _group_weight(self, g: int) -> torch.Tensor:
@@ -102,53 +102,51 @@ class AnalogLayer(CountsChanges, nn.Module):
         for m in self.matrices:
             m.at(t)
 
-    def begin_calibration(self, seed: int = 0) -> None:
-        self._calibration = [[] for _ in self.matrices]
-        self._calibration_rng = np.random.default_rng(seed)
+    def begin_calibration(self, seed: int = 0, kind: type = FirstRows) -> None:
+        """Sample the inputs of the next passes for each group (``mapping.calibration_sample``:
+        ``FirstRows``, ``Reservoir`` for a layer called several times per pass, or
+        ``CallCount`` to count its calls)."""
+        rng = np.random.default_rng(seed)
+        self._calibration = [kind(m.mapping.calibration_rows, m.shape[1], rng) for m in self.matrices]
+
+    def calibration_calls(self) -> int:
+        """The most non-empty calls of any group since ``begin_calibration``."""
+        return max(sample.calls for sample in self._calibration if sample is not None)
 
     def _empty_batch(self) -> None:
         """Note a call on an empty batch (as torch's layers take one: nothing is read): a
         call, and in calibration one that sampled nothing (not a layer never called)."""
         self.called = True
-        for parts, m in zip(self._calibration or [], self.matrices):
-            if parts is not None:
-                parts.append(np.zeros((0, m.shape[1]), np.float32))
+        for g, sample in enumerate(self._calibration or []):
+            if sample is not None:
+                sample.offer(0, None)
 
     def _sample_for_calibration(self, g: int, n_vectors: int, fetch) -> None:
-        """Keep the first calibration_rows input vectors (a seeded subset of a batch that
-        overfills them); ``fetch(rows)`` returns the chosen vectors (rows None: all), so
-        that a convolution unrolls only those. A full sample is final, so the group
-        calibrates at once and its sample is freed: a deep network never holds every
-        layer's sample together."""
-        parts = self._calibration[g]
-        if parts is None:  # calibrated already
+        """Offer the group's ``n_vectors`` input vectors to its sample; ``fetch(rows)``
+        returns the chosen ones (rows None: all). A sample that is full and final
+        calibrates the group at once and is freed."""
+        sample = self._calibration[g]
+        if sample is None:  # calibrated already
             return
-        keep = self.matrices[g].mapping.calibration_rows
-        have = sum(len(a) for a in parts)
-        rows = None
-        if n_vectors > keep - have:
-            rows = np.sort(self._calibration_rng.choice(n_vectors, keep - have, replace=False))
-        x = fetch(rows)
-        parts.append(np.array(x, dtype=np.float32, copy=True))
-        if have + len(x) >= keep:
+        if sample.offer(n_vectors, fetch):
             self._calibration[g] = None
-            self.matrices[g].calibrate(np.concatenate(parts))
+            self.matrices[g].calibrate(sample.rows())
 
     def end_calibration(self) -> None:
-        """Calibrate the groups whose sample did not fill (all the inputs they saw)."""
+        """Calibrate the groups whose sample is not final yet (all it kept)."""
         samples, self._calibration = self._calibration, None
-        for m, parts in zip(self.matrices, samples):
-            if parts is None:
+        for m, sample in zip(self.matrices, samples):
+            if sample is None:
                 continue
-            if not parts:
+            if not sample.calls:
                 raise RuntimeError(f"analog layer {self.layer_name!r} was never called during calibration: its "
                                    f"ranges come from the inputs it sees there, so calibrate on batches that use it "
                                    f"(if no pass ever does: {NOT_CALLED_WHY})")
-            sample = np.concatenate(parts)
-            if len(sample) == 0:
+            rows = sample.rows()
+            if len(rows) == 0:
                 raise ValueError(f"analog layer {self.layer_name!r} saw only empty batches during calibration: "
                                  f"calibrate on batches with at least one input")
-            m.calibrate(sample)
+            m.calibrate(rows)
 
     def weight_pairs(self) -> list:
         """Per group: (intended weights, weights the tiles hold now incl. drift

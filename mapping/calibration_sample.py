@@ -1,0 +1,93 @@
+"""The input rows a layer's DAC and ADC ranges are calibrated on.
+
+A layer keeps at most ``calibration_rows`` of the input vectors it is given during
+calibration, per weight group, drawn with the layer's seeded generator. Two policies:
+
+- :class:`FirstRows`, for a layer called once per pass: the first rows it is given (a
+  random subset of the call that overfills the sample). A full sample is final, so the
+  group calibrates at once and frees it: a deep network never holds every layer's
+  sample together.
+- :class:`Reservoir`, for a layer called several times per pass (a recurrent layer's
+  hidden-to-hidden matrix at every time step, a cell stepped by a loop, a module under
+  several names): a uniform sample of every row of every call (Vitter's algorithm R).
+  The first rows would be the first time steps only, whose hidden state is still near
+  its zero start, and ranges calibrated on them clip the later steps.
+
+Both fetch only the rows they keep (``fetch(rows)``), so a convolution unrolls only those.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+
+class FirstRows:
+    """The first ``keep`` rows offered (of ``width`` values each)."""
+
+    def __init__(self, keep: int, width: int, rng: np.random.Generator) -> None:
+        self.keep, self.width, self.rng = keep, width, rng
+        self.calls = 0          # offers, empty ones included: a layer never called has none
+        self._parts: list = []
+        self._have = 0
+
+    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], np.ndarray]) -> bool:
+        """Take the first of ``n`` rows that fit; True once the sample is full (final)."""
+        self.calls += 1
+        if n == 0:
+            return False
+        rows = None
+        if n > self.keep - self._have:
+            rows = np.sort(self.rng.choice(n, self.keep - self._have, replace=False))
+        x = np.array(fetch(rows), dtype=np.float32, copy=True)
+        self._parts.append(x)
+        self._have += len(x)
+        return self._have >= self.keep
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, self.width), np.float32)
+
+
+class Reservoir(FirstRows):
+    """A uniform random sample of at most ``keep`` of all rows offered, in no particular
+    order; never final before the calibration ends."""
+
+    def __init__(self, keep: int, width: int, rng: np.random.Generator) -> None:
+        super().__init__(keep, width, rng)
+        self.seen = 0           # rows offered so far
+        self._rows: Optional[np.ndarray] = None
+
+    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], np.ndarray]) -> bool:
+        self.calls += 1
+        if n == 0:
+            return False
+        index = self.seen + np.arange(n)          # each row's position among all rows offered
+        slot = np.where(index < self.keep, index, -1)
+        late = index >= self.keep
+        if late.any():                            # row k replaces a uniform slot with probability keep / (k + 1)
+            drawn = self.rng.integers(0, index[late] + 1)
+            slot[late] = np.where(drawn < self.keep, drawn, -1)
+        chosen = np.flatnonzero(slot >= 0)
+        # of the rows that land in one slot, the last offered stays
+        _, first_from_end = np.unique(slot[chosen][::-1], return_index=True)
+        chosen = np.sort(chosen[len(chosen) - 1 - first_from_end])
+        if len(chosen):
+            if self._rows is None:
+                self._rows = np.empty((self.keep, self.width), np.float32)
+            self._rows[slot[chosen]] = np.asarray(fetch(chosen), dtype=np.float32)
+        self.seen += n
+        return False
+
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            return np.zeros((0, self.width), np.float32)
+        return self._rows[:min(self.seen, self.keep)].copy()
+
+
+class CallCount(FirstRows):
+    """No sample: the number of non-empty calls, to tell the layers called several times
+    per pass (calibration's counting pass)."""
+
+    def offer(self, n: int, fetch) -> bool:
+        self.calls += n > 0
+        return False

@@ -1,6 +1,7 @@
 """Whole torch models on crossbar tiles."""
 from __future__ import annotations
 
+import collections
 import fnmatch
 import itertools
 import warnings
@@ -17,7 +18,7 @@ from crossbar.grid import inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
-from .calibration_sample import CallCount, FirstRows, Reservoir
+from .calibration_sample import FirstRows, Reservoir, Unsampled
 from .config import MappingConfig
 from .copying import plain_copy
 from .inputs import batch_inputs, call_model
@@ -239,12 +240,17 @@ class AnalogModel(nn.Module):
         (``mapping.calibration_sample``), as the first calls alone would be the first
         time steps of a recurrence, or the first use of a shared layer."""
         layers = [layer for _, layer in self.analog_layers()]
+        calls = collections.Counter()  # calls of each layer module (a layer may offer a pass in chunks)
+        handles = [layer.register_forward_pre_hook(lambda module, args: calls.update([id(module)]))
+                   for layer in layers]
         for layer in layers:
-            layer.begin_calibration(0, CallCount)
+            layer.begin_calibration(0, Unsampled)  # float products, nothing kept
         try:
             self._run(lambda: call_model(self.module, inputs), "calibration")
-            return {id(layer) for layer in layers if layer.calibration_calls() > 1}
+            return {key for key, n in calls.items() if n > 1}
         finally:
+            for handle in handles:
+                handle.remove()
             for layer in layers:
                 layer._calibration = None
 

@@ -105,13 +105,9 @@ class AnalogLayer(CountsChanges, nn.Module):
     def begin_calibration(self, seed: int = 0, kind: type = FirstRows) -> None:
         """Sample the inputs of the next passes for each group (``mapping.calibration_sample``:
         ``FirstRows``, ``Reservoir`` for a layer called several times per pass, or
-        ``CallCount`` to count its calls)."""
+        ``Unsampled``)."""
         rng = np.random.default_rng(seed)
         self._calibration = [kind(m.mapping.calibration_rows, m.shape[1], rng) for m in self.matrices]
-
-    def calibration_calls(self) -> int:
-        """The most non-empty calls of any group since ``begin_calibration``."""
-        return max(sample.calls for sample in self._calibration if sample is not None)
 
     def _empty_batch(self) -> None:
         """Note a call on an empty batch (as torch's layers take one: nothing is read): a

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from crossbar import presets
-from mapping import convert
+from mapping import MappingConfig, convert
 from mapping.calibration_sample import FirstRows, Reservoir
 from tests.mapping.test_attention_recurrent import Decoder
 from tests.mapping.test_convert import SharedBlocks
@@ -100,13 +100,17 @@ def test_layers_called_several_times_per_pass_are_found():
         assert {name for name, layer in analog.analog_layers() if id(layer) in found} == want
 
 
-def test_layers_called_once_per_pass_sample_as_before(monkeypatch):
+@pytest.mark.parametrize("rows_per_chunk", [8192, 16])
+def test_layers_called_once_per_pass_sample_as_before(monkeypatch, rows_per_chunk):
     """The counting pass draws nothing and changes nothing: the calibration equals one
-    without it, every layer on its first rows, bitwise."""
-    analog = converted(presets.pcm(rows=32, cols=16))
+    without it, every layer on its first rows, bitwise. A layer that offers a pass in
+    chunks (16 rows: every layer but the last, up to 12 chunks) is called once: it
+    counted as repeated in a first version, which moved the main job's table."""
+    mapping = MappingConfig(max_rows_per_chunk=rows_per_chunk)
+    analog = converted(presets.pcm(rows=32, cols=16), mapping=mapping)
     assert analog._called_repeatedly(X) == set()
     analog.calibrate([X])
-    forced = converted(presets.pcm(rows=32, cols=16))
+    forced = converted(presets.pcm(rows=32, cols=16), mapping=mapping)
     monkeypatch.setattr(type(forced), "_called_repeatedly", lambda self, inputs: set())
     forced.calibrate([X])
     for (_, a), (_, b) in zip(analog.analog_layers(), forced.analog_layers()):

@@ -113,7 +113,7 @@ class AnalogLayer(CountsChanges, nn.Module):
         """Note a call on an empty batch (as torch's layers take one: nothing is read): a
         call, and in calibration one that sampled nothing (not a layer never called)."""
         self.called = True
-        for g, sample in enumerate(self._calibration or []):
+        for sample in self._calibration or []:
             if sample is not None:
                 sample.offer(0, None)
 

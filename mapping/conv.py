@@ -90,16 +90,8 @@ class AnalogConv2d(AnalogLayer):
         return y.squeeze(0) if unbatched else y
 
     def _batched(self, x: torch.Tensor) -> tuple:
-        """(x as a batch, whether it was one unbatched input): torch's convolutions take
-        (channels, *spatial) as a batch of one, and so do these."""
-        c_in = self.weight.shape[1] * self.groups
-        spatial = 1 if self.one_d else 2
-        unbatched = x.dim() == spatial + 1
-        if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != c_in:
-            sizes = "length" if self.one_d else "height, width"
-            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
-                             f"(batch, {c_in}, {sizes}) or, unbatched, ({c_in}, {sizes})")
-        return (x.unsqueeze(0) if unbatched else x), unbatched
+        return self._as_batch(x, self.weight.shape[1] * self.groups,
+                              ("length",) if self.one_d else ("height", "width"))
 
     def _forward(self, x: torch.Tensor, pad: tuple) -> torch.Tensor:
         """The convolution of a checked input after padding it by ``pad`` (F.pad order:

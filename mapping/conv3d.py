@@ -37,12 +37,7 @@ class AnalogConv3d(AnalogLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, x = x.dtype, self._check_input(x)
         c_in = self.weight.shape[1] * self.groups
-        if x.dim() not in (4, 5) or x.shape[-4] != c_in:
-            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
-                             f"(batch, {c_in}, depth, height, width) or, unbatched, ({c_in}, depth, height, width)")
-        unbatched = x.dim() == 4  # as torch's Conv3d takes it: a batch of one
-        if unbatched:
-            x = x.unsqueeze(0)
+        x, unbatched = self._as_batch(x, c_in, ("depth", "height", "width"))
         with torch.no_grad():
             if any(self.pad):
                 x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)

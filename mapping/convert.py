@@ -141,8 +141,9 @@ class AnalogModel(nn.Module):
             layer.called = False
         with torch.no_grad(), fused_fast_paths_off(), ieee_float32():
             out = fn()
-        skipped = [name or type(layer).__name__ for name, layer in layers
-                   if not layer.called and not self._may_skip(layer)]
+        uncalled = [(name, layer) for name, layer in layers if not layer.called]
+        allowed = self._skippable_layers() if uncalled else set()
+        skipped = [name or type(layer).__name__ for name, layer in uncalled if id(layer) not in allowed]
         if skipped:
             raise RuntimeError(f"analog layer{'s' if len(skipped) > 1 else ''} {', '.join(map(repr, skipped))} "
                                f"{'were' if len(skipped) > 1 else 'was'} not called during the {what}: "
@@ -172,10 +173,10 @@ class AnalogModel(nn.Module):
         return [(name, m) for name, m in self.module.named_modules(remove_duplicate=False)
                 if isinstance(m, AnalogLayer)]
 
-    def _may_skip(self, layer: AnalogLayer) -> bool:
+    def _skippable_layers(self) -> set:
+        """ids of the analog layers ``allow_skipping`` named (by any of their names)."""
         patterns = self.__dict__.get("_skippable", ())  # (absent from a model pickled before it existed)
-        return bool(patterns) and any(fnmatch.fnmatchcase(name, pattern) for name, m in self._layer_names()
-                                      if m is layer for pattern in patterns)
+        return {id(m) for name, m in self._layer_names() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
     def set_engine(self, engine: str) -> "AnalogModel":
         """Run every tile grid's products with ``engine``: "numba" (the CPU's), "torch"

@@ -74,6 +74,18 @@ class AnalogLayer(CountsChanges, nn.Module):
                              f"as the float layer would (it refuses other dtypes too)")
         return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
+    def _as_batch(self, x: torch.Tensor, channels: int, sizes: tuple) -> tuple:
+        """(x as a batch, whether it was one unbatched input), for a convolution of
+        ``channels`` input channels over spatial dimensions named ``sizes``: torch's
+        convolutions take (channels, *spatial) as a batch of one, and so do these."""
+        spatial = len(sizes)
+        if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != channels:
+            named = ", ".join(sizes)
+            raise ValueError(f"layer {self.layer_name!r}: input has shape {tuple(x.shape)}: expected "
+                             f"(batch, {channels}, {named}) or, unbatched, ({channels}, {named})")
+        unbatched = x.dim() == spatial + 1
+        return (x.unsqueeze(0) if unbatched else x), unbatched
+
     def _product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
         self.called = True
         if len(vectors) == 0:

@@ -74,7 +74,8 @@ class AnalogRNNBase(nn.Module):
         steps, batch, _ = x.shape
         if steps == 0:  # as torch's recurrent layers refuse it (an empty batch is taken)
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        h0, c0 = self._initial_states(hx, batch, batched, x)
+        shape = (self.num_layers * self.directions, batch, self.hidden_size)
+        h0, c0 = _initial_states(self.mode, hx, shape, batched, 1, x, "LSTM")
         last_h, last_c = [], []
         for layer in range(self.num_layers):
             outputs = []
@@ -97,10 +98,6 @@ class AnalogRNNBase(nn.Module):
             c_n = torch.stack(last_c)
             return out, (h_n, c_n if batched else c_n.squeeze(1))
         return out, h_n
-
-    def _initial_states(self, hx, batch: int, batched: bool, x: torch.Tensor) -> tuple:
-        shape = (self.num_layers * self.directions, batch, self.hidden_size)
-        return _initial_states(self.mode, hx, shape, batched, 1, x, "LSTM")
 
     def _run_direction(self, ih: AnalogLinear, hh: AnalogLinear, x: torch.Tensor, h: torch.Tensor,
                        c: Optional[torch.Tensor], reverse: bool):

@@ -61,7 +61,20 @@ def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchno
         warnings.simplefilter("ignore", UserWarning)
         analog = mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg,
                                  device=device)
-    return analog.allow_skipping(*((allow_skipping,) if isinstance(allow_skipping, str) else allow_skipping))
+    return analog.allow_skipping(*skipping_patterns(allow_skipping))
+
+
+def skipping_patterns(allow_skipping) -> tuple:
+    """``allow_skipping`` as AnalogModel.allow_skipping takes it: one name or pattern,
+    or a list or tuple of them (None: none)."""
+    if allow_skipping is None:
+        return ()
+    if isinstance(allow_skipping, str):
+        return (allow_skipping,)
+    if isinstance(allow_skipping, (list, tuple)) and all(isinstance(p, str) for p in allow_skipping):
+        return tuple(allow_skipping)
+    raise ValueError(f"allow_skipping = {allow_skipping!r} is invalid: expected an analog layer's name or pattern, "
+                     f"or a list of them")
 
 
 def _effective_eta(analog) -> float:
@@ -212,6 +225,7 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     if not isinstance(config, RunConfig):
         raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
     on = resolve_device(device, "device")
+    allow_skipping = skipping_patterns(allow_skipping)  # (a bad value fails before any work)
     start = _time.perf_counter()
     # a copy: the caller's model keeps its device, dtype and training mode (a training
     # loop that evaluates on chips now and then goes on training as it was)

@@ -169,3 +169,8 @@ def test_run_experiment_takes_models_that_choose_their_layers_per_call():
     results = run_experiment(MultiTask(), batches, batches, config, progress=False, histograms=False,
                              allow_skipping="heads.*")
     assert len(results["analog"][0]["accuracies"]) == 2 and results["validation"]["repeats"] == 2
+    for bad in (3, {"heads.*": 1}, ["heads.*", 4]):
+        with pytest.raises(ValueError, match=r"allow_skipping = .* is invalid: expected an analog layer's name"):
+            run_experiment(MultiTask(), batches, batches, config, progress=False, allow_skipping=bad)
+    with pytest.raises(ValueError, match="layers: 'nope' is invalid"):
+        run_experiment(MultiTask(), batches, batches, config, progress=False, allow_skipping=["nope"])

@@ -41,8 +41,9 @@ def noised_tensors(model: nn.Module, noise_bias: bool, noise_batchnorm: bool) ->
 
 def noisy_copy(model: nn.Module, normalization: str, level: float, rng: np.random.Generator,
                noise_bias: bool = False, noise_batchnorm: bool = False, sigmas: dict = None) -> tuple:
-    """(copy of model with W + sigma xi, {tensor: sigma used}). ``sigmas`` overrides the
-    normalisation with explicit per-tensor sigmas (keys "module.param")."""
+    """(copy of model with W + sigma xi, {tensor: sigma used}), on the model's device (the
+    noise is drawn on the host, from ``rng``). ``sigmas`` overrides the normalisation
+    with explicit per-tensor sigmas (keys "module.param")."""
     noisy = plain_copy(model)  # (pruned or parametrized weights made plain, as convert puts them on tiles)
     used = {}
     for module_name, param in noised_tensors(noisy, noise_bias, noise_batchnorm):
@@ -51,6 +52,6 @@ def noisy_copy(model: nn.Module, normalization: str, level: float, rng: np.rando
         sigma = sigmas[key] if sigmas is not None else layer_sigma(tensor, normalization, level)
         noise = rng.standard_normal(tuple(tensor.shape)) * sigma
         with torch.no_grad():
-            tensor.add_(torch.from_numpy(noise).to(tensor.dtype))
+            tensor.add_(torch.from_numpy(noise).to(tensor.device, tensor.dtype))
         used[key] = sigma
     return noisy, used

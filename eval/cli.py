@@ -60,6 +60,7 @@ def _version(args) -> int:
 
 
 def _train(args) -> int:
+    from mapping.devices import resolve_device
     from .datasets import load_dataset
     from .hwa import describe
     from .train import (DEFAULT_EPOCHS, accuracy, check_checkpoint_path, save_checkpoint, seeded_model, train,
@@ -70,11 +71,14 @@ def _train(args) -> int:
     suffix = "" if hwa.plain else f"-hwa-{hwa.mode}"
     out = check_checkpoint_path(args.out or f"checkpoints/{args.dataset}-{model_name}-"
                                             f"{'bn' if batchnorm else 'nobn'}{suffix}.pt")
+    device = resolve_device(args.device)  # before the data is read: a bad --device fails at once
     data = load_dataset(args.dataset, args.data_dir)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[data.name]
     seed = args.seed if args.seed is not None else 0
     record = training_record(data, model_name, batchnorm, epochs, seed, hwa)
-    model = seeded_model(model_name, data, batchnorm, seed)
+    model = seeded_model(model_name, data, batchnorm, seed)  # (drawn on the CPU: the same on every device)
+    if device is not None:
+        model = model.to(device)
     losses = train(model, data, epochs, seed=seed, progress=_progress(args), hwa=hwa)
     acc = accuracy(model, data.batches("test"))
     save_checkpoint(out, model, record, acc)
@@ -129,7 +133,7 @@ def _run(args) -> int:
         value = getattr(args, key)
         if value is not None:  # an option given on the command line wins over --config
             config = config.with_path(key, value)
-    resolve_device(args.device)  # before any training: a bad --device fails at once
+    device = resolve_device(args.device)  # before any training: a bad --device fails at once
     out = check_writable_dir(args.out, "--out")
     data = load_dataset(args.dataset, args.data_dir)
     progress = _progress(args)
@@ -143,8 +147,9 @@ def _run(args) -> int:
     else:
         model, meta, checkpoint = train_or_load(data, args.model or "cnn", bool(args.batchnorm),
                                                 default_cache_dir(), args.epochs, seed=config.seed,
-                                                progress=progress)
-    training = {k: meta.get(k) for k in ("epochs", "seed", "recipe", "data_fingerprint", "test_accuracy", "hwa")}
+                                                progress=progress, device=device)
+    training = {k: meta.get(k) for k in ("epochs", "seed", "recipe", "data_fingerprint", "test_accuracy", "hwa",
+                                         "trained_on")}
     if args.checkpoint:
         print(f"checkpoint {checkpoint}: {meta['model']} trained {describe(meta.get('hwa'))}")
     results = {"dataset": data.name, "data_fingerprint": data.fingerprint(), "model": meta["model"],
@@ -211,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference times, comma separated, in s or with a unit (default 1s,1h,1d,30d,1y)")
     p.add_argument("--fold-batchnorm", action="store_true", help="fold batch norm into the weights before mapping")
     p.add_argument("--out", default="xbarsim-results", help="output directory (default ./xbarsim-results)")
-    p.add_argument("--device", help="where the analog chips compute: cpu (default), cuda or cuda:N; the same "
-                                    "chips for a seed on any device")
+    p.add_argument("--device", help="where the job computes: cpu (default), cuda or cuda:N: the analog chips, "
+                                    "the float model and the baselines, and training if the model is not "
+                                    "cached; the same chips for a seed on any device")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("train", help="train a model (plainly or for the chip) and save a checkpoint")
@@ -226,14 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip weights on tiles to +-K std after every step (default 0: off)")
     p.add_argument("--config", help="TOML file: an [hwa] table with every setting (eval/hwa.py), and the "
                                     "preset, [tile] and [mapping] the device mode draws from")
+    p.add_argument("--device", help="where to train: cpu (default), cuda or cuda:N")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sweep", help="evaluate a grid of configurations (resumable), then plot it")
     p.add_argument("spec", help="sweep specification, TOML (see eval/sweep_spec.py)")
     p.add_argument("--out", required=True, help="results directory; rerunning resumes it")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    p.add_argument("--device", help="where the analog chips compute: cpu (default), cuda or cuda:N (on a "
-                                    "Dask worker, cuda is the GPU the worker was given)")
+    p.add_argument("--device", help="where the points compute: cpu (default), cuda or cuda:N (on a Dask "
+                                    "worker, cuda is the GPU the worker was given; a local sweep also trains "
+                                    "models not yet cached there)")
     p.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:8786), or 'local' for a local "
                                        "Dask cluster of --workers processes; needs the 'distributed' extra")
     p.add_argument("--scheduler-timeout", type=float, default=10.0,

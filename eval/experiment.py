@@ -2,6 +2,7 @@
 the additive-noise baseline, with the validation check of PHYSICS.md section 7."""
 from __future__ import annotations
 
+import copy
 import time as _time
 import warnings
 from typing import Iterable, Optional, Sequence
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 import mapping
 from crossbar import ADCConfig, DACConfig, DeviceConfig, TileConfig
+from crossbar.precision import ieee_float32
 from crossbar.seeding import derive
 from mapping.devices import resolve_device
 from mapping.inputs import map_tensors, slice_inputs
@@ -52,6 +54,18 @@ def _on_device(batches: list, device) -> list:
     if device is None:
         return batches
     return [(map_tensors(x, lambda t: t.to(device)), y) for x, y in batches]
+
+
+def _float_on(model: nn.Module, device) -> nn.Module:
+    """The float model on ``device`` (a copy; None: the model itself, on the CPU)."""
+    return model if device is None else copy.deepcopy(model).to(device)
+
+
+def float_accuracy(model: nn.Module, test: list, device=None) -> float:
+    """The float model's accuracy on ``device`` (None: the CPU), in IEEE float32 there
+    as the chips compute (no TF32 on a GPU; see crossbar.precision)."""
+    with ieee_float32():
+        return accuracy(_float_on(model, device), _on_device(test, device))
 
 
 def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None,
@@ -154,16 +168,20 @@ def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list,
 
 
 def evaluate_baseline(model: nn.Module, test: list, cfg: BaselineConfig, repeats: int, seed: int,
-                      progress: bool = True) -> list:
-    """Per noise level: accuracies of ``repeats`` noisy copies of the model."""
+                      progress: bool = True, device=None) -> list:
+    """Per noise level: accuracies of ``repeats`` noisy copies of the model, evaluated on
+    ``device`` (None: the CPU) in IEEE float32. The noise is drawn on the host, so a
+    seed names the same noisy weights on every device."""
     rows = []
+    model, test = _float_on(model, device), _on_device(test, device)
     bar = tqdm(total=repeats * len(cfg.levels), desc="baseline", unit="eval", disable=not progress, leave=False)
     for li, level in enumerate(cfg.levels):
         accs, sigmas = [], None
         for r in range(repeats):
             rng = np.random.default_rng(derive(seed, _BASELINE, li, r))
             noisy, sigmas = noisy_copy(model, cfg.normalization, level, rng, cfg.noise_bias, cfg.noise_batchnorm)
-            accs.append(accuracy(noisy, test))
+            with ieee_float32():
+                accs.append(accuracy(noisy, test))
             bar.update(1)
         rows.append({"sigma": level, "normalization": cfg.normalization, **summarize(accs),
                      "accuracies": accs, "layer_sigmas": sigmas})
@@ -199,9 +217,12 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
                                allow_skipping=allow_skipping)["rows"][0]
     sigmas = equivalent_sigmas(model, tile)
     accs = []
+    model, test = _float_on(model, device), _on_device(test, device)
     for r in range(repeats):
         rng = np.random.default_rng(derive(seed, _VALIDATION_BASELINE, r))
-        accs.append(accuracy(noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0], test))
+        noisy = noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0]
+        with ieee_float32():
+            accs.append(accuracy(noisy, test))
     baseline = summarize(accs)
     decision = equivalence(crossbar["accuracies"], accs, cfg.tolerance)
     return {**decision, "passed": decision["verdict"] == "PASSED", "tolerance": cfg.tolerance, "repeats": repeats,
@@ -217,8 +238,10 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     """The main job for any model and data: ideal, analog over time, baseline, validation.
 
     ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders.
-    ``device`` ("cpu", "cuda", "cuda:N"; None: "cpu") is where the analog chips compute;
-    the float model and the additive baseline stay on the CPU. ``allow_skipping`` names
+    ``device`` ("cpu", "cuda", "cuda:N"; None: "cpu") is where everything computes: the
+    analog chips, the float model and the additive baseline (in IEEE float32, as the
+    chips; the same chips and noisy weights for a seed on every device). The inputs are
+    moved there once. ``allow_skipping`` names
     the analog layers a pass may leave uncalled, for models that choose their layers per
     call (``mapping.AnalogModel.allow_skipping``)."""
     config = config or RunConfig()
@@ -230,16 +253,16 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     # a copy: the caller's model keeps its device, dtype and training mode (a training
     # loop that evaluates on chips now and then goes on training as it was)
     model = mapping.plain_copy(model).cpu().float()
-    test = _materialise(test_batches, config.eval_samples)
-    calibration = _materialise(calibration_batches, config.calibration_samples)
-    results = {"ideal_accuracy": accuracy(model, test), "test_samples": sum(len(y) for _, y in test)}
+    test = _on_device(_materialise(test_batches, config.eval_samples), on)
+    calibration = _on_device(_materialise(calibration_batches, config.calibration_samples), on)
+    results = {"ideal_accuracy": float_accuracy(model, test, on), "test_samples": sum(len(y) for _, y in test)}
     analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
                              config.repeats, config.seed, fold_batchnorm, progress, histograms, device=on,
                              allow_skipping=allow_skipping)
     results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"],
                    calibration_fallbacks=analog["calibration_fallbacks"])
-    results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress)
-                           if config.baseline.enabled else [])
+    results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress,
+                                             device=on) if config.baseline.enabled else [])
     results["validation"] = (validation_check(model, test, calibration, config.validation,
                                               validation_tile_config(config.tile, config.validation),
                                               config.repeats, config.seed, progress, device=on,

@@ -22,6 +22,7 @@ largest magnitude, as a calibrated converter with percentile 100 would set them.
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from crossbar.presets import PRESETS
 from crossbar.rng import stream_key
 from crossbar.seeding import derive
 from mapping import AnalogLayer, MappingConfig, mapped_modules, on_tiles, tile_parameters
+from mapping.devices import module_device
 
 from .baseline import layer_sigma
 from .results import format_duration
@@ -181,18 +183,21 @@ class WeightNoise:
         params = [self.model.get_parameter(key) for key in self.keys]
         if self.config.mode == "additive":
             sigmas = [layer_sigma(p, self.config.normalization, self.config.eta) for p in params]
-            return [p.detach() + torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * sigma
+            # drawn on the host: the same noise whichever device trains
+            return [p.detach() + (torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * sigma).to(p.device)
                     for p, sigma in zip(params, sigmas)], None
         t_min, t_max = self.config.t_min, self.config.t_max
         t = t_min if t_min == t_max else math.exp(self.time_rng.uniform(math.log(t_min), math.log(t_max)))
         held = {}
-        targets, _ = mapped_modules(self.model)
+        # chips are programmed on the host, from host copies of layers trained on a GPU
+        targets = [(name, layer if module_device(layer).type == "cpu" else copy.deepcopy(layer).cpu(), kind)
+                   for name, layer, kind in mapped_modules(self.model)[0]]
         for name, _, analog in on_tiles(targets, self.tile, self.chip_seed(step), self.config.mapping):
             for layer in analog.modules():  # the module itself, or an attention's projections
                 if isinstance(layer, AnalogLayer):
                     layer.at(t)
             held.update({f"{name}.{p}" if name else p: w for p, w in analog.weights_held().items()})
-        return [held[key].to(p.dtype) for key, p in zip(self.keys, params)], t
+        return [held[key].to(p.device, p.dtype) for key, p in zip(self.keys, params)], t
 
     @contextmanager
     def applied(self):

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from mapping.devices import resolve_device
 
 from .datasets import Dataset, default_cache_dir, load_dataset
-from .experiment import evaluate_analog, evaluate_baseline
+from .experiment import evaluate_analog, evaluate_baseline, float_accuracy
 from .results import atomic_write
 from .stats import ci_bounds
 from .sweep_spec import POINT_FIELDS, SpecError, SweepSpec
-from .train import accuracy, load_checkpoint, train_or_load
+from .train import load_checkpoint, train_or_load
 
 METRICS = ["ideal_accuracy", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "n",
            "dac_clip_rate", "adc_saturation_rate", "weight_clip_rate", "prog_clamp_rate", "effective_eta",
@@ -45,24 +45,29 @@ class SweepContext:
     device: Optional[str] = None  # where the chips compute (None: the CPU engine)
 
 
-def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool) -> dict:
-    """Train (or load from the cache) every model the sweep needs, once, before any point:
-    (name, batchnorm) -> checkpoint path."""
+def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool, device=None) -> dict:
+    """Train (on ``device``; None: the CPU) or load from the cache every model the sweep
+    needs, once, before any point: (name, batchnorm) -> checkpoint path."""
     data = load_dataset(spec.dataset, spec.data_dir)
     paths = {}
     for name, bn in spec.models():
-        *_, path = train_or_load(data, name, bn, cache_dir, spec.epochs, seed=spec.seed, progress=progress)
+        *_, path = train_or_load(data, name, bn, cache_dir, spec.epochs, seed=spec.seed, progress=progress,
+                                 device=device)
         paths[(name, bn)] = str(path)
     return paths
 
 
-def load_context(spec: SweepSpec, checkpoints: dict, device: Optional[str] = None) -> SweepContext:
+def load_context(spec: SweepSpec, checkpoints: dict, device: Optional[str] = None,
+                 here: bool = True) -> SweepContext:
+    """The data, the models and their ideal accuracy, on ``device`` where the context is
+    made ``here`` (a local worker); a Dask client (``here=False``), which may have no GPU
+    of its own, computes the ideal accuracy on its CPU and sends the context on."""
     data = load_dataset(spec.dataset, spec.data_dir)
     models, ideal = {}, {}
     test = data.batches("test", limit=spec.eval_samples or None)
     for key, path in checkpoints.items():
         models[key], _ = load_checkpoint(path)
-        ideal[key] = accuracy(models[key], test)
+        ideal[key] = float_accuracy(models[key], test, resolve_device(device) if here else None)
     return SweepContext(data, models, ideal, device)
 
 
@@ -84,7 +89,8 @@ def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) 
            "weight_clip_rate": a["weight_clip_rate"], "prog_clamp_rate": a["prog_clamp_rate"],
            "effective_eta": a["effective_eta"], "seed": seed, "point_key": spec.point_key(point)}
     if spec.baseline or any(p.startswith("baseline.") for p in point):
-        b = evaluate_baseline(model, test, cfg.baseline.first_level(), cfg.repeats, seed, progress=False)[0]
+        b = evaluate_baseline(model, test, cfg.baseline.first_level(), cfg.repeats, seed, progress=False,
+                              device=resolve_device(ctx.device))[0]
         row.update(baseline_level=b["sigma"], baseline_accuracy_mean=b["accuracy_mean"],
                    baseline_ci95_low=ci_bounds(b["ci95"])[0], baseline_ci95_high=ci_bounds(b["ci95"])[1])
     row["elapsed_s"] = time.perf_counter() - start
@@ -195,13 +201,16 @@ def _run_local(spec, todo, checkpoints, workers, device=None) -> Iterator[dict]:
 def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True, cache_dir=None,
               scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None) -> dict:
     """Evaluate every point not yet in DIR/results.csv; returns counts of points.
-    ``device``: where the chips compute ("cuda" on a Dask worker: the GPU it was given)."""
+    ``device``: where the chips, the float models and the baseline compute ("cuda" on a
+    Dask worker: the GPU it was given), and, for local runs, where models not yet cached
+    are trained."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
     if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
-    if scheduler is None:
-        resolve_device(device)  # a bad --device fails before any work (a cluster's workers check their own)
+    # a bad --device fails before any work (a cluster's workers check their own, and the
+    # client, which may have no GPU, trains on its CPU)
+    here = resolve_device(device) if scheduler is None else None
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
@@ -215,11 +224,11 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
         runner = DaskRunner(scheduler, workers, scheduler_timeout)  # fails fast, before any training
     bar = None
     try:
-        checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress)
+        checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress, here)
         if runner is None:
             rows = _run_local(spec, todo, checkpoints, workers, device)
         else:
-            rows = runner.rows(load_context(spec, checkpoints, device), spec, todo)
+            rows = runner.rows(load_context(spec, checkpoints, device, here=False), spec, todo)
         bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
                    disable=not progress)
         for row in rows:

@@ -1,16 +1,22 @@
-"""Training on CPU with a progress bar, and checkpoints that record what they hold.
+"""Training with a progress bar, on the device the model is on, and checkpoints that
+record what they hold.
 
 Training is a pure function of (data, model, batch norm, epochs, seed, recipe): the
 initial weights and the sample order both come from the seed, on generators of their
-own, so the same command gives bitwise the same weights and the caller's global torch
-RNG is left as it was. The model cache is keyed on all of these and on a fingerprint
-of the data, so other files under the same data set name never reuse a model.
+own, so the same command gives bitwise the same weights on the CPU and the caller's
+global torch RNG is left as it was. On a GPU, cuDNN is asked for deterministic
+algorithms, but some backward kernels (adaptive average pooling's, among others) add
+with atomics, so weights trained there can differ in their last bits from run to run.
+The model cache is keyed on all of these and on a fingerprint of the data, so other
+files under the same data set name never reuse a model; where it was trained is
+recorded (``trained_on``) but is not part of the key: a model trained on either device
+serves runs on both, so a run's chips are the same on either device.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,7 +27,8 @@ from tqdm import tqdm
 import crossbar
 from mapping import mapped_modules
 from mapping.copying import computed_weights
-from mapping.inputs import call_model
+from mapping.devices import module_device
+from mapping.inputs import call_model, map_tensors
 
 from .datasets import Dataset
 from .hwa import HWAConfig, WeightNoise, clip_weights, straight_through_converters
@@ -48,11 +55,36 @@ def seeded_model(name: str, data: Dataset, batchnorm: bool, seed: int) -> nn.Mod
         return build_model(name, data.input_shape, data.num_classes, batchnorm)
 
 
+def _rng_devices(device: torch.device) -> list:
+    """The CUDA devices whose RNG a training run on ``device`` draws from (dropout)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextmanager
+def _deterministic_cudnn(device: torch.device):
+    """cuDNN's deterministic algorithms, no autotuning, while training on a GPU; the
+    process's settings are restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float = RECIPE["lr"],
           batch_size: int = RECIPE["batch_size"], progress: bool = True, hwa: Optional[HWAConfig] = None,
           after_step: Optional[Callable[[int, nn.Module], None]] = None) -> list:
     """Adam with a cosine learning-rate schedule; returns the mean loss of each epoch
-    (of the losses at the noisy weights, where ``hwa`` injects noise).
+    (of the losses at the noisy weights, where ``hwa`` injects noise). Training runs on
+    the device the model is on (``model.to("cuda")`` first to train on a GPU); the data
+    is moved there once.
 
     ``hwa`` trains for the chip (:mod:`eval.hwa`; None or the default HWAConfig: plainly,
     bitwise as without it). ``after_step(step, model)`` is called after every optimizer
@@ -70,7 +102,9 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
                          f"spectral norm, a parametrization), which hardware-aware training cannot perturb: make "
                          f"its weight plain first (mapping.plain_copy(model).train(), or torch's prune.remove)")
     noise = WeightNoise(model, hwa, seed) if hwa.mode != "off" else None
-    order_rng = torch.Generator().manual_seed(seed)
+    device = module_device(model)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    order_rng = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(data.train_x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -78,18 +112,20 @@ def train(model: nn.Module, data: Dataset, epochs: int, seed: int = 0, lr: float
     losses = []
     bar = tqdm(total=steps, desc=f"training on {data.name}", unit="step", disable=not progress, leave=False)
     step = 0
-    with torch.random.fork_rng(devices=[]), straight_through_converters(model, hwa.dac_bits, hwa.adc_bits):
+    with torch.random.fork_rng(devices=_rng_devices(device)), _deterministic_cudnn(device), \
+            straight_through_converters(model, hwa.dac_bits, hwa.adc_bits):
         torch.manual_seed(seed)
         for _ in range(epochs):
             model.train()
-            perm = torch.randperm(len(data.train_x), generator=order_rng)
+            perm = torch.randperm(len(train_x), generator=order_rng)
             total, count = 0.0, 0
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 if len(idx) < 2:  # batch norm cannot train on a single sample
                     continue
+                idx = idx.to(device)
                 with noise.applied() if noise is not None else nullcontext():
-                    loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
+                    loss = loss_fn(model(train_x[idx]), train_y[idx])
                     opt.zero_grad()
                     loss.backward()  # the gradient at the noisy weights, for the clean ones
                 opt.step()
@@ -117,11 +153,13 @@ def accuracy(model: nn.Module, batches) -> float:
     :mod:`mapping.inputs`: a tensor, a tuple of positional inputs or a dict): the share
     of labels whose class scores (the model's output, classes last) are highest; labels
     per position (a sequence's tokens) count one each, but positions labelled -100 (the
-    padding that torch's cross-entropy ignores by default) are not scored."""
+    padding that torch's cross-entropy ignores by default) are not scored. Inputs are
+    moved to the model's device (``mapping.devices.module_device``)."""
     correct = total = 0
+    device = module_device(model)
     with torch.no_grad():
         for inputs, y in batches:
-            scores = call_model(model, inputs)
+            scores = call_model(model, map_tensors(inputs, lambda t: t.to(device)))
             if not isinstance(scores, torch.Tensor):
                 raise ValueError(f"accuracy: the model returned a {type(scores).__name__}: expected a tensor of "
                                  f"class scores, classes last")
@@ -170,12 +208,14 @@ def check_checkpoint_path(path) -> Path:
 
 
 def save_checkpoint(path, model: nn.Module, record: dict, test_accuracy: float) -> None:
-    """Write the model, how it was trained (``training_record``) and its test accuracy."""
+    """Write the model (its tensors on the CPU), how it was trained (``training_record``),
+    the kind of device it was trained on and its test accuracy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     payload = {**record, "test_accuracy": test_accuracy, "xbarsim_version": crossbar.__version__,
-               "state_dict": model.state_dict()}
+               "trained_on": module_device(model).type,
+               "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
     try:
         torch.save(payload, tmp)
         tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
@@ -214,10 +254,11 @@ def load_checkpoint(path, data: Optional[Dataset] = None, model_name: Optional[s
 
 
 def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Path, epochs: Optional[int] = None,
-                  seed: int = 0, progress: bool = True, hwa: Optional[HWAConfig] = None) -> tuple:
+                  seed: int = 0, progress: bool = True, hwa: Optional[HWAConfig] = None,
+                  device: Optional[torch.device] = None) -> tuple:
     """(model, metadata, path): the cached checkpoint for this data (by fingerprint),
-    model, batch norm, epochs, seed, recipe and hardware-aware training, trained and
-    cached if missing."""
+    model, batch norm, epochs, seed, recipe and hardware-aware training, trained (on
+    ``device``; None: the CPU) and cached if missing. The model returned is on the CPU."""
     epochs = _check_epochs(epochs if epochs is not None else DEFAULT_EPOCHS[data.name])
     record = training_record(data, model_name, batchnorm, epochs, seed, hwa)
     mode = f"-hwa-{record['hwa']['mode']}" if "hwa" in record else ""
@@ -225,7 +266,9 @@ def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Pa
             f"{training_key(record)}.pt")
     path = Path(cache_dir) / "checkpoints" / name
     if not path.is_file():
-        model = seeded_model(model_name, data, batchnorm, seed)
+        model = seeded_model(model_name, data, batchnorm, seed)  # (drawn on the CPU: the same on every device)
+        if device is not None:
+            model = model.to(device)
         train(model, data, epochs, seed=seed, progress=progress, hwa=hwa)
         save_checkpoint(path, model, record, accuracy(model, data.batches("test")))
     model, meta = load_checkpoint(path, data, model_name, batchnorm)

@@ -1,6 +1,8 @@
-"""The torch device analog chips compute on (``convert(device=)``, ``--device``)."""
+"""The torch device analog chips compute on (``convert(device=)``, ``--device``), and
+where a module's tensors are."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -28,3 +30,11 @@ def resolve_device(name, option: str = "--device") -> Optional[torch.device]:
         raise ValueError(f"{option} = {name!r} is invalid: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: the device of its first parameter or buffer (a converted
+    model's chip is in buffers), or the CPU for a module without tensors."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")

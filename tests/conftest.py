@@ -2,8 +2,29 @@ import numpy as np
 import pytest
 import torch
 
+from crossbar.precision import _switches
+
 # tests that need a real GPU skip without one, and say so
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+REDUCED = {"fp32_precision": "tf32", "allow_tf32": True}
+
+
+@pytest.fixture
+def reduced_precision():
+    """Every float32 precision switch (crossbar.precision) at a reduced precision, as a
+    training script may leave them; restored after the test."""
+    saved = [getattr(owner, attribute) for _, owner, attribute, _ in _switches()]
+    for _, owner, attribute, _ in _switches():
+        setattr(owner, attribute, REDUCED[attribute])
+    yield
+    for (_, owner, attribute, _), value in zip(_switches(), saved):
+        setattr(owner, attribute, value)
+
+
+def ieee() -> list:
+    """The IEEE float32 value of every precision switch, in crossbar.precision's order."""
+    return [value for *_, value in _switches()]
 
 
 def z_bound(n: int, z: float = 5.0) -> float:

@@ -14,29 +14,11 @@ from torch import nn
 from crossbar import precision, presets
 from crossbar.precision import _switches, ieee_float32
 from mapping import convert
-from tests.conftest import needs_cuda
+from tests.conftest import REDUCED, ieee, needs_cuda
 from tests.crossbar.test_grid import programmed_grid
-
-REDUCED = {"fp32_precision": "tf32", "allow_tf32": True}
-
-
-@pytest.fixture
-def reduced_precision():
-    """Every switch at a reduced precision, as a training script may leave them."""
-    saved = [getattr(owner, attribute) for _, owner, attribute, _ in _switches()]
-    for _, owner, attribute, _ in _switches():
-        setattr(owner, attribute, REDUCED[attribute])
-    yield
-    for (_, owner, attribute, _), value in zip(_switches(), saved):
-        setattr(owner, attribute, value)
-
 
 def settings() -> list:
     return list(precision.settings().values())
-
-
-def ieee() -> list:
-    return [value for *_, value in _switches()]
 
 
 def test_switches_cover_cuda_matrix_products_and_convolutions():

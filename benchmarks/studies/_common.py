@@ -9,6 +9,7 @@ from pathlib import Path
 from eval.datasets import default_cache_dir, load_dataset
 from eval.stats import ci_bounds
 from eval.train import train_or_load
+from mapping.devices import resolve_device
 
 
 def parser(description: str, out: str) -> argparse.ArgumentParser:
@@ -20,16 +21,25 @@ def parser(description: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first n test samples (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--device", help="where models train (when not cached) and evaluate, chips included: cpu "
+                                    "(default), cuda or cuda:N")
     return p
 
 
+def device_of(args):
+    """The torch device of --device (None: the CPU engine); a bad one fails before any work."""
+    return resolve_device(args.device)
+
+
 def data_and_models(args, pairs):
-    """The data set and {(model, batchnorm): trained model}, trained once and cached."""
+    """The data set and {(model, batchnorm): trained model}, trained once (on --device)
+    and cached."""
+    device = device_of(args)
     data = load_dataset(args.dataset, args.data_dir)
     models = {}
     for name, bn in pairs:
         models[(name, bn)], _, _ = train_or_load(data, name, bn, default_cache_dir(), args.epochs, seed=args.seed,
-                                               progress=sys.stderr.isatty())
+                                               progress=sys.stderr.isatty(), device=device)
     return data, models
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
+from _common import data_and_models, device_of, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
 
 from crossbar import presets  # noqa: E402
 from eval.config import BaselineConfig  # noqa: E402
-from eval.experiment import evaluate_analog, evaluate_baseline  # noqa: E402
-from eval.train import accuracy  # noqa: E402
+from eval.experiment import evaluate_analog, evaluate_baseline, float_accuracy  # noqa: E402
 from mapping import MappingConfig  # noqa: E402
 
 MODELS = ("mlp", "cnn", "lenet5", "vgg")
@@ -36,16 +35,17 @@ def main() -> None:
     data, models = data_and_models(args, [(m, bn) for m in MODELS for bn in (False, True)])
     test = data.batches("test", limit=args.eval_samples or None)
     calibration = data.batches("train", limit=256)
-    rows = []
+    rows, device = [], device_of(args)
     for (name, bn), model in models.items():
-        ideal = accuracy(model, test)
-        for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False):
+        ideal = float_accuracy(model, test, device)
+        for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False,
+                                   device=device):
             rows.append(dict(model=name, batchnorm=bn, kind="baseline", level=b["sigma"], ideal=ideal,
                              **summary(b)))
         for scale in NOISE_SCALES:
             tile = presets.pcm(prog_noise_scale=scale)
             a = evaluate_analog(model, tile, MappingConfig(), test, calibration, (86400.0,), args.repeats,
-                                args.seed, fold_batchnorm=bn, progress=False)["rows"][0]
+                                args.seed, fold_batchnorm=bn, progress=False, device=device)["rows"][0]
             rows.append(dict(model=name, batchnorm=bn, kind="crossbar", level=scale, ideal=ideal,
                              **summary(a)))
         print(f"{name} batchnorm={bn}: done", flush=True)

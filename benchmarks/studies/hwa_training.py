@@ -21,15 +21,15 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
+from _common import device_of, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
 
 from crossbar import presets  # noqa: E402
 from eval.config import BaselineConfig  # noqa: E402
 from eval.datasets import default_cache_dir, load_dataset  # noqa: E402
-from eval.experiment import evaluate_analog, evaluate_baseline  # noqa: E402
+from eval.experiment import evaluate_analog, evaluate_baseline, float_accuracy  # noqa: E402
 from eval.hwa import HWAConfig, describe  # noqa: E402
 from eval.stats import difference_ci  # noqa: E402
-from eval.train import accuracy, train_or_load  # noqa: E402
+from eval.train import train_or_load  # noqa: E402
 from mapping import MappingConfig  # noqa: E402
 
 MODELS = ("cnn", "lenet5")
@@ -54,6 +54,7 @@ def main() -> None:
                    help="device HWA: programming-noise scale of the training chips (default 3)")
     args = p.parse_args()
     out = Path(args.out)
+    device = device_of(args)
     data = load_dataset(args.dataset, args.data_dir)
     test = data.batches("test", limit=args.eval_samples or None)
     calibration = data.batches("train", limit=256)
@@ -62,17 +63,18 @@ def main() -> None:
     for name in MODELS:
         for training, hwa in trainings.items():
             model, meta, _ = train_or_load(data, name, False, default_cache_dir(), args.epochs, seed=args.seed,
-                                           progress=sys.stderr.isatty(), hwa=hwa)
-            ideal = accuracy(model, test)
+                                           progress=sys.stderr.isatty(), hwa=hwa, device=device)
+            ideal = float_accuracy(model, test, device)
             common = dict(model=name, training=training, ideal=ideal)
             for scale in NOISE_SCALES:
                 result = evaluate_analog(model, presets.pcm(prog_noise_scale=scale), MappingConfig(), test,
-                                         calibration, TIMES, args.repeats, args.seed, progress=False)
+                                         calibration, TIMES, args.repeats, args.seed, progress=False, device=device)
                 for row in result["rows"]:
                     rows.append(dict(common, kind="crossbar", noise_scale=scale, time=row["time"], level=scale,
                                      **summary(row)))
                     accuracies[(name, training, scale, row["time"])] = row["accuracies"]
-            for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False):
+            for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False,
+                                       device=device):
                 rows.append(dict(common, kind="baseline", noise_scale=None, time=None, level=b["sigma"],
                                  **summary(b)))
             print(f"{name} {training} ({describe(meta.get('hwa'))}): ideal {100 * ideal:.2f}%", flush=True)

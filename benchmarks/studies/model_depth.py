@@ -15,11 +15,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
+from _common import data_and_models, device_of, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
 
 from eval.config import BaselineConfig  # noqa: E402
-from eval.experiment import evaluate_baseline  # noqa: E402
-from eval.train import accuracy  # noqa: E402
+from eval.experiment import evaluate_baseline, float_accuracy  # noqa: E402
 
 MODELS = ("mlp", "lenet5", "vgg", "resnet20", "resnet32", "resnet44", "resnet56")
 ETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
@@ -33,11 +32,12 @@ def main() -> None:
     out = Path(args.out)
     data, models = data_and_models(args, [(m, args.batchnorm) for m in MODELS])
     test = data.batches("test", limit=args.eval_samples or None)
-    rows = []
+    rows, device = [], device_of(args)
     for (name, _), model in models.items():
-        ideal = accuracy(model, test)
+        ideal = float_accuracy(model, test, device)
         params = sum(p.numel() for p in model.parameters())
-        for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False):
+        for b in evaluate_baseline(model, test, BaselineConfig(eta=ETAS), args.repeats, args.seed, progress=False,
+                                   device=device):
             rows.append(dict(model=name, parameters=params, level=b["sigma"], ideal=ideal,
                              **summary(b)))
         print(f"{name}: done", flush=True)

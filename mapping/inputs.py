@@ -35,7 +35,10 @@ def map_tensors(inputs, fn):
     if isinstance(inputs, dict):
         return {k: map_tensors(v, fn) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_tensors(v, fn) for v in inputs)
+        mapped = [map_tensors(v, fn) for v in inputs]
+        if hasattr(inputs, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(inputs)(*mapped)
+        return type(inputs)(mapped)
     return fn(inputs) if isinstance(inputs, torch.Tensor) else inputs
 
 

@@ -1,5 +1,6 @@
 """A converted model runs every layer it reports as analog, takes the inputs the float
 model takes (several, by position or keyword) and refuses what the float model refuses."""
+import collections
 import warnings
 
 import pytest
@@ -101,7 +102,11 @@ def test_models_of_several_inputs_calibrate_and_run(make_batch):
     assert torch.allclose(analog(left=left, right=right), got)
 
 
-def test_experiment_api_takes_tuple_inputs():
+Pair = collections.namedtuple("Pair", "left right")
+
+
+@pytest.mark.parametrize("pack", [tuple, Pair._make], ids=["tuple", "namedtuple"])
+def test_experiment_api_takes_tuple_inputs(pack):
     from eval.experiment import _materialise
     from eval.train import accuracy
 
@@ -109,9 +114,10 @@ def test_experiment_api_takes_tuple_inputs():
     model = TwoInputs().eval()
     left, right = torch.randn(30, 6), torch.randn(30, 3)
     labels = model(left, right).argmax(1)
-    batches = _materialise([((left[:16], right[:16]), labels[:16]), ((left[16:], right[16:]), labels[16:])],
-                           limit=20)
+    batches = _materialise([(pack((left[:16], right[:16])), labels[:16]),
+                            (pack((left[16:], right[16:])), labels[16:])], limit=20)
     assert [len(y) for _, y in batches] == [16, 4] and batches[1][0][1].shape == (4, 3)
+    assert type(batches[1][0]) is type(pack((left, right)))  # sliced, the inputs keep their type
     analog = quiet_convert(model, presets.ideal(rows=8, cols=8), seed=0)
     assert accuracy(analog, batches) == 1.0
 

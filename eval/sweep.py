@@ -42,7 +42,7 @@ class SweepContext:
     data: Dataset
     models: dict      # (name, batchnorm) -> nn.Module
     ideal: dict       # (name, batchnorm) -> accuracy
-    device: Optional[str] = None  # where the chips compute (None: the CPU engine)
+    device: Optional[str] = None  # where the chips and the float models compute (None: the CPU)
 
 
 def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool, device=None) -> dict:
@@ -58,16 +58,16 @@ def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool, device=None
 
 
 def load_context(spec: SweepSpec, checkpoints: dict, device: Optional[str] = None,
-                 here: bool = True) -> SweepContext:
-    """The data, the models and their ideal accuracy, on ``device`` where the context is
-    made ``here`` (a local worker); a Dask client (``here=False``), which may have no GPU
-    of its own, computes the ideal accuracy on its CPU and sends the context on."""
+                 ideal_on_device: bool = True) -> SweepContext:
+    """The data, the models and their ideal accuracy, computed on ``device`` (a local
+    worker), or on this process's CPU with ``ideal_on_device=False`` (a Dask client,
+    which may have no GPU of its own, makes the context and sends it to the workers)."""
     data = load_dataset(spec.dataset, spec.data_dir)
     models, ideal = {}, {}
     test = data.batches("test", limit=spec.eval_samples or None)
     for key, path in checkpoints.items():
         models[key], _ = load_checkpoint(path)
-        ideal[key] = float_accuracy(models[key], test, resolve_device(device) if here else None)
+        ideal[key] = float_accuracy(models[key], test, resolve_device(device) if ideal_on_device else None)
     return SweepContext(data, models, ideal, device)
 
 
@@ -210,7 +210,7 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
     # a bad --device fails before any work (a cluster's workers check their own, and the
     # client, which may have no GPU, trains on its CPU)
-    here = resolve_device(device) if scheduler is None else None
+    training_device = resolve_device(device) if scheduler is None else None
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
@@ -224,11 +224,11 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
         runner = DaskRunner(scheduler, workers, scheduler_timeout)  # fails fast, before any training
     bar = None
     try:
-        checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress, here)
+        checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress, training_device)
         if runner is None:
             rows = _run_local(spec, todo, checkpoints, workers, device)
         else:
-            rows = runner.rows(load_context(spec, checkpoints, device, here=False), spec, todo)
+            rows = runner.rows(load_context(spec, checkpoints, device, ideal_on_device=False), spec, todo)
         bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
                    disable=not progress)
         for row in rows:

@@ -100,7 +100,7 @@ def test_a_dask_client_without_a_gpu_makes_the_context_on_its_cpu(tmp_path):
     (tmp_path / "spec.toml").write_text(SPEC)
     spec = load_spec(str(tmp_path / "spec.toml"))
     checkpoints = prepare_models(spec, tmp_path, progress=False)
-    ctx = load_context(spec, checkpoints, "cuda", here=False)
+    ctx = load_context(spec, checkpoints, "cuda", ideal_on_device=False)
     assert ctx.device == "cuda"
     model, _ = load_checkpoint(checkpoints[("mlp", False)])
     assert ctx.ideal[("mlp", False)] == accuracy(model, ctx.data.batches("test", limit=60))

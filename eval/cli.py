@@ -76,9 +76,7 @@ def _train(args) -> int:
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[data.name]
     seed = args.seed if args.seed is not None else 0
     record = training_record(data, model_name, batchnorm, epochs, seed, hwa)
-    model = seeded_model(model_name, data, batchnorm, seed)  # (drawn on the CPU: the same on every device)
-    if device is not None:
-        model = model.to(device)
+    model = seeded_model(model_name, data, batchnorm, seed, device)
     losses = train(model, data, epochs, seed=seed, progress=_progress(args), hwa=hwa)
     acc = accuracy(model, data.batches("test"))
     save_checkpoint(out, model, record, acc)

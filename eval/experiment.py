@@ -57,13 +57,14 @@ def _on_device(batches: list, device) -> list:
 
 
 def _float_on(model: nn.Module, device) -> nn.Module:
-    """The float model on ``device`` (a copy; None: the model itself, on the CPU)."""
+    """The float model on ``device`` (a copy; None: the model itself, where it is)."""
     return model if device is None else copy.deepcopy(model).to(device)
 
 
 def float_accuracy(model: nn.Module, test: list, device=None) -> float:
-    """The float model's accuracy on ``device`` (None: the CPU), in IEEE float32 there
-    as the chips compute (no TF32 on a GPU; see crossbar.precision)."""
+    """The float model's accuracy on ``device`` (None: where the model and the inputs
+    are), in IEEE float32 there as the chips compute (no TF32 on a GPU; see
+    crossbar.precision)."""
     with ieee_float32():
         return accuracy(_float_on(model, device), _on_device(test, device))
 
@@ -180,8 +181,7 @@ def evaluate_baseline(model: nn.Module, test: list, cfg: BaselineConfig, repeats
         for r in range(repeats):
             rng = np.random.default_rng(derive(seed, _BASELINE, li, r))
             noisy, sigmas = noisy_copy(model, cfg.normalization, level, rng, cfg.noise_bias, cfg.noise_batchnorm)
-            with ieee_float32():
-                accs.append(accuracy(noisy, test))
+            accs.append(float_accuracy(noisy, test))  # (both on the device already)
             bar.update(1)
         rows.append({"sigma": level, "normalization": cfg.normalization, **summarize(accs),
                      "accuracies": accs, "layer_sigmas": sigmas})
@@ -220,9 +220,7 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
     model, test = _float_on(model, device), _on_device(test, device)
     for r in range(repeats):
         rng = np.random.default_rng(derive(seed, _VALIDATION_BASELINE, r))
-        noisy = noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0]
-        with ieee_float32():
-            accs.append(accuracy(noisy, test))
+        accs.append(float_accuracy(noisy_copy(model, "std", 0.0, rng, sigmas=sigmas)[0], test))
     baseline = summarize(accs)
     decision = equivalence(crossbar["accuracies"], accs, cfg.tolerance)
     return {**decision, "passed": decision["verdict"] == "PASSED", "tolerance": cfg.tolerance, "repeats": repeats,

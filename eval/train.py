@@ -48,11 +48,14 @@ def _check_epochs(epochs) -> int:
     return epochs
 
 
-def seeded_model(name: str, data: Dataset, batchnorm: bool, seed: int) -> nn.Module:
-    """build_model with initial weights drawn from ``seed`` (the global RNG untouched)."""
+def seeded_model(name: str, data: Dataset, batchnorm: bool, seed: int, device=None) -> nn.Module:
+    """build_model with initial weights drawn from ``seed`` (the global RNG untouched),
+    on the CPU, so that they are the same whatever ``device`` (None: the CPU) it is then
+    moved to."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(name, data.input_shape, data.num_classes, batchnorm)
+        model = build_model(name, data.input_shape, data.num_classes, batchnorm)
+    return model if device is None else model.to(device)
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -266,9 +269,7 @@ def train_or_load(data: Dataset, model_name: str, batchnorm: bool, cache_dir: Pa
             f"{training_key(record)}.pt")
     path = Path(cache_dir) / "checkpoints" / name
     if not path.is_file():
-        model = seeded_model(model_name, data, batchnorm, seed)  # (drawn on the CPU: the same on every device)
-        if device is not None:
-            model = model.to(device)
+        model = seeded_model(model_name, data, batchnorm, seed, device)
         train(model, data, epochs, seed=seed, progress=progress, hwa=hwa)
         save_checkpoint(path, model, record, accuracy(model, data.batches("test")))
     model, meta = load_checkpoint(path, data, model_name, batchnorm)

@@ -31,7 +31,6 @@ def resolve_device(name, option: str = "--device") -> Optional[torch.device]:
     return device
 
 
-
 def module_device(module: torch.nn.Module) -> torch.device:
     """Where a module computes: the device of its first parameter or buffer (a converted
     model's chip is in buffers), or the CPU for a module without tensors."""

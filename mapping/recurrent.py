@@ -108,12 +108,9 @@ class AnalogRNNBase(nn.Module):
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         for t in order:
             gates_h = hh(h)
-            h, c = self._step(gates_x[t], gates_h, h, c)
+            h, c = _step(self.mode, gates_x[t], gates_h, h, c)
             outputs[t] = h
         return torch.stack(outputs), h, c
-
-    def _step(self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]) -> tuple:
-        return _step(self.mode, gx, gh, h, c)
 
 
 class AnalogRNNCellBase(nn.Module):

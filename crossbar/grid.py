@@ -173,6 +173,8 @@ class TileGrid(CountsChanges, nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(moves_only(fn), recurse)  # a cast never rounds the chip (crossbar.precision)
+        # counts the torch engine has not collected yet go along (the next product adds to them there)
+        self._device_counts = {name: moves_only(fn)(value) for name, value in self._device_counts.items()}
         # what at(t) derived follows the buffers to their device
         if self._gdiff_host is not None:
             self._upload()

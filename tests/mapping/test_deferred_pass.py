@@ -2,6 +2,8 @@
 end (``crossbar.deferred``): its outputs and counts equal the checked layers'
 bitwise; a failed check runs the pass again, checked, counting once; a non-finite
 input is refused with the checked path's message and leaves the chip as it was."""
+import warnings
+
 import pytest
 import torch
 
@@ -91,9 +93,10 @@ def test_on_cuda_a_pass_waits_for_the_gpu_only_at_its_end():
     want = analog(x)
     analog.at(86400.0)
     analog.reset_counts()
-    with torch.no_grad(), deferred.deferred_checks() as checks:
-        torch.cuda.set_sync_debug_mode("error")
+    with torch.no_grad(), deferred.deferred_checks() as checks, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the debug mode is a prototype
         try:
+            torch.cuda.set_sync_debug_mode("error")
             y = analog.module(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -2,6 +2,7 @@
 against the Numba engine: linear, convolution (both conv paths), transposed and 3-d
 convolution layers, drift
 compensation, counts and state_dict round trips."""
+import copy
 import warnings
 
 import numpy as np
@@ -134,6 +135,33 @@ def test_a_chip_reads_alike_under_deterministic_algorithms(engine):
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert torch.equal(outputs[1], outputs[0])
+
+
+def test_counts_not_yet_collected_move_with_the_chip():
+    """A pass on the torch engine leaves its counts on the device until they are read;
+    a move (``.to("cuda")`` after a pass on the CPU) takes them along, or the next pass
+    would add a GPU tensor to a CPU one. Here the move is a recorded copy."""
+    config = presets.pcm(rows=32, cols=16, adc_bits=4)
+    analog = converted(config)
+    analog.calibrate([X])
+    analog.set_engine("torch")
+    analog.reset_counts()
+    analog(X)
+    grids = [m.grid for m in analog.modules() if hasattr(m, "grid")]
+    running = [t for grid in grids for t in grid.running_device_counts().values()]
+    assert running  # counts the pass left on the device
+    want = copy.deepcopy(analog).counts()  # (reading the counts collects them)
+    moved = []
+
+    def move(t):
+        moved.append(t.clone())
+        return moved[-1]
+
+    analog._apply(move)
+    after = [t for grid in grids for t in grid.running_device_counts().values()]
+    assert len(after) == len(running)
+    assert all(any(t is m for m in moved) for t in after)
+    assert analog.counts() == want
 
 
 def test_convert_refuses_a_device_it_cannot_use():

@@ -24,6 +24,7 @@ engines, so with per-read noise on, a value on an ADC step edge can round the ot
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -57,10 +58,39 @@ def fused_version(fn):
     layers of other sizes reuse it). The arithmetic is fn's: integer hashing wraps as
     in eager torch, and float64 stays float64. Each combination of the stages that are
     on (noise, ADC errors, scales) is a variant of its own: dynamo's default limit of 8
-    per function is raised so that none of them falls back to eager."""
+    per function is raised so that none of them falls back to eager.
+
+    Compiling dominates a GPU run's start (resnet56: over two minutes on an H100), so
+    calls avoid what would compile a variant again for nothing: they run without
+    autograd (no gradient flows through a chip; a grad mode is part of a compiled
+    variant's guards, so calibration, run with autograd on, compiled every variant a
+    second time), with duck shaping off, which would otherwise tie sizes that happen
+    to be equal in the first call (a 128-entry ziggurat table and 128 vectors, say) and
+    compile again when they differ, and with views passed as tensors of their own (a
+    view's base is guarded on too)."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        # views passed as they are would be guarded on their bases' sizes and strides too
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args)
+        with torch.no_grad(), _no_duck_shapes():
+            return compiled(*args)
+
+    return call
+
+
+def _no_duck_shapes():
+    """A context in which dynamo gives every dynamic size a symbol of its own."""
+    try:
+        from torch.fx.experimental import _config as shape_config
+    except ImportError:  # (older torch: duck shaping always on)
+        return contextlib.nullcontext()
+    if not hasattr(shape_config, "use_duck_shape"):
+        return contextlib.nullcontext()
+    return shape_config.patch(use_duck_shape=False)
 
 
 def _signed(c: int) -> int:
@@ -255,15 +285,13 @@ def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool,
     return out, scales, clipped, bad
 
 
-def range_sums(a: torch.Tensor, starts) -> torch.Tensor:
-    """(rows, S): each row's sum over columns starts[s] .. starts[s + 1]."""
-    bounds = [int(b) for b in starts]
-    return torch.stack([a[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
-
-
 def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
-    """(R, batch) float64: each vector's sum of squares over each row block."""
-    return range_sums(xq.double().square(), row_starts).t()
+    """(R, batch) float64: each vector's sum of squares over each row block, in
+    row-major memory as the convolutions' sums are (a transposed view would make the
+    fused read-out compile a variant for each layout)."""
+    squares = xq.double().square()
+    bounds = [int(b) for b in row_starts]
+    return torch.stack([squares[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
 class ColumnMap(NamedTuple):

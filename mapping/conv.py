@@ -193,14 +193,16 @@ class AnalogConv2d(AnalogLayer):
         on_torch = grid.engine == "torch"
         xq, squares, clips = self._convert(matrix, xg, row_blocks, grid._var_uniform is not None, on_torch)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
-        partial = _stack([self._positions(F.conv2d(xq[:, b.lo:b.hi], b.weight, **conv)) for b in blocks])
+        partial = _stack([self._positions(F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.weight, **conv))
+                          for b in blocks])
         var = var_rows = None
         if grid._var is not None:
             sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            var = _stack([self._positions(F.conv2d(sq[:, b.lo:b.hi], b.variance, **conv)) for b in blocks])
+            var = _stack([self._positions(F.conv2d(_cudnn_layout(sq[:, b.lo:b.hi]), b.variance, **conv))
+                          for b in blocks])
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
-            sums = F.conv2d(squares, row_blocks.taps, **conv)  # (N, blocks, H', W')
+            sums = F.conv2d(_cudnn_layout(squares), row_blocks.taps, **conv)  # (N, blocks, H', W')
             var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).double()
             var_rows *= grid._var_uniform
         if clips is None:
@@ -326,7 +328,7 @@ class AnalogConv2d(AnalogLayer):
 
             def kernel(m: torch.Tensor) -> torch.Tensor:
                 rows = m[lo * taps:hi * taps] * keep
-                return rows.t().reshape(out_g, *shape).contiguous(memory_format=torch.channels_last)
+                return rows.t().reshape(out_g, *shape).contiguous(memory_format=_kernel_format(device))
 
             full_lo = lo if a == lo * taps else lo + 1
             full_hi = max(hi if b == hi * taps else hi - 1, full_lo)
@@ -391,6 +393,20 @@ def group_matrices(weight: torch.Tensor, groups: int, tile_config, seed, mapping
     return [AnalogMatrix(group_rows(weight, groups, g).double().numpy(), tile_config, derive(seed, g), mapping,
                          f"{name}[group {g}]" if groups > 1 else name)
             for g in range(groups)]
+
+
+def _cudnn_layout(t: torch.Tensor) -> torch.Tensor:
+    """A convolution input in the memory layout its device convolves fastest: on a GPU,
+    NCHW (on an H100, cuDNN's IEEE float32 kernels took 1.95 ms for resnet56's
+    16-channel 3 x 3 convolutions of 1024 images in channels-last memory and 0.42 ms in
+    NCHW, the copy 0.02 ms; the whole pass's convolutions 55 ms against 23 ms); on the
+    CPU, as given (channels-last views: the CPU's numbers stay bitwise as they were)."""
+    return t if t.device.type == "cpu" else t.contiguous()
+
+
+def _kernel_format(device: torch.device) -> torch.memory_format:
+    """The memory format of the row blocks' kernels: their inputs' (``_cudnn_layout``)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def _stack(parts: list) -> torch.Tensor:

@@ -266,3 +266,29 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))
+
+
+def _scaled_sum(x: torch.Tensor, table: torch.Tensor, factor: float) -> torch.Tensor:
+    """A stand-in for a fused stage: a product with a fixed-size table and a reduction."""
+    return (x * factor).sum(dim=1) + table.sum()
+
+
+def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_sizes():
+    """What the compiled variants are guarded on but the arithmetic does not depend on
+    (autograd's mode, whether an input is a view, sizes that happen to be equal in the
+    first call) compiles no second variant: resnet20's first pass compiled 16 variants
+    for 8."""
+    from torch._dynamo.utils import counters
+
+    fused = torch_engine.fused_version(_scaled_sum)
+    table = torch.arange(8, dtype=torch.float64)
+    before = counters["stats"]["unique_graphs"]
+    base = torch.rand(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outputs = [fused(base, table, 0.5)]  # autograd on; 8 rows like the table's 8 entries
+    with torch.no_grad():
+        outputs.append(fused(base, table, 0.5))
+    longer = torch.rand(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outputs.append(fused(longer[1:], table, 0.5))  # a view, 5 rows
+    assert counters["stats"]["unique_graphs"] - before == 1
+    for out, x in zip(outputs, (base, base, longer[1:])):
+        assert torch.allclose(out, _scaled_sum(x, table, 0.5), rtol=1e-12, atol=0)  # (sums in another order)

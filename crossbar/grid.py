@@ -172,9 +172,10 @@ class TileGrid(CountsChanges, nn.Module):
         return self.g_prog.device
 
     def _apply(self, fn, recurse=True):
-        super()._apply(moves_only(fn), recurse)  # a cast never rounds the chip (crossbar.precision)
+        move = moves_only(fn)  # a cast never rounds the chip (crossbar.precision)
+        super()._apply(move, recurse)
         # counts the torch engine has not collected yet go along (the next product adds to them there)
-        self._device_counts = {name: moves_only(fn)(value) for name, value in self._device_counts.items()}
+        self._device_counts = {name: move(value) for name, value in self._device_counts.items()}
         # what at(t) derived follows the buffers to their device
         if self._gdiff_host is not None:
             self._upload()

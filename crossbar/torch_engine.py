@@ -73,7 +73,8 @@ def fused_version(fn):
 
     @functools.wraps(fn)
     def call(*args):
-        # views passed as they are would be guarded on their bases' sizes and strides too
+        # views as tensors of their own (a view is guarded on its base's sizes and strides
+        # too); only views: a detach costs 0.6 us, the test 0.1 us, and a read-out takes ~15 tensors
         args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args)
         with torch.no_grad():
             if _SHAPE_CONFIG is None:

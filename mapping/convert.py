@@ -35,14 +35,13 @@ from .memory import release_free_memory
 # torch layer type -> analog counterpart (a class with from_torch(layer, tile_config, seed,
 # mapping, name)); subclasses of these types map too (see analog_type_for); everything
 # else stays digital
-_NOTHING = object()  # (what an exhausted iterator gives next())
-
 ANALOG_LAYERS = {nn.Linear: AnalogLinear, nn.Conv2d: AnalogConv2d, nn.Conv1d: AnalogConv2d,
                  nn.Conv3d: AnalogConv3d, nn.ConvTranspose2d: AnalogConvTranspose2d,
                  nn.ConvTranspose1d: AnalogConvTranspose2d,
                  nn.MultiheadAttention: AnalogMultiheadAttention,
                  nn.RNN: AnalogRNNBase, nn.LSTM: AnalogRNNBase, nn.GRU: AnalogRNNBase,
                  nn.RNNCell: AnalogRNNCellBase, nn.LSTMCell: AnalogRNNCellBase, nn.GRUCell: AnalogRNNCellBase}
+_NOTHING = object()  # (what an exhausted iterator gives next())
 
 
 def register_layer(torch_type: type, analog_type: type) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import data_and_models, device_of, loss_points, parser, plot_band, summary, write_csv, write_findings  # noqa: E402
+from _common import (data_and_models, device_of, loss_points, parser, plot_band, summary,  # noqa: E402
+                     write_csv, write_findings)
 
 from crossbar import presets  # noqa: E402
 from eval.config import BaselineConfig  # noqa: E402

@@ -23,8 +23,10 @@ every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU a
                                        [--float-precision ieee]
 
 With --device cuda both runs happen on the GPU and the memory ratios are of peak GPU
-memory (torch's allocator) rather than of process RSS. ``--engine torch`` runs the
-GPU's torch engine on the CPU: with ``XBARSIM_FUSED=1`` and ``--batch 1``, where the
+memory (torch's allocator) rather than of process RSS: ``memory_ratio_<model>`` that of
+the timed passes, ``startup_memory_ratio_<model>`` that of calibration and the first
+pass too, which compiles the fused kernels. ``--engine torch`` runs the GPU's torch
+engine on the CPU: with ``XBARSIM_FUSED=1`` and ``--batch 1``, where the
 kernels' work is negligible, the analog time is the host's cost of issuing a forward
 pass (Python, torch dispatch, compiled-call wrappers), which bounds a GPU forward from
 below whatever the GPU's speed. ``--cuda-graphs`` (with --device cuda) replays each
@@ -147,6 +149,10 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     if sync:
         sync()
     first_s = time.perf_counter() - start
+    startup_peak = gpu_peak_mb(device)
+    if device.type == "cuda":
+        # the timed passes' own peak, apart from calibration and the first pass's compiling
+        torch.cuda.reset_peak_memory_stats(device)
     analog_s = median_time(lambda: analog(x), repeats=repeats, sync=sync)
     with torch.no_grad():
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
@@ -155,6 +161,8 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
               "first_forward_s": first_s,
               "top1_agreement_with_float": agree, "peak_rss_mb": peak,
               "images_per_s": batch / analog_s}
+    if device.type == "cuda":
+        result["startup_peak_mb"] = max(startup_peak, peak)
     if profile:
         print(_profiles(lambda: analog(x), device, sync), file=sys.stderr)
     return result
@@ -233,6 +241,8 @@ def main() -> None:
             result.update(json.loads(out.stdout.strip().splitlines()[-1]))
         result["ratio"] = result["analog_s"] / result["float_s"]
         result["memory_ratio"] = result["peak_rss_mb"] / result["float_peak_rss_mb"]
+        if "startup_peak_mb" in result:
+            summary[f"startup_memory_ratio_{name}"] = result["startup_peak_mb"] / result["float_peak_rss_mb"]
         print(f"{name:9s} float {result['float_s']:.3f} s  analog {result['analog_s']:.3f} s  ratio "
               f"{result['ratio']:.2f}  memory ratio {result['memory_ratio']:.2f}  convert {result['convert_s']:.2f} s  "
               f"calibrate {result['calibrate_s']:.2f} s  first forward {result['first_forward_s']:.2f} s  "

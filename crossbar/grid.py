@@ -145,6 +145,7 @@ class TileGrid(CountsChanges, nn.Module):
         self._keys_t: Optional[torch.Tensor] = None      # per output column: (R, n_out)
         self._adc_keys_t: Optional[torch.Tensor] = None
         self._columns: Optional[torch_engine.ColumnMap] = None
+        self._block_matrix: Optional[torch.Tensor] = None  # (n_in, R): the inputs of each row block
         self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
         self._uploaded_ranges: Optional[tuple] = None  # (host ranges, their copy on the device)
         self._device_counts: dict = {}  # count name -> running device tensor, not yet read
@@ -188,6 +189,7 @@ class TileGrid(CountsChanges, nn.Module):
         self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
         self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
         self._columns = torch_engine.column_map(self.col_starts, device)
+        self._block_matrix = torch_engine.block_matrix(self.row_starts, device)
         self._keys_t = torch_engine.column_keys(self._keys, self._columns)
         self._adc_keys_t = torch_engine.column_keys(self._adc_keys, self._columns) if self._adc_keys.size else None
 
@@ -632,7 +634,7 @@ class TileGrid(CountsChanges, nn.Module):
         r_in = self._require_input_range()
         xq, scales, clipped, bad = torch_engine.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
                                                             self.config.dac.range_mode == "per_vector",
-                                                            self.row_starts)
+                                                            self.row_starts, self._block_matrix)
         checks = deferred.current()
         if checks is not None:  # the pass runs again, checked, and refuses x then
             checks.flag(bad)

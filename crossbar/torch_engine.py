@@ -270,10 +270,22 @@ def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
     return torch.where(v >= 0, q, -q), clipped
 
 
-def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool, row_starts) -> tuple:
+def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool, row_starts,
+                block_matrix: torch.Tensor) -> tuple:
     """``kernels.grid_dac_convert``: (converted float32 (batch, n_in), per-vector scales
     (R, batch) float64 or None, clipped values per row block (R,) int64, the count of
-    non-finite values in x as a device tensor)."""
+    non-finite values in x as a device tensor). ``block_matrix`` (n_in, R) float64 is 1
+    where an input is in a row block.
+
+    With fused kernels, one range (not per vector) converts in one kernel
+    (:func:`dac_values`), its clips summed per row block by a matrix product: the eager
+    conversion holds float64 temporaries of the whole input, which were a transformer's
+    peak memory (the feed-forward's second layer: 784 MB of working memory against
+    float's peak of 300 MB at batch 256, estimated by ``benchmarks/bench_memory.py``)."""
+    if not per_vector and use_fused(x.device):
+        xq, _, clips, bad = pixel_dac_convert(x.view(x.shape[0], 1, x.shape[1]), full_scale, half, block_matrix,
+                                              False)
+        return xq.view(x.shape), None, clips.view(-1).to(torch.int64), bad
     xd = x.double()
     bad = (~torch.isfinite(xd)).sum()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -294,13 +306,22 @@ def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool,
     return out, scales, clipped, bad
 
 
+def block_matrix(row_starts, device) -> torch.Tensor:
+    """(n_in, R) float64: 1 where input row i is in row block r (``row_starts``)."""
+    bounds = np.asarray(row_starts, np.int64)
+    blocks = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    out = torch.zeros((int(bounds[-1]), len(bounds) - 1), dtype=torch.float64)
+    out[np.arange(len(blocks)), blocks] = 1.0
+    return out.to(device)
+
+
 def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
     """(R, batch) float64: each vector's sum of squares over each row block, in
     row-major memory as the convolutions' sums are (a transposed view would make the
-    fused read-out compile a variant for each layout)."""
-    squares = xq.double().square()
+    fused read-out compile a variant for each layout). Squared a row block at a time:
+    float64 squares of a whole input were a transformer's peak memory."""
     bounds = [int(b) for b in row_starts]
-    return torch.stack([squares[:, lo:hi].sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    return torch.stack([xq[:, lo:hi].double().square_().sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
 class ColumnMap(NamedTuple):
@@ -437,13 +458,24 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     acc = blocks[0] if n_blocks == 1 else blocks[0] + blocks[1]  # one block: the read-out's own memory
     for block in blocks[2:]:
         acc += block
-    column_hits = None if hits is None else hits[:, :n].view(n_blocks, batch, n_out).sum(dim=1)
+    column_hits = None
+    if hits is not None:
+        count = fused_version(column_counts) if fused else column_counts
+        column_hits = count(hits[:, :n].view(n_blocks, batch, n_out))
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
     if column_hits is not None:
         saturated.index_add_(1, tile_of, column_hits)
     if alpha != 1.0:
         acc *= np.float32(alpha)
     return acc, saturated
+
+
+def column_counts(mask: torch.Tensor) -> torch.Tensor:
+    """(R, n_out) int64: the true values of a (R, vectors, n_out) bool mask over the
+    vectors. A kernel of its own on a GPU: torch's eager sum of a bool tensor first
+    copies it to int64, eight bytes per tile output, and inside the read-out's kernel
+    this reduction over few outputs would slow the elementwise work."""
+    return mask.sum(dim=1)
 
 
 def rejected_bound(outputs: int, draws: int) -> int:
@@ -458,11 +490,15 @@ def _bounded_indices(rejected: torch.Tensor, n_blocks: int, draws: int, checks) 
     """The flat indices of the tile outputs that drew a rejected normal (``rejected``,
     the flat (R x (vectors x n_out + 1),) mask of ``n_blocks`` row blocks, each with a
     spare column last), with no read of the device: :func:`rejected_bound` of them,
-    padded with the first row block's spare column; more of them than that is flagged."""
+    padded with the first row block's spare column; more of them than that is flagged.
+    The excess is found without counting the mask (torch's sum of a bool tensor copies
+    it to int64 first, eight bytes per tile output): one index more is compacted, and
+    it is a real one (never a spare column, which is never rejected) only then."""
     width = rejected.numel() // n_blocks
     size = rejected_bound(n_blocks * (width - 1), draws)
-    checks.flag(rejected.sum() > size)
-    return torch.nonzero_static(rejected, size=size, fill_value=width - 1).view(-1)
+    flat = torch.nonzero_static(rejected, size=size + 1, fill_value=width - 1).view(-1)
+    checks.flag(flat[size] != width - 1)
+    return flat[:size]
 
 
 class _ReadArgs(NamedTuple):

@@ -121,29 +121,41 @@ class AnalogConv2d(AnalogLayer):
             if h_out < 1 or w_out < 1:
                 raise ValueError(f"layer {self.layer_name!r}: input of {(padded_h, padded_w)} after padding "
                                  f"is smaller than the kernel")
-            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
             per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
             # a few images at a time, within the memory a product may hold
             vectors = self.matrices[0].vectors_per_chunk(unrolled=not (convolve or calibrating))
             chunk = max(1, vectors // (h_out * w_out))
             if x.shape[0] == 0:  # (the loop below reads nothing then)
                 self._empty_batch()
+            if 0 < x.shape[0] <= chunk and self.groups == 1 and x.dtype == torch.float32:
+                # one product: its output is the layer's (a copy of every output into a
+                # preallocated one was a copy kernel per layer on a GPU)
+                y = self._product_of(0, x, h_out, w_out, calibrating, convolve, conv_padding, None)
+                out = self._add_bias(y.view(x.shape[0], h_out, w_out, per_out), 3).permute(0, 3, 1, 2)
+                return out.squeeze(2) if self.one_d else out
+            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
             for i in range(0, x.shape[0], chunk):
                 for g in range(self.groups):
                     xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
                     target = out[i:i + chunk]  # one group writes its slice of the output in place
                     target = target.view(-1, per_out) if self.groups == 1 else None
-                    if calibrating:
-                        y = self._calibration_product(g, xg, h_out, w_out)
-                    elif convolve:
-                        y = self._convolved(g, xg, h_out, w_out, conv_padding, target)
-                    else:
-                        y = self._product(g, self._unroll(xg, h_out, w_out))
+                    y = self._product_of(g, xg, h_out, w_out, calibrating, convolve, conv_padding, target)
                     if y is not target:
                         out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out,
                                                                                        per_out)
             out = self._add_bias(out, 3).permute(0, 3, 1, 2)
             return out.squeeze(2) if self.one_d else out
+
+    def _product_of(self, g: int, xg: torch.Tensor, h_out: int, w_out: int, calibrating: bool, convolve: bool,
+                    padding: tuple, target) -> torch.Tensor:
+        """Group g's (positions, out) outputs for its NHWC input ``xg``: the float
+        product while calibrating, else the analog one by convolutions (written into
+        ``target`` where given and possible) or on unrolled vectors."""
+        if calibrating:
+            return self._calibration_product(g, xg, h_out, w_out)
+        if convolve:
+            return self._convolved(g, xg, h_out, w_out, padding, target)
+        return self._product(g, self._unroll(xg, h_out, w_out))
 
     @property
     def _per_out(self) -> int:
@@ -193,13 +205,13 @@ class AnalogConv2d(AnalogLayer):
         on_torch = grid.engine == "torch"
         xq, squares, clips = self._convert(matrix, xg, row_blocks, grid._var_uniform is not None, on_torch)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
-        partial = _stack([self._positions(F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.weight, **conv))
-                          for b in blocks])
+        partial = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.weight, **conv)
+                                  for b in blocks])
         var = var_rows = None
         if grid._var is not None:
             sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            var = _stack([self._positions(F.conv2d(_cudnn_layout(sq[:, b.lo:b.hi]), b.variance, **conv))
-                          for b in blocks])
+            var = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(sq[:, b.lo:b.hi]), b.variance, **conv)
+                                  for b in blocks])
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
             sums = F.conv2d(_cudnn_layout(squares), row_blocks.taps, **conv)  # (N, blocks, H', W')
@@ -409,6 +421,19 @@ def _kernel_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def _stack(parts: list) -> torch.Tensor:
-    """(R, vectors, out): one block needs no copy."""
-    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+def _block_outputs(convolutions: list) -> torch.Tensor:
+    """(R, N H' W', out): each row block's convolution (a function giving (N, out, H', W'))
+    in the read-out's vector order, formed one block at a time. One block's is a view
+    where its memory is channels-last (the CPU's); several are copied straight into
+    their place, not into positions first and stacked after (two copies, on a GPU's
+    NCHW outputs)."""
+    if len(convolutions) == 1:
+        return AnalogConv2d._positions(convolutions[0]()).unsqueeze(0)
+    out = None
+    for r, convolve in enumerate(convolutions):
+        y = convolve()
+        n, c, h, w = y.shape
+        if out is None:
+            out = torch.empty((len(convolutions), n, h, w, c), dtype=y.dtype, device=y.device)
+        out[r].copy_(y.permute(0, 2, 3, 1))
+    return out.view(len(convolutions), -1, c)

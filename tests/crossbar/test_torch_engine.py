@@ -241,21 +241,23 @@ def test_fused_convolution_dac_equals_the_eager_one_and_counts_clips_over_images
 @pytest.mark.slow
 def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
-    eager torch engine: the same normals (rejections and tail included), read-outs
-    with per-read noise and every ADC error, and counts."""
+    eager torch engine: the same normals (rejections and tail included), DAC (values
+    beyond the range clipped), read-outs with per-read noise and every ADC error, and
+    counts."""
     config = presets.pcm(rows=48, cols=40).with_path("adc.offset_sigma", 0.4).with_path(
         "adc.gain_sigma", 0.02).with_path("adc.noise_sigma", 0.5).with_path("adc.nonlinearity", 0.3)
     x = np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32)
     grid, *_ = programmed_grid(config, 100, 90, seed=6)
     grid.calibrate(x[:64])
     grid.engine = "torch"
-    results = []
+    results, clipped = [], []
     for setting in ("0", "1"):
         monkeypatch.setenv(torch_engine.FUSED_ENV, setting)
         grid.at(3600.0)
         grid.reset_counts()
         results.append((grid.product(torch.from_numpy(x)), grid.count_totals(),
                         torch_engine.counter_normals(77, 2 ** 40, 100_000)))
+        clipped.append(grid.counts["dac_clipped"][:, 0].copy())  # per row block
     grid.at(3600.0)  # and compiled, with the checks deferred (the bounded exact re-read)
     grid.reset_counts()
     with deferred.deferred_checks() as checks:
@@ -263,6 +265,7 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     assert not checks.failed()
     (y0, c0, z0), (y1, c1, z1) = results
     assert torch.equal(y0, y1) and c0 == c1
+    assert np.array_equal(clipped[0], clipped[1]) and len(set(clipped[0])) == 3 and 0 < c0["dac_clipped"]
     assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))

@@ -158,3 +158,30 @@ def test_an_unbatched_input_is_a_batch_of_one_as_in_torch(make, engine):
         assert analog.module[0](x[0], output_size=size).shape == layer(x[0], output_size=size).shape == (4, 21, 21)
     with pytest.raises(ValueError, match=r"input has shape \(2, .*\): expected \(batch, \d+, .*\) or, unbatched"):
         analog(torch.rand(2, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("rows", [16, 64])  # several row blocks, and one
+def test_the_gpus_memory_layouts_read_as_the_cpus_on_the_cpu(rows, monkeypatch):
+    """On a GPU the convolutions take NCHW inputs and kernels (``conv._cudnn_layout``)
+    and their outputs are copied into the read-out's order; taken here on the CPU's
+    torch engine, every layer reads as in the CPU's channels-last layout, bitwise,
+    with noise, clipping DACs and ADCs on."""
+    from mapping import conv
+
+    for make in LAYERS:
+        model, analog = analog_layer(make, presets.pcm(rows=rows, cols=8, adc_bits=6, dac_bits=5))
+        analog.set_engine("torch")
+        x = inputs(model[0])
+        analog.calibrate([x])
+        outs = []
+        for gpu_layout in (False, True):
+            if gpu_layout:
+                monkeypatch.setattr(conv, "_cudnn_layout", lambda t: t.contiguous())
+                monkeypatch.setattr(conv, "_kernel_format", lambda device: torch.contiguous_format)
+            analog.module[0]._kernels.clear()  # cut again in the layout
+            analog.at(3600.0)
+            analog.reset_counts()
+            outs.append((analog(x * 1.5), analog.counts()["0"]))
+            monkeypatch.undo()
+        (y0, c0), (y1, c1) = outs
+        assert torch.equal(y0, y1) and c0 == c1 and c0["dac_clipped"] > 0

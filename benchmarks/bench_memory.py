@@ -50,13 +50,7 @@ def as_on_a_gpu():
     from mapping import conv, matrix
 
     saved = matrix.AnalogMatrix.vectors_per_chunk, conv._cudnn_layout, conv._kernel_format
-
-    def vectors_per_chunk(self, unrolled: bool = True) -> int:
-        n_in, n_out = self.grid.shape
-        per_vector = matrix._GPU_BYTES_PER_OUTPUT * self.grid.grid_shape[0] * n_out + (4 * n_in if unrolled else 0)
-        return max(1, self.mapping.gpu_chunk_mb * MIB // per_vector)
-
-    matrix.AnalogMatrix.vectors_per_chunk = vectors_per_chunk
+    matrix.AnalogMatrix.vectors_per_chunk = matrix.AnalogMatrix.gpu_vectors_per_chunk
     conv._cudnn_layout = lambda t: t.contiguous()
     conv._kernel_format = lambda device: torch.contiguous_format
     try:

@@ -138,16 +138,22 @@ class AnalogMatrix(CountsChanges, nn.Module):
         ``mapping.gpu_chunk_mb`` (GPU kernels want large products; few chunks keep the
         launches few)."""
         grid = self.grid
+        if grid.torch_device.type != "cpu":
+            return self.gpu_vectors_per_chunk(unrolled)
         n_in, n_out = grid.shape
         row_blocks = grid.grid_shape[0]
-        if grid.torch_device.type != "cpu":
-            per_vector = _GPU_BYTES_PER_OUTPUT * row_blocks * n_out + (4 * n_in if unrolled else 0)
-            return max(1, self.mapping.gpu_chunk_mb * 2 ** 20 // per_vector)
         vectors = self.mapping.max_rows_per_chunk
         if unrolled:
             return vectors
         floats_per_vector = row_blocks * n_out * (2 if grid._var_host is not None else 1) + n_out
         return max(vectors, vectors * n_in // floats_per_vector)
+
+    def gpu_vectors_per_chunk(self, unrolled: bool = True) -> int:
+        """:meth:`vectors_per_chunk` on a GPU, whatever the grid's device (``benchmarks/bench_memory.py``
+        takes it on the CPU)."""
+        n_in, n_out = self.grid.shape
+        per_vector = _GPU_BYTES_PER_OUTPUT * self.grid.grid_shape[0] * n_out + (4 * n_in if unrolled else 0)
+        return max(1, self.mapping.gpu_chunk_mb * 2 ** 20 // per_vector)
 
     def _chunked(self, x, product, join):
         chunk = self.vectors_per_chunk()

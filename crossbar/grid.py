@@ -425,15 +425,18 @@ class TileGrid(CountsChanges, nn.Module):
             partial, var, var_rows = self._products(xc)
             return self.read_out(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
 
-        return self._read_cycles(xq, clip, read)
+        return self._read_cycles(self._cycles(xq), clip, read)
 
-    def _read_cycles(self, xq, clipped, read):
-        """The digital sum over the input's cycles of ``read(cycle inputs, clipped per
-        block)`` (one read per cycle, each through the ADCs; numpy or torch): y = sum_t
-        2^(p t) y_t. A clipped input is counted once, in its first cycle."""
+    def _read_cycles(self, cycles: list, clipped, read):
+        """The digital sum over the input's ``cycles`` (:meth:`_cycles`) of ``read(cycle
+        inputs, clipped per block)`` (one read per cycle, each through the ADCs; numpy or
+        torch): y = sum_t 2^(p t) y_t. A clipped input is counted once, in its first
+        cycle. Each cycle's inputs leave the list as they are read, so that a read that
+        lets go of them once its products are formed can free them before its read-out."""
         total = None
-        for weight, xc in self._cycles(xq):
-            y = read(xc, clipped)
+        while cycles:
+            weight = cycles[0][0]
+            y = read(cycles.pop(0)[1], clipped)
             clipped = clipped * 0
             total = y if total is None else total + y * weight  # a power of two: exact in float32
         return total
@@ -613,12 +616,15 @@ class TileGrid(CountsChanges, nn.Module):
         x = self.check_tensor(x)
         ranges = self._require_ranges()
         xq, scales, clipped = self._convert_inputs_torch(x)
+        cycles = self._cycles(xq)
+        del xq  # the cycles hold the converted inputs, until their products are formed
 
         def read(xc, clipped):
             partial, var, var_rows = self._products_torch(xc)
+            del xc  # the read-out's working memory can reuse the inputs' (a GPU's peak)
             return self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
 
-        return self._read_cycles(xq, clipped, read)
+        return self._read_cycles(cycles, clipped, read)
 
     def _products_torch(self, xq: torch.Tensor) -> tuple:
         """``_products`` on the grid's device: (partial, var or None, var_rows or None)."""

@@ -209,8 +209,8 @@ class AnalogConv2d(AnalogLayer):
                                   for b in blocks])
         var = var_rows = None
         if grid._var is not None:
-            sq = xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            var = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(sq[:, b.lo:b.hi]), b.variance, **conv)
+            xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
+            var = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.variance, **conv)
                                   for b in blocks])
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
@@ -221,6 +221,7 @@ class AnalogConv2d(AnalogLayer):
             clipped = torch.zeros(len(blocks), dtype=torch.int64, device=xq.device)
         else:  # every unrolled copy of a clipped input is a clipped conversion
             clipped = self._clip_counts(clips, row_blocks, conv, (h_out, w_out))
+        del xq, squares  # the products are formed: the read-out's working memory can reuse theirs
         if on_torch:  # everything stays on the grid's device
             y = matrix.combine_slices(grid.read_out_torch(partial, var, var_rows, None, ranges, True,
                                                           clipped, matrix.divisor, matrix.alpha))

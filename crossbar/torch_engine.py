@@ -306,9 +306,11 @@ def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool,
     return out, scales, clipped, bad
 
 
-def block_matrix(row_starts, device) -> torch.Tensor:
-    """(n_in, R) float64: 1 where input row i is in row block r (``row_starts``)."""
-    bounds = np.asarray(row_starts, np.int64)
+def block_matrix(bounds, device) -> torch.Tensor:
+    """(n, K) float64: 1 where item i lies in block k, the blocks ``bounds[k] ..
+    bounds[k + 1] - 1`` (a grid's row starts: its inputs' row blocks; a convolution's
+    channel segments)."""
+    bounds = np.asarray(bounds, np.int64)
     blocks = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     out = torch.zeros((int(bounds[-1]), len(bounds) - 1), dtype=torch.float64)
     out[np.arange(len(blocks)), blocks] = 1.0

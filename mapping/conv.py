@@ -121,7 +121,6 @@ class AnalogConv2d(AnalogLayer):
             if h_out < 1 or w_out < 1:
                 raise ValueError(f"layer {self.layer_name!r}: input of {(padded_h, padded_w)} after padding "
                                  f"is smaller than the kernel")
-            per_in, per_out = x.shape[3] // self.groups, self.weight.shape[0] // self.groups
             # a few images at a time, within the memory a product may hold
             vectors = self.matrices[0].vectors_per_chunk(unrolled=not (convolve or calibrating))
             chunk = max(1, vectors // (h_out * w_out))
@@ -131,20 +130,27 @@ class AnalogConv2d(AnalogLayer):
                 # one product: its output is the layer's (a copy of every output into a
                 # preallocated one was a copy kernel per layer on a GPU)
                 y = self._product_of(0, x, h_out, w_out, calibrating, convolve, conv_padding, None)
-                out = self._add_bias(y.view(x.shape[0], h_out, w_out, per_out), 3).permute(0, 3, 1, 2)
-                return out.squeeze(2) if self.one_d else out
-            out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
-            for i in range(0, x.shape[0], chunk):
-                for g in range(self.groups):
-                    xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
-                    target = out[i:i + chunk]  # one group writes its slice of the output in place
-                    target = target.view(-1, per_out) if self.groups == 1 else None
-                    y = self._product_of(g, xg, h_out, w_out, calibrating, convolve, conv_padding, target)
-                    if y is not target:
-                        out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out,
-                                                                                       per_out)
+                out = y.view(x.shape[0], h_out, w_out, self._per_out)
+            else:
+                out = self._products_into(x, h_out, w_out, chunk, calibrating, convolve, conv_padding)
             out = self._add_bias(out, 3).permute(0, 3, 1, 2)
             return out.squeeze(2) if self.one_d else out
+
+    def _products_into(self, x: torch.Tensor, h_out: int, w_out: int, chunk: int, calibrating: bool,
+                       convolve: bool, padding: tuple) -> torch.Tensor:
+        """The (N, H', W', out) outputs of an NHWC input, ``chunk`` images and one group
+        at a time, each product written into its slice of a new output."""
+        per_in, per_out = x.shape[3] // self.groups, self._per_out
+        out = torch.empty(x.shape[0], h_out, w_out, self.weight.shape[0], dtype=x.dtype, device=x.device)
+        for i in range(0, x.shape[0], chunk):
+            for g in range(self.groups):
+                xg = x[i:i + chunk, :, :, g * per_in:(g + 1) * per_in]
+                target = out[i:i + chunk]  # one group writes its slice of the output in place
+                target = target.view(-1, per_out) if self.groups == 1 else None
+                y = self._product_of(g, xg, h_out, w_out, calibrating, convolve, padding, target)
+                if y is not target:
+                    out[i:i + chunk, :, :, g * per_out:(g + 1) * per_out] = y.view(xg.shape[0], h_out, w_out, per_out)
+        return out
 
     def _product_of(self, g: int, xg: torch.Tensor, h_out: int, w_out: int, calibrating: bool, convolve: bool,
                     padding: tuple, target) -> torch.Tensor:
@@ -205,13 +211,11 @@ class AnalogConv2d(AnalogLayer):
         on_torch = grid.engine == "torch"
         xq, squares, clips = self._convert(matrix, xg, row_blocks, grid._var_uniform is not None, on_torch)
         conv = dict(stride=self.stride, dilation=self.dilation, padding=padding)
-        partial = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.weight, **conv)
-                                  for b in blocks])
+        partial = _block_outputs(xq, blocks, [b.weight for b in blocks], conv)
         var = var_rows = None
         if grid._var is not None:
             xq.mul_(xq)  # the products are formed: xq's memory can hold its squares
-            var = _block_outputs([lambda b=b: F.conv2d(_cudnn_layout(xq[:, b.lo:b.hi]), b.variance, **conv)
-                                  for b in blocks])
+            var = _block_outputs(xq, blocks, [b.variance for b in blocks], conv)
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
             sums = F.conv2d(_cudnn_layout(squares), row_blocks.taps, **conv)  # (N, blocks, H', W')
@@ -361,10 +365,7 @@ class AnalogConv2d(AnalogLayer):
             block_taps[r, np.searchsorted(segments, full_lo):np.searchsorted(segments, full_hi)] = 1.0
             for channel, mask in edges:
                 block_taps[r, np.searchsorted(segments, channel)] = mask
-        segment_of = np.searchsorted(segments, np.arange(channels), side="right") - 1
-        segment_matrix = torch.zeros(channels, n_segments, dtype=torch.float64)
-        segment_matrix[np.arange(channels), segment_of] = 1.0
-        cut = _RowBlocks(grid._gdiff, blocks, segments, segment_matrix.to(device), block_taps, {})
+        cut = _RowBlocks(grid._gdiff, blocks, segments, torch_engine.block_matrix(segments, device), block_taps, {})
         self._kernels[g] = cut
         return cut
 
@@ -422,19 +423,19 @@ def _kernel_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def _block_outputs(convolutions: list) -> torch.Tensor:
-    """(R, N H' W', out): each row block's convolution (a function giving (N, out, H', W'))
-    in the read-out's vector order, formed one block at a time. One block's is a view
-    where its memory is channels-last (the CPU's); several are copied straight into
-    their place, not into positions first and stacked after (two copies, on a GPU's
-    NCHW outputs)."""
-    if len(convolutions) == 1:
-        return AnalogConv2d._positions(convolutions[0]()).unsqueeze(0)
+def _block_outputs(x: torch.Tensor, blocks: list, kernels: list, conv: dict) -> torch.Tensor:
+    """(R, N H' W', out): the convolution of each row block's channels of ``x`` (NCHW
+    shape) by its kernel, in the read-out's vector order, one block at a time. One
+    block's is a view where its memory is channels-last (the CPU's); several are copied
+    straight into their place, not into positions first and stacked after (two copies,
+    on a GPU's NCHW outputs)."""
     out = None
-    for r, convolve in enumerate(convolutions):
-        y = convolve()
+    for r, (block, kernel) in enumerate(zip(blocks, kernels)):
+        y = F.conv2d(_cudnn_layout(x[:, block.lo:block.hi]), kernel, **conv)
+        if len(blocks) == 1:
+            return AnalogConv2d._positions(y).unsqueeze(0)
         n, c, h, w = y.shape
         if out is None:
-            out = torch.empty((len(convolutions), n, h, w, c), dtype=y.dtype, device=y.device)
+            out = torch.empty((len(blocks), n, h, w, c), dtype=y.dtype, device=y.device)
         out[r].copy_(y.permute(0, 2, 3, 1))
-    return out.view(len(convolutions), -1, c)
+    return out.view(len(blocks), -1, c)

@@ -183,11 +183,13 @@ _WEDGES, _TAIL, _DONE = 0, 1, 2
 # Steps per call. A walk outlasts k steps mostly in the tail: it is entered by 5.7e-4 of
 # all normals, and each of its steps fails with probability TAIL_FAILURE = 0.0689, so k
 # steps are outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
-# for 12. Checked reads finish the walks that outlast 6 steps; a deferred pass walks 12
-# steps, since a pass of 10^9 normals (resnet56 at batch 1024) meets one of 6 or more
-# in one pass of two, and one of 12 in one pass of 10^7 (which runs again, checked).
+# for 12. An exact re-read walks 12 steps (_EXACT_CALLS x _ROUNDS), since a pass of 10^9
+# normals (resnet56 at batch 1024) meets one of 6 or more in one pass of two, and one of
+# 12 in one pass of 10^7: a deferred pass flags it (and runs again, checked), a checked
+# read finishes the walk. Checked and deferred reads walk the same steps, so that one
+# compiled variant serves both.
 _ROUNDS = 6
-_DEFERRED_CALLS = 2
+_EXACT_CALLS = 2
 # An exact re-read walks every normal _OPEN_STEPS steps, then only the walks still going,
 # compacted into a buffer of late_walk_bound(walks): 99% of the walks end within two
 # steps, and the remaining steps on all of them were most of a re-read's work.
@@ -570,55 +572,68 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
                 columns: ColumnMap, fused: bool, checks=None) -> tuple:
     """The read-out of the tile outputs at ``flat`` (indices into the (R, vectors x n_out
     + 1) read-out, whose spare column is padding) with exact normals: (their values
-    (E,), their ADC range masks (E,) or None). One call gathers their inputs, walks
-    their normals ``_ROUNDS`` steps (``_DEFERRED_CALLS`` times that with ``checks``) and
-    reads them. In the rare case that a walk is longer, the walks are finished and the
-    outputs read again, or, with ``checks``, that is flagged there."""
+    (E,), their ADC range masks (E,) or None). One call walks their normals
+    ``_EXACT_CALLS`` x ``_ROUNDS`` steps (:func:`_walked_normals`), a second reads them
+    (:func:`_read_at`). In the rare case that a walk is longer, the walks are finished
+    before the read, or, with ``checks``, that is flagged there.
+
+    The walks and the read are compiled apart: the walks' unrolled steps are most of
+    what a run compiles (on a 2-core CPU, about 50 s of each read variant's 40-65 s),
+    and apart they are the same for every read setting (noise, ADC errors, scales),
+    compiled once instead of once per variant."""
     kn, wn, fn = _tables(flat.device)
-    exact = fused_version(_read_walked) if fused else _read_walked
+    walk = fused_version(_walked_normals) if fused else _walked_normals
+    read = fused_version(_read_at) if fused else _read_at
     late = late_walk_bound(len(keys) * flat.numel())
-    values, hits, state, unfinished = exact(*args, keys, factors, flat, first_vector, columns.width,
-                                            columns.offset, kn, wn, fn, 1 if checks is None else _DEFERRED_CALLS,
-                                            late)
+    _, vectors, n_out = args.partial.shape
+    # keys flat (R x n_out,): a (1, n_out) key would compile a variant of its own (torch
+    # specializes sizes of 1), where the walks do not depend on the row blocks
+    flat_keys = tuple(key.reshape(-1) for key in keys)
+    normals, state, unfinished = walk(flat_keys, flat, first_vector, columns.width, columns.offset, vectors, n_out,
+                                      kn, wn, fn, late)
     if checks is not None:
         checks.flag(unfinished)
     elif bool(unfinished):
         normals = _finish_walks(state, kn, wn, fn)
-        read = fused_version(_read_gathered) if fused else _read_gathered
-        values, hits = read(_gathered(args, *_located(flat, args.partial.shape)), normals, factors)
-    return values, hits
+    return read(*args, flat, normals, factors)
 
 
-def _located(flat: torch.Tensor, shape) -> tuple:
+def _located(flat: torch.Tensor, vectors: int, n_out: int) -> tuple:
     """(row block, vector, column) of each tile output at ``flat`` in the (R, vectors x
-    n_out + 1) read-out of a product of ``shape`` (R, vectors, n_out); a spare column
-    (padding) is taken as its row block's last output."""
-    _, vectors, n_out = shape
+    n_out + 1) read-out of a product of ``vectors`` x ``n_out`` per row block; a spare
+    column (padding) is taken as its row block's last output."""
     per_block = vectors * n_out
     block = flat // (per_block + 1)
     output = (flat % (per_block + 1)).clamp(max=per_block - 1)
     return block, output // n_out, output % n_out
 
 
-def _read_walked(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-                 keys: tuple, factors: tuple, flat, first_vector: torch.Tensor, width, col_offset, kn, wn, fn,
-                 calls: int, late: int) -> tuple:
-    """:func:`_read_exact`'s one call, walks of ``calls`` x ``_ROUNDS`` steps, all of
-    them ``_OPEN_STEPS`` steps and the rest on at most ``late`` walks still going:
-    (values, ADC range masks, the walks' state, whether a walk is unfinished); the
-    values are exact where every walk is done. Padding (a spare column) reads its row
-    block's last output."""
-    args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
-    block, i, j = _located(flat, partial.shape)
+def _walked_normals(keys: tuple, flat, first_vector: torch.Tensor, width, col_offset, vectors: int, n_out: int,
+                    kn, wn, fn, late: int) -> tuple:
+    """The exact normals of the tile outputs at ``flat`` (:func:`_located`), per stream
+    of ``keys`` (each stream's (R, n_out) column keys, flat): walks of ``_EXACT_CALLS``
+    x ``_ROUNDS`` steps, all of them ``_OPEN_STEPS`` steps and the rest on at most
+    ``late`` walks still going. Returns
+    (normals (streams, E) float64, exact where every walk is done; the walks' state;
+    whether a walk is unfinished)."""
+    block, i, j = _located(flat, vectors, n_out)
     counters = (i + first_vector) * width[j] + col_offset[j]
-    h = torch.stack([counter_hash(key[block, j], counters) for key in keys])  # (streams, E)
-    steps = calls * _ROUNDS
+    h = torch.stack([counter_hash(key[block * n_out + j], counters) for key in keys])  # (streams, E)
+    steps = _EXACT_CALLS * _ROUNDS
     opening = min(steps, _OPEN_STEPS)
     state = _rejection_rounds(*_start_walks(h), kn, wn, fn, opening)
     if steps > opening:
         state = _late_rounds(state, late, kn, wn, fn, steps - opening)
-    values, hits = _read_gathered(_gathered(args, block, i, j), state[3], factors)
-    return values, hits, state, (state[2] != _DONE).any()
+    return state[3], state, (state[2] != _DONE).any()
+
+
+def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
+             flat, normals, factors: tuple) -> tuple:
+    """The read-out of the tile outputs at ``flat`` (:func:`_located`) with their
+    ``normals`` (streams, E): (values, ADC range masks), each (E,). Padding (a spare
+    column) reads its row block's last output."""
+    args = _ReadArgs(partial, var, var_rows, fs, half, gain, offset, nonlinearity, scales, divisor)
+    return _read_gathered(_gathered(args, *_located(flat, *partial.shape[1:])), normals, factors)
 
 
 def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:

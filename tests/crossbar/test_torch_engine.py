@@ -295,3 +295,43 @@ def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_siz
     assert counters["stats"]["unique_graphs"] - before == 1
     for out, x in zip(outputs, (base, base, longer[1:])):
         assert torch.allclose(out, _scaled_sum(x, table, 0.5), rtol=1e-12, atol=0)  # (sums in another order)
+
+
+def test_the_exact_re_reads_walks_compile_once_whatever_the_read_settings_and_row_blocks(monkeypatch):
+    """The walks of an exact re-read, compiled apart from its read: one variant for
+    grids of one row block and of several, ADC errors on and off, checked and deferred
+    reads, where the read itself compiles a variant per setting (resnet20: the walks,
+    unrolled in each read variant, were 265 s of a 291 s cold start on 2 CPU cores).
+    Traced by dynamo with an eager backend that counts the variants (no kernels built)."""
+    variants = {}
+    real_compile = torch.compile
+
+    def counting_compile(fn, **options):
+        def backend(graph, example_inputs):
+            variants[fn.__name__] = variants.get(fn.__name__, 0) + 1
+            return graph.forward
+        return real_compile(fn, backend=backend, **options)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setenv(torch_engine.FUSED_ENV, "1")
+    torch_engine.fused_version.cache_clear()
+    torch._dynamo.reset()  # no variant compiled by an earlier test is reused
+    try:
+        x = np.random.default_rng(12).uniform(-1, 1, (200, 90)).astype(np.float32)
+        for rows, errors in ((96, False), (32, False), (32, True)):
+            config = presets.pcm(rows=rows, cols=40)
+            if errors:
+                config = config.with_path("adc.gain_sigma", 0.02).with_path("adc.nonlinearity", 0.3)
+            grid, *_ = programmed_grid(config, 90, 50, seed=3)
+            grid.calibrate(x[:40])
+            grid.engine = "torch"
+            grid.at(60.0)
+            grid.product(torch.from_numpy(x))
+            with deferred.deferred_checks() as checks:
+                grid.product(torch.from_numpy(x))
+            assert not checks.failed()
+    finally:
+        torch_engine.fused_version.cache_clear()
+        torch._dynamo.reset()
+    assert variants["_read_at"] >= 3  # one row block, several; with ADC errors
+    assert variants["_walked_normals"] == 1

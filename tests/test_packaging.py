@@ -18,7 +18,18 @@ else:  # pragma: no cover
 def test_one_version_from_the_distribution():
     assert crossbar.__version__ == importlib.metadata.version("xbarsim")
     literal = re.compile(r"__version__\s*=\s*['\"]\d+\.\d+")  # a second release number
-    assert not [p for p in ROOT.glob("*/**/*.py") if literal.search(p.read_text())]
+    assert not [p for p in _own_sources() if literal.search(p.read_text())]
+
+
+def _own_sources() -> list:
+    """The repository's Python files, not those of a virtual environment or build made
+    inside the clone (``python -m venv .venv`` there holds pip's and setuptools'
+    sources, with release numbers of their own)."""
+    def ours(path: Path) -> bool:
+        parts = path.relative_to(ROOT).parts
+        return not any(part.startswith(".") or part in ("build", "site-packages") for part in parts)
+
+    return [p for p in ROOT.glob("*/**/*.py") if ours(p)]
 
 
 def test_pyproject_declares_the_build_system_and_pytest_markers():

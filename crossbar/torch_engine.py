@@ -589,8 +589,9 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     # keys flat (R x n_out,): a (1, n_out) key would compile a variant of its own (torch
     # specializes sizes of 1), where the walks do not depend on the row blocks
     flat_keys = tuple(key.reshape(-1) for key in keys)
-    normals, state, unfinished = walk(flat_keys, flat, first_vector, columns.width, columns.offset, vectors, n_out,
-                                      kn, wn, fn, late)
+    state, unfinished = walk(flat_keys, flat, first_vector, columns.width, columns.offset, vectors, n_out,
+                             kn, wn, fn, late)
+    normals = state[3]
     if checks is not None:
         checks.flag(unfinished)
     elif bool(unfinished):
@@ -613,9 +614,8 @@ def _walked_normals(keys: tuple, flat, first_vector: torch.Tensor, width, col_of
     """The exact normals of the tile outputs at ``flat`` (:func:`_located`), per stream
     of ``keys`` (each stream's (R, n_out) column keys, flat): walks of ``_EXACT_CALLS``
     x ``_ROUNDS`` steps, all of them ``_OPEN_STEPS`` steps and the rest on at most
-    ``late`` walks still going. Returns
-    (normals (streams, E) float64, exact where every walk is done; the walks' state;
-    whether a walk is unfinished)."""
+    ``late`` walks still going. Returns (the walks' state, whose normals (streams, E)
+    float64 are exact where every walk is done; whether a walk is unfinished)."""
     block, i, j = _located(flat, vectors, n_out)
     counters = (i + first_vector) * width[j] + col_offset[j]
     h = torch.stack([counter_hash(key[block * n_out + j], counters) for key in keys])  # (streams, E)
@@ -624,7 +624,7 @@ def _walked_normals(keys: tuple, flat, first_vector: torch.Tensor, width, col_of
     state = _rejection_rounds(*_start_walks(h), kn, wn, fn, opening)
     if steps > opening:
         state = _late_rounds(state, late, kn, wn, fn, steps - opening)
-    return state[3], state, (state[2] != _DONE).any()
+    return state, (state[2] != _DONE).any()
 
 
 def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,

@@ -1,11 +1,37 @@
 """Timing and memory helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 import time
 
 import numpy as np
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def steady_allocator() -> bool:
+    """Keep the memory that passes free within the process (glibc's malloc), so that a
+    timed pass does not page in fresh memory for its buffers; whether it was set (not
+    outside glibc). By default glibc gives buffers over its mmap threshold back to the
+    system when they are freed, and a pass's buffers fault in again, page by page, at
+    every pass: a float resnet20 pass at batch 256 took 56,000-72,000 page faults in a
+    fresh process and 0.17-0.21 s, against about 5,000 faults and 0.10-0.13 s with this
+    set (and fewer faults after an analog pass had grown the heap). How often a pass
+    faults depends on the process's history, so ratios of float and analog times moved
+    with it: both are timed with this set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # no buffer from mmap (each would be returned at its free), and the heap's top
+    # trimmed only beyond 2 GiB free
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def median_time(fn, repeats: int = 7, warmup: int = 1, sync=None) -> float:
@@ -22,6 +48,28 @@ def median_time(fn, repeats: int = 7, warmup: int = 1, sync=None) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def interleaved_median_times(fns, repeats: int = 7, warmup: int = 1, sync=None) -> list:
+    """Median wall time of each of ``fns`` in seconds, timed in alternating rounds (each
+    round calls every fn once, the order rotating from round to round) after warm-up
+    calls. A ratio of two medians taken this way holds while the machine's speed
+    drifts (a neighbour's load, clock changes), which shifts every fn alike; timed
+    one after the other, the ratio takes up the drift."""
+    sync = sync or (lambda: None)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            start = time.perf_counter()
+            fns[i]()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def gpu_peak_mb(device) -> float:

@@ -10,7 +10,9 @@ initialisation; pcm devices at t = 1 day with drift, 1/f and per-read
 noise, drift compensation, 8-bit DAC and ADC, through the public API (convert,
 calibrate, at, forward). Each model's float and analog runs happen in processes of
 their own, so that each peak RSS is that run's alone; times are medians of --repeats
-forward passes after a warm-up. The last line is JSON: ``ratio`` (the worst model),
+forward passes after a warm-up, the float model's timed in the analog run's process,
+its passes alternating with the analog ones (``float_alone_s_<model>``: its median
+in a process of its own). The last line is JSON: ``ratio`` (the worst model),
 ``ratio_<model>`` and ``memory_ratio_<model>`` for each, and ``startup_s_<model>``, the
 time of calibration and the first forward, in which the fused kernels of a GPU (or of
 ``XBARSIM_FUSED=1``) compile unless torch's compile cache of an earlier process holds
@@ -57,7 +59,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import gpu_peak_mb, median_time, peak_rss_mb  # noqa: E402
+from _timing import gpu_peak_mb, interleaved_median_times, median_time, peak_rss_mb, steady_allocator  # noqa: E402
 
 T_DAY = 86400.0
 MODELS = ("cnn", "vgg", "resnet20", "resnet56", "transformer")
@@ -110,20 +112,34 @@ def _sync(device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
+def _float_pass(model: nn.Module, x: torch.Tensor, float_precision: str):
+    """One float forward under the float model's precision settings (``--float-precision``)."""
+    from crossbar import precision
+
+    def forward():
+        ieee = precision.ieee_float32() if float_precision == "ieee" else contextlib.nullcontext()
+        with torch.no_grad(), ieee:
+            return model(x)
+
+    return forward
+
+
 def run_float(name: str, batch: int, repeats: int, device: torch.device, float_precision: str = "default") -> dict:
+    """The float model alone in its process: its peak memory, and the settings it runs
+    under (its time for the ratio is taken in the analog run's process, interleaved)."""
     from crossbar import precision
 
     model, x = build(name).to(device), inputs(name, batch).to(device)
     ieee = precision.ieee_float32() if float_precision == "ieee" else contextlib.nullcontext()
-    with torch.no_grad(), ieee:
+    with ieee:
         settings = precision.settings()
-        float_s = median_time(lambda: model(x), repeats=repeats, sync=_sync(device))
+    float_alone_s = median_time(_float_pass(model, x, float_precision), repeats=repeats, sync=_sync(device))
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
-    return {"float_s": float_s, "float_peak_rss_mb": peak, "float_settings": settings}
+    return {"float_alone_s": float_alone_s, "float_peak_rss_mb": peak, "float_settings": settings}
 
 
 def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
-               engine: str = "auto", cuda_graphs: bool = False) -> dict:
+               engine: str = "auto", cuda_graphs: bool = False, float_precision: str = "default") -> dict:
     import mapping
     from crossbar import presets
 
@@ -153,11 +169,15 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     if device.type == "cuda":
         # the timed passes' own peak, apart from calibration and the first pass's compiling
         torch.cuda.reset_peak_memory_stats(device)
-    analog_s = median_time(lambda: analog(x), repeats=repeats, sync=sync)
+    # the float model's passes alternate with the analog ones, so that the ratio holds
+    # whatever the machine's speed does meanwhile (float passes allocate less than
+    # analog ones, so the peaks below are the analog passes')
+    float_s, analog_s = interleaved_median_times([_float_pass(model, x, float_precision), lambda: analog(x)],
+                                                 repeats=repeats, sync=sync)
     with torch.no_grad():
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
-    result = {"analog_s": analog_s, "convert_s": convert_s, "calibrate_s": calibrate_s, "at_s": at_s,
+    result = {"analog_s": analog_s, "float_s": float_s, "convert_s": convert_s, "calibrate_s": calibrate_s, "at_s": at_s,
               "first_forward_s": first_s,
               "top1_agreement_with_float": agree, "peak_rss_mb": peak,
               "images_per_s": batch / analog_s}
@@ -218,10 +238,11 @@ def main() -> None:
     if args.cuda_graphs and not args.device.startswith("cuda"):
         parser.error(f"--cuda-graphs needs --device cuda (got --device {args.device})")
     if args.part:
+        steady_allocator()
         device = torch.device(args.device)
         result = (run_float(models[0], args.batch, args.repeats, device, args.float_precision) if args.part == "float"
                   else run_analog(models[0], args.batch, args.repeats, args.profile, device, args.engine,
-                                  args.cuda_graphs))
+                                  args.cuda_graphs, args.float_precision))
         print(json.dumps(result))
         return
     summary = {"batch": args.batch, "transformer_batch": args.transformer_batch,
@@ -252,6 +273,7 @@ def main() -> None:
         summary[f"memory_ratio_{name}"] = result["memory_ratio"]
         summary[f"analog_s_{name}"] = result["analog_s"]
         summary[f"float_s_{name}"] = result["float_s"]
+        summary[f"float_alone_s_{name}"] = result["float_alone_s"]
         summary[f"images_per_s_{name}"] = result["images_per_s"]
         summary[f"startup_s_{name}"] = result["calibrate_s"] + result["first_forward_s"]
         summary["float_settings"] = result["float_settings"]

@@ -1,5 +1,6 @@
 """Tile benchmark: a 512 x 512 nn.Linear on PCM tiles, through the path users take,
-against float torch in the same process.
+against float torch in the same process (their passes alternating, the allocator
+steady: ``_timing``).
 
 ``mapping.convert(nn.Linear(512, 512), presets.pcm(rows=T, cols=T), seed=0)``, calibrated,
 at t = 1 day (drift, 1/f and per-read noise, 8-bit DAC and ADC, drift compensation),
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_time, peak_rss_mb  # noqa: E402
+from _timing import interleaved_median_times, median_time, peak_rss_mb, steady_allocator  # noqa: E402
 
 import mapping  # noqa: E402
 from crossbar import presets  # noqa: E402
@@ -44,8 +45,7 @@ def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int, wire_ohm
     analog.calibrate([x[:256]])
     at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
     with torch.no_grad():
-        float_s = median_time(lambda: layer(x), repeats=repeats)
-        analog_s = median_time(lambda: analog(x), repeats=repeats)
+        float_s, analog_s = interleaved_median_times([lambda: layer(x), lambda: analog(x)], repeats=repeats)
         error = ((analog(x) - layer(x)).norm() / layer(x).norm()).item()
     return dict(n_in=n_in, n_out=n_out, batch=batch, tile=tile, convert_s=convert_s, at_s=at_s,
                 analog_s=analog_s, float_s=float_s, ratio=analog_s / float_s, relative_error=error)
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short scaling table")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
+    steady_allocator()
     print(f"torch threads {torch.get_num_threads()}")
     # the headlines first: after the table's 2048 x 2048 cases the same measurement can
     # read up to a third slower (allocator and cache state)

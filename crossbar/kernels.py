@@ -123,6 +123,93 @@ def _normals(key, first, n, z):
                 z[k] = normal_rejected(counter_hash(key, first + uint64(k)))
 
 
+@njit(error_model="numpy", cache=True)
+def _read_uniform(partial, var_rows, divisor, r, i0, m, a, b, z, fs, st, inv, half, acc):
+    """``grid_readout``'s common case (uniform read noise, a finite ADC, digital
+    scaling) for tile row r, columns a .. b - 1 and rows i0 .. i0 + m - 1: the noisy
+    value, its conversion, the division by the digital scale and the float32 sum into
+    ``acc``; returns the count beyond the range.
+
+    Its loops vectorize (3-4x faster than when they did not): rows are taken as slices
+    indexed from 0, so that no index can be negative (an index ii * w - a + j took a
+    wraparound test per element), and a division is IEEE's, with no test for a zero
+    divisor (``error_model``; the divisors are positive by construction:
+    mapping.conductance.reference_weight is never 0). Inlined in the parallel loop's
+    body, this loop did not vectorize either."""
+    n_out = partial.shape[2]
+    w = b - a
+    d = divisor[r, a:b]
+    sat = 0
+    for ii in range(m):
+        v, noise, total = partial[r, i0 + ii, a:b], z[ii * w:(ii + 1) * w], acc[ii * n_out + a:ii * n_out + b]
+        sd = math.sqrt(var_rows[r, i0 + ii])
+        for k in range(w):
+            q, hit = quantize(v[k] + sd * noise[k], fs, st, inv, half)
+            sat += hit
+            total[k] = np.float32(total[k] + np.float32(np.float32(q) / d[k]))
+    return sat
+
+
+@njit(error_model="numpy", cache=True)
+def _read_staged(partial, var, var_rows, scales, divisor, adc_gain, adc_offset, r, i0, m, a, b, z, zn, fs, st, inv,
+                 half, noise_sigma, nonlinearity, tanh_a, adc_errors, acc):
+    """``grid_readout`` in stages, for every case, for tile row r and columns a .. b - 1
+    of rows i0 .. i0 + m - 1: the noise (z[ii * w + k], the normals of column a + k of
+    row ii), then the ADC's errors, the conversion, the per-vector scale and the
+    division by the digital scale, summed into ``acc`` in float32; returns the count
+    beyond the range. Rows are taken as slices indexed from 0, so that no index can
+    be negative and the loops vectorize; the arrays' own empty shapes say what is off,
+    as in ``grid_readout``."""
+    n_out = partial.shape[2]
+    w = b - a
+    by_element = var.shape[0] > 0
+    noisy = by_element or var_rows.shape[0] > 0
+    gained = adc_gain.shape[0] > 0
+    offset = adc_offset.shape[0] > 0
+    adc_noisy = noise_sigma > 0.0
+    sat = 0
+    for ii in range(m):
+        i = i0 + ii
+        v, zr, total = partial[r, i, a:b], z[ii * w:(ii + 1) * w], acc[ii * n_out + a:ii * n_out + b]
+        if noisy:
+            if by_element:
+                vr = var[r, i, a:b]
+                for k in range(w):
+                    zr[k] = v[k] + math.sqrt(vr[k]) * zr[k]
+            else:
+                sd = math.sqrt(var_rows[r, i])
+                for k in range(w):
+                    zr[k] = v[k] + sd * zr[k]
+        else:
+            for k in range(w):
+                zr[k] = v[k]
+        if adc_errors:
+            zq = zn[ii * w:(ii + 1) * w] if adc_noisy else zr
+            for k in range(w):
+                y = zr[k]
+                if nonlinearity > 0.0:
+                    y = fs * math.tanh(nonlinearity * y / fs) / tanh_a
+                if gained:
+                    y *= adc_gain[r, a + k]
+                lsb = adc_offset[r, a + k] if offset else 0.0
+                if adc_noisy:
+                    lsb += noise_sigma * zq[k]
+                zr[k] = y + lsb * st
+        if half >= 0:
+            for k in range(w):
+                zr[k], hit = quantize(zr[k], fs, st, inv, half)
+                sat += hit
+        s = scales[r, i] if scales.shape[0] > 0 else 1.0
+        if divisor.shape[0] > 0:
+            d = divisor[r, a:b]
+            for k in range(w):
+                total[k] = np.float32(total[k] + np.float32(np.float32(zr[k] * s) / d[k]))
+        else:
+            for k in range(w):
+                total[k] = np.float32(total[k] + np.float32(zr[k] * s))
+    return sat
+
+
 @njit(parallel=True, cache=True)
 def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges, half, scales, divisor,
                  alpha, out, adc_gain, adc_offset, adc_keys, noise_sigma, nonlinearity):
@@ -182,60 +269,15 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
                     _normals(adc_keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, zn)
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
-                sat = 0
                 if noisy and not by_element and half >= 0 and divide and not rescale and not adc_errors:
                     # the common case (uniform read noise, a finite ADC, digital scaling) in
-                    # one pass per row; the general passes below do the same in stages
-                    for ii in range(m):
-                        i = i0 + ii
-                        base = ii * n_out
-                        zb = ii * w - a
-                        sd = math.sqrt(var_rows[r, i])
-                        for j in range(a, b):
-                            q, hit = quantize(partial[r, i, j] + sd * z[zb + j], fs, st, inv, half)
-                            sat += hit
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(q) / divisor[r, j]))
-                    saturated[r, c] += sat
+                    # one pass per row; _read_staged does the same in stages
+                    saturated[r, c] += _read_uniform(partial, var_rows, divisor, r, i0, m, a, b, z, fs, st, inv,
+                                                     half, acc)
                     continue
-                # z[ii * w + j - a], j in [a, b): the noise, then the analog value, quantized
-                for ii in range(m):
-                    i = i0 + ii
-                    base = ii * n_out
-                    zb = ii * w - a
-                    if noisy:
-                        if by_element:
-                            for j in range(a, b):
-                                z[zb + j] = partial[r, i, j] + math.sqrt(var[r, i, j]) * z[zb + j]
-                        else:
-                            sd = math.sqrt(var_rows[r, i])
-                            for j in range(a, b):
-                                z[zb + j] = partial[r, i, j] + sd * z[zb + j]
-                    else:
-                        for j in range(a, b):
-                            z[zb + j] = partial[r, i, j]
-                    if adc_errors:
-                        for j in range(a, b):
-                            v = z[zb + j]
-                            if nonlinearity > 0.0:
-                                v = fs * math.tanh(nonlinearity * v / fs) / tanh_a
-                            if gained:
-                                v *= adc_gain[r, j]
-                            lsb = adc_offset[r, j] if offset else 0.0
-                            if adc_noisy:
-                                lsb += noise_sigma * zn[zb + j]
-                            z[zb + j] = v + lsb * st
-                    if half >= 0:
-                        for j in range(a, b):
-                            z[zb + j], hit = quantize(z[zb + j], fs, st, inv, half)
-                            sat += hit
-                    s = scales[r, i] if rescale else 1.0
-                    if divide:
-                        for j in range(a, b):
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(np.float32(z[zb + j] * s) / divisor[r, j]))
-                    else:
-                        for j in range(a, b):
-                            acc[base + j] = np.float32(acc[base + j] + np.float32(z[zb + j] * s))
-                saturated[r, c] += sat
+                saturated[r, c] += _read_staged(partial, var, var_rows, scales, divisor, adc_gain, adc_offset, r, i0,
+                                                m, a, b, z, zn, fs, st, inv, half, noise_sigma, nonlinearity, tanh_a,
+                                                adc_errors, acc)
         f = np.float32(alpha)
         for ii in range(m):
             for j in range(n_out):

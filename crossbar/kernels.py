@@ -83,17 +83,7 @@ def grid_dac_convert(x, out, full_scale, half, per_vector, row_starts, scales, c
                     m = max(m, abs(float(x[i, j])))
                 scales[r, i] = m
             inv_m = 1.0 / m if m > 0.0 else 0.0
-            clipped = 0
-            if half >= 0:
-                for j in range(a, b):
-                    v = float(x[i, j]) * inv_m if per_vector else float(x[i, j])
-                    q, c = quantize(v, full_scale, step, inv_step, half)
-                    out[i, j] = q
-                    clipped += c
-            else:
-                for j in range(a, b):
-                    out[i, j] = float(x[i, j]) * inv_m if per_vector else x[i, j]
-            clip[i, r] = clipped
+            clip[i, r] = _convert_block(x[i, a:b], out[i, a:b], per_vector, inv_m, full_scale, step, inv_step, half)
 
 
 @njit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, cache=True)
@@ -299,20 +289,58 @@ def pixel_dac_convert(x, out, full_scale, half, seg_starts, squares, clipped, ba
     for p in prange(x.shape[0]):
         n_bad = 0
         for s in range(n_segments):
-            acc = 0.0
-            hits = 0
-            for c in range(seg_starts[s], seg_starts[s + 1]):
-                v = float(x[p, c])
-                n_bad += not math.isfinite(v)
-                if half >= 0:
-                    q, hit = quantize(v, full_scale, step, inv_step, half)
-                    hits += hit
-                else:
-                    q = v
-                qf = np.float32(q)
-                out[p, c] = qf
-                acc += float(qf) * float(qf)
+            a, b = seg_starts[s], seg_starts[s + 1]
+            n_bad_s, hits = _convert_segment(x[p, a:b], out[p, a:b], full_scale, step, inv_step, half)
+            n_bad += n_bad_s
             if want_squares:
-                squares[p, s] = acc
+                squares[p, s] = _sum_squares(out[p, a:b])
             clipped[p, s] = hits
         bad[p] = n_bad
+
+
+@njit(cache=True)
+def _convert_block(x, out, per_vector, inv_m, full_scale, step, inv_step, half):
+    """``grid_dac_convert`` of one input vector's row block x into ``out`` (scaled by
+    inv_m first with per_vector): the values beyond the range. A function of its own
+    over slices indexed from 0, so that its loops vectorize (as ``_convert_segment``)."""
+    clipped = 0
+    if half >= 0:
+        for j in range(x.shape[0]):
+            v = float(x[j]) * inv_m if per_vector else float(x[j])
+            q, c = quantize(v, full_scale, step, inv_step, half)
+            out[j] = q
+            clipped += c
+    else:
+        for j in range(x.shape[0]):
+            out[j] = float(x[j]) * inv_m if per_vector else x[j]
+    return clipped
+
+
+@njit(cache=True)
+def _convert_segment(x, out, full_scale, step, inv_step, half):
+    """``pixel_dac_convert`` of one pixel's channel segment x into ``out`` (float32):
+    (values not finite, values beyond the range). A function of its own over slices
+    indexed from 0, so that its loop vectorizes (inlined in the parallel loop with
+    offset indices, it ran scalar)."""
+    n_bad = 0
+    hits = 0
+    for c in range(x.shape[0]):
+        v = float(x[c])
+        n_bad += not math.isfinite(v)
+        if half >= 0:
+            q, hit = quantize(v, full_scale, step, inv_step, half)
+            hits += hit
+        else:
+            q = v
+        out[c] = np.float32(q)
+    return n_bad, hits
+
+
+@njit(cache=True)
+def _sum_squares(q):
+    """The float64 sum of float32 values squared, in order (the order the read-noise
+    variance of a convolution has always been summed in: another rounds differently)."""
+    acc = 0.0
+    for c in range(q.shape[0]):
+        acc += float(q[c]) * float(q[c])
+    return acc

@@ -103,6 +103,22 @@ def _hwa_config(args):
     return hwa
 
 
+def _note_compiling(device_name: Optional[str]) -> None:
+    """Say, on stderr, that a job on a GPU compiles its fused kernels first: minutes
+    with no output otherwise look like a hang (resnet56 took 172 s on an H100 with an
+    empty compile cache)."""
+    import torch
+
+    from crossbar.torch_engine import use_fused
+
+    if device_name is None or not str(device_name).startswith("cuda"):
+        return  # (a bad name is refused, by name, where the job resolves it)
+    if use_fused(torch.device("cuda")):
+        print("note: on a GPU, the first analog passes compile xbarsim's fused kernels (torch.compile), which can "
+              "take minutes unless torch's compile cache holds them from an earlier run on this machine "
+              "(XBARSIM_FUSED=0 runs them uncompiled, more slowly)", file=sys.stderr)
+
+
 def _check_checkpoint_options(args, meta: dict) -> None:
     """Options that describe the trained model must agree with the checkpoint's record."""
     given = {"--model": (args.model, meta.get("model")),
@@ -132,6 +148,7 @@ def _run(args) -> int:
         if value is not None:  # an option given on the command line wins over --config
             config = config.with_path(key, value)
     device = resolve_device(args.device)  # before any training: a bad --device fails at once
+    _note_compiling(device)
     out = check_writable_dir(args.out, "--out")
     data = load_dataset(args.dataset, args.data_dir)
     progress = _progress(args)
@@ -174,6 +191,7 @@ def _sweep(args) -> int:
     spec = load_spec(args.spec)  # every point validated before any work starts
     check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
+    _note_compiling(args.device)  # (on a Dask cluster, the workers' GPUs compile)
     try:
         summary = run_sweep(spec, args.out, workers=args.workers, progress=_progress(args),
                             scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout,

@@ -3,6 +3,7 @@ import json
 
 import matplotlib.image as mpimg
 import pytest
+import torch
 
 from eval.cli import main, parse_time
 
@@ -164,3 +165,13 @@ def test_device_option_refuses_what_this_machine_lacks(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device = 'cuda' is invalid: torch sees no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device, fused, noted", [("cuda", "auto", True), ("cuda:1", "1", True), ("cuda", "0", False),
+                                                   ("cpu", "1", False), (None, "auto", False), ("tpu", "auto", False)])
+def test_a_job_on_a_gpu_says_first_that_it_compiles(device, fused, noted, monkeypatch, capsys):
+    from eval.cli import _note_compiling
+
+    monkeypatch.setenv("XBARSIM_FUSED", fused)
+    _note_compiling(torch.device(device) if device == "cpu" else device)
+    assert ("compile xbarsim's fused kernels" in capsys.readouterr().err) == noted

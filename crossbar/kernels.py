@@ -70,10 +70,7 @@ def grid_dac_convert(x, out, full_scale, half, per_vector, row_starts, scales, c
     n_blocks = row_starts.shape[0] - 1
     step, inv_step = steps(full_scale, half)
     for i in prange(batch):
-        bad = 0
-        for j in range(x.shape[1]):
-            bad += not math.isfinite(x[i, j])
-        bad_rows[i] = bad
+        bad = 0  # the row blocks cover the row: their counts of non-finite values add up to the row's
         for r in range(n_blocks):
             a, b = row_starts[r], row_starts[r + 1]
             m = 1.0
@@ -83,7 +80,10 @@ def grid_dac_convert(x, out, full_scale, half, per_vector, row_starts, scales, c
                     m = max(m, abs(float(x[i, j])))
                 scales[r, i] = m
             inv_m = 1.0 / m if m > 0.0 else 0.0
-            clip[i, r] = _convert_block(x[i, a:b], out[i, a:b], per_vector, inv_m, full_scale, step, inv_step, half)
+            n_bad, clip[i, r] = _convert_values(x[i, a:b], out[i, a:b], inv_m if per_vector else 1.0, full_scale,
+                                                step, inv_step, half)
+            bad += n_bad
+        bad_rows[i] = bad
 
 
 @njit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, cache=True)
@@ -290,7 +290,7 @@ def pixel_dac_convert(x, out, full_scale, half, seg_starts, squares, clipped, ba
         n_bad = 0
         for s in range(n_segments):
             a, b = seg_starts[s], seg_starts[s + 1]
-            n_bad_s, hits = _convert_segment(x[p, a:b], out[p, a:b], full_scale, step, inv_step, half)
+            n_bad_s, hits = _convert_values(x[p, a:b], out[p, a:b], 1.0, full_scale, step, inv_step, half)
             n_bad += n_bad_s
             if want_squares:
                 squares[p, s] = _sum_squares(out[p, a:b])
@@ -299,34 +299,17 @@ def pixel_dac_convert(x, out, full_scale, half, seg_starts, squares, clipped, ba
 
 
 @njit(cache=True)
-def _convert_block(x, out, per_vector, inv_m, full_scale, step, inv_step, half):
-    """``grid_dac_convert`` of one input vector's row block x into ``out`` (scaled by
-    inv_m first with per_vector): the values beyond the range. A function of its own
-    over slices indexed from 0, so that its loops vectorize (as ``_convert_segment``)."""
-    clipped = 0
-    if half >= 0:
-        for j in range(x.shape[0]):
-            v = float(x[j]) * inv_m if per_vector else float(x[j])
-            q, c = quantize(v, full_scale, step, inv_step, half)
-            out[j] = q
-            clipped += c
-    else:
-        for j in range(x.shape[0]):
-            out[j] = float(x[j]) * inv_m if per_vector else x[j]
-    return clipped
-
-
-@njit(cache=True)
-def _convert_segment(x, out, full_scale, step, inv_step, half):
-    """``pixel_dac_convert`` of one pixel's channel segment x into ``out`` (float32):
-    (values not finite, values beyond the range). A function of its own over slices
-    indexed from 0, so that its loop vectorizes (inlined in the parallel loop with
-    offset indices, it ran scalar)."""
+def _convert_values(x, out, scale, full_scale, step, inv_step, half):
+    """One DAC range over the values x, each times ``scale`` first (1.0, exact, or a
+    vector's per-vector scale), into ``out`` (float32): (values of x not finite, values
+    beyond the range). A function of its own over slices indexed from 0, so that its
+    loop vectorizes (inlined in a parallel loop with offset indices, it ran scalar)."""
     n_bad = 0
     hits = 0
     for c in range(x.shape[0]):
         v = float(x[c])
         n_bad += not math.isfinite(v)
+        v *= scale
         if half >= 0:
             q, hit = quantize(v, full_scale, step, inv_step, half)
             hits += hit

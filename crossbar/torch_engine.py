@@ -63,10 +63,15 @@ def fused_version(fn):
     calls avoid what would compile a variant again for nothing: they run without
     autograd (no gradient flows through a chip; a grad mode is part of a compiled
     variant's guards, so calibration, run with autograd on, compiled every variant a
-    second time), with duck shaping off, which would otherwise tie sizes that happen
-    to be equal in the first call (a 128-entry ziggurat table and 128 vectors, say) and
-    compile again when they differ, and with views passed as tensors of their own (a
-    view's base is guarded on too)."""
+    second time), with views passed as tensors of their own (a view's base is guarded
+    on too), and with two of torch's symbolic-shape settings (:data:`_SHAPE_SETTINGS`):
+    duck shaping off, which would otherwise tie sizes that happen to be equal in the
+    first call (a 128-entry ziggurat table and 128 vectors, say) and compile again when
+    they differ, and sizes of 1 not specialized (``backed_size_oblivious``): otherwise
+    a grid of one row block, a layer of one pixel and the rest each compile a variant
+    (resnet56 on the CPU: 11 compiled graphs, now 6, and 80 s of compiling, now 66 s).
+    A size-1 operand that a graph would need to broadcast is still told apart: torch
+    then checks, or specializes, rather than assume."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -77,29 +82,32 @@ def fused_version(fn):
         # too); only views: a detach costs 0.6 us, the test 0.1 us, and a read-out takes ~15 tensors
         args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args)
         with torch.no_grad():
-            if _SHAPE_CONFIG is None:
-                return compiled(*args)
-            # set and restored by hand: the config's patch() cost 35 us a call, this 9 us
-            saved, _SHAPE_CONFIG.use_duck_shape = _SHAPE_CONFIG.use_duck_shape, False
+            # set and restored by hand: the config's patch() cost 35 us a call, this 3 us a setting
+            saved = [getattr(_SHAPE_CONFIG, name) for name, _ in _SHAPE_SETTINGS]
+            for name, value in _SHAPE_SETTINGS:
+                setattr(_SHAPE_CONFIG, name, value)
             try:
                 return compiled(*args)
             finally:
-                _SHAPE_CONFIG.use_duck_shape = saved
+                for (name, _), value in zip(_SHAPE_SETTINGS, saved):
+                    setattr(_SHAPE_CONFIG, name, value)
 
     return call
 
 
-def _shape_config():
-    """torch's symbolic-shape settings, where they have the duck-shaping switch (None
-    in older torch, which always duck-shapes)."""
+def _shape_settings() -> tuple:
+    """torch's symbolic-shape settings module and the (name, value) pairs a fused call
+    runs under, those of them this torch has (older ones duck-shape and specialize
+    sizes of 1 always)."""
     try:
         from torch.fx.experimental import _config
     except ImportError:
-        return None
-    return _config if hasattr(_config, "use_duck_shape") else None
+        return None, ()
+    wanted = (("use_duck_shape", False), ("backed_size_oblivious", True))
+    return _config, tuple((name, value) for name, value in wanted if hasattr(_config, name))
 
 
-_SHAPE_CONFIG = _shape_config()
+_SHAPE_CONFIG, _SHAPE_SETTINGS = _shape_settings()
 
 
 def _signed(c: int) -> int:
@@ -242,6 +250,63 @@ def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[in
         k = k_next
         phase = torch.where(take_x | tail_ok, torch.full_like(phase, _DONE),
                             torch.where(enter_tail, torch.full_like(phase, _TAIL), phase))
+    return h, k, phase, out, positive
+
+
+def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
+    """``steps`` steps of :func:`_rejection_rounds`, the same state after them, with the
+    steps side by side, not one after another: compiled, the rounds' code is unrolled
+    once per step (about 4 s of compiling a step on 2 CPU cores), and an exact
+    re-read's 10 late steps were most of a cold start's compiling: its walks took 49 s
+    to compile for resnet56, 27 s with these. A walk's steps are laid out in advance,
+    since each is a function of the walk's state where its phase began: in the
+    ziggurat, a missed wedge test re-hashes (h + k + 1) and takes k + 2, so the hashes
+    it would try form a chain, and each step's outcome follows from its hash alone; in
+    the tail, attempt m draws at k + 2 m. The first step that ends a phase ends it.
+    Each walk computes every step, needed or not: for the few walks still going after
+    the open steps (:func:`_late_rounds`), not for all of them."""
+    at = torch.arange(steps, device=h.device)
+    hs, ks = [h], [k]
+    for _ in range(steps):  # the chain: the hash and k of every step the walk would take in the ziggurat
+        hs.append(mix64(hs[-1] + ks[-1] + 1))
+        ks.append(ks[-1] + 2)
+    chain_h, chain_k = torch.stack(hs[:steps], dim=-1), torch.stack(ks[:steps], dim=-1)  # (walks, steps)
+    x, accepted, hz, iz = _fast(chain_h, kn, wn)
+    layer = torch.where(iz == 0, torch.ones_like(iz), iz)
+    inside = ~accepted & (iz != 0) & (
+        fn[layer] + _uniform(mix64(chain_h + chain_k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x))
+    enters = ~accepted & (iz == 0)
+    # the step at which each walk leaves the ziggurat (steps: none does)
+    first = torch.where(accepted | inside | enters, at, steps).amin(dim=-1)
+    ending = first.clamp(max=steps - 1)[..., None]
+
+    def at_end(a):
+        return a.gather(-1, ending).squeeze(-1)
+
+    in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
+    leaves = in_wedges & (first < steps)
+    takes_x = leaves & ~at_end(enters)
+    to_tail = leaves & at_end(enters)
+    # the tail: its hash and first k, and the attempts left to it within the steps
+    tail_h = torch.where(to_tail, at_end(chain_h), h)
+    tail_k = torch.where(to_tail, at_end(chain_k), k)
+    tries = torch.where(to_tail, steps - 1 - first, steps)
+    positive = torch.where(to_tail, at_end(hz) > 0, positive)
+    attempt_k = tail_k[..., None] + 2 * at
+    a = -torch.log(_uniform(mix64(tail_h[..., None] + attempt_k))) / ZIGGURAT_R
+    b = -torch.log(_uniform(mix64(tail_h[..., None] + attempt_k + 1)))
+    success = torch.where((b + b >= a * a) & (at < tries[..., None]), at, steps).amin(dim=-1)
+    tailing = in_tail | to_tail
+    tail_done = tailing & (success < steps)
+    tail_a = a.gather(-1, success.clamp(max=steps - 1)[..., None]).squeeze(-1)
+    out = torch.where(takes_x, at_end(x), torch.where(
+        tail_done, torch.where(positive, ZIGGURAT_R + tail_a, -ZIGGURAT_R - tail_a), out))
+    still_wedges = in_wedges & ~leaves
+    h = torch.where(still_wedges, hs[steps], torch.where(takes_x, at_end(chain_h), torch.where(tailing, tail_h, h)))
+    k = torch.where(still_wedges, ks[steps], torch.where(takes_x, at_end(chain_k), torch.where(
+        tailing, tail_k + 2 * torch.where(tail_done, success + 1, tries), k)))
+    phase = torch.where(takes_x | tail_done, torch.full_like(phase, _DONE),
+                        torch.where(tailing, torch.full_like(phase, _TAIL), phase))
     return h, k, phase, out, positive
 
 
@@ -465,7 +530,7 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     column_hits = None
     if hits is not None:
         count = fused_version(column_counts) if fused else column_counts
-        column_hits = count(hits[:, :n].view(n_blocks, batch, n_out))
+        column_hits = count(hits, batch, n_out)
     saturated = torch.zeros(ranges.shape, dtype=torch.int64, device=device)
     if column_hits is not None:
         saturated.index_add_(1, tile_of, column_hits)
@@ -474,12 +539,15 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     return acc, saturated
 
 
-def column_counts(mask: torch.Tensor) -> torch.Tensor:
-    """(R, n_out) int64: the true values of a (R, vectors, n_out) bool mask over the
-    vectors. A kernel of its own on a GPU: torch's eager sum of a bool tensor first
-    copies it to int64, eight bytes per tile output, and inside the read-out's kernel
-    this reduction over few outputs would slow the elementwise work."""
-    return mask.sum(dim=1)
+def column_counts(mask: torch.Tensor, vectors: int, n_out: int) -> torch.Tensor:
+    """(R, n_out) int64: the true values of a bool mask in the read-out's layout (R,
+    vectors x n_out + 1), spare column left out, over the vectors. A kernel of its own
+    on a GPU: torch's eager sum of a bool tensor first copies it to int64, eight bytes
+    per tile output, and inside the read-out's kernel this reduction over few outputs
+    would slow the elementwise work. The mask is taken whole, not as a (R, vectors,
+    n_out) view, and its strides are given, not inferred: the inference tests whether
+    there is one row block, and a first call with one compiled a variant for it alone."""
+    return mask.as_strided((mask.shape[0], vectors, n_out), (vectors * n_out + 1, n_out, 1)).sum(dim=1)
 
 
 def rejected_bound(outputs: int, draws: int) -> int:
@@ -577,10 +645,10 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     (:func:`_read_at`). In the rare case that a walk is longer, the walks are finished
     before the read, or, with ``checks``, that is flagged there.
 
-    The walks and the read are compiled apart: the walks' unrolled steps are most of
-    what a run compiles (on a 2-core CPU, about 50 s of each read variant's 40-65 s),
-    and apart they are the same for every read setting (noise, ADC errors, scales),
-    compiled once instead of once per variant."""
+    The walks and the read are compiled apart: the walks are most of what a run
+    compiles (27 s of resnet56's 44 s on a 2-core CPU), and apart they are the same for
+    every read setting (noise, ADC errors, scales), compiled once instead of once per
+    variant."""
     kn, wn, fn = _tables(flat.device)
     walk = fused_version(_walked_normals) if fused else _walked_normals
     read = fused_version(_read_at) if fused else _read_at
@@ -637,12 +705,12 @@ def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: 
 
 
 def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:
-    """``steps`` more steps of the walks in ``state`` that are still going, at most
-    ``size`` of them (the first ones; the others are left as they are), compacted
-    first. Padding repeats the first walk: its copies take the same steps, so that
+    """``steps`` more steps (:func:`_steps_at_once`) of the walks in ``state`` that
+    are still going, at most ``size`` of them (the first ones; the others are left as
+    they are), compacted first. Padding repeats the first walk: its copies take the same steps, so that
     whichever write lands, the value is the same."""
     at = torch.nonzero_static(state[2].reshape(-1) != _DONE, size=size, fill_value=0).view(-1)
-    late = _rejection_rounds(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
+    late = _steps_at_once(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
     return tuple(a.reshape(-1).index_put((at,), b).view(a.shape) for a, b in zip(state, late))
 
 

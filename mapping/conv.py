@@ -219,7 +219,10 @@ class AnalogConv2d(AnalogLayer):
         elif grid._var_uniform is not None:
             # every block's sum of squares over its receptive fields, in one convolution
             sums = F.conv2d(_cudnn_layout(squares), row_blocks.taps, **conv)  # (N, blocks, H', W')
-            var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).double()
+            # row-major, as a linear layer's are: the CPU's channels-last sums make a
+            # transposed view, which the fused read-out would compile a variant for
+            var_rows = sums.permute(1, 0, 2, 3).reshape(len(blocks), -1).to(torch.float64,
+                                                                            memory_format=torch.contiguous_format)
             var_rows *= grid._var_uniform
         if clips is None:
             clipped = torch.zeros(len(blocks), dtype=torch.int64, device=xq.device)

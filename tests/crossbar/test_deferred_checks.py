@@ -106,6 +106,26 @@ def fast_path(key: int, n: int) -> tuple:
     return h, torch_engine._fast(h, kn, wn)[1], (kn, wn, fn)
 
 
+def test_the_late_steps_taken_side_by_side_equal_the_steps_taken_in_turn():
+    """The exact re-read's late steps (:func:`torch_engine._steps_at_once`) against the
+    rounds they stand in for, on walks of the hashes that left the fast path (of a
+    million) after 0 to 3 rounds and for 1 to 12 steps: the whole state after them,
+    bitwise. Between them the cases cover every way a step can leave a walk: still in
+    the ziggurat, into the tail, accepted there, and in the tail, still going or done."""
+    h, accepted, tables = fast_path(4242, 1_000_000)
+    seen = set()
+    for before in range(4):
+        state = torch_engine._rejection_rounds(*torch_engine._start_walks(h[~accepted]), *tables, before)
+        for steps in range(1, 13):
+            in_turn = torch_engine._rejection_rounds(*state, *tables, steps)
+            side_by_side = torch_engine._steps_at_once(*state, *tables, steps)
+            for name, a, b in zip(("h", "k", "phase", "out", "positive"), in_turn, side_by_side):
+                assert torch.equal(a, b), f"{name} after {before} rounds and {steps} steps"
+            seen |= set(zip(state[2].tolist(), in_turn[2].tolist()))
+    wedges, tail, done = torch_engine._WEDGES, torch_engine._TAIL, torch_engine._DONE
+    assert {(wedges, wedges), (wedges, tail), (wedges, done), (tail, tail), (tail, done)} <= seen
+
+
 def test_walks_still_going_after_the_open_steps_are_as_few_as_the_bound_assumes():
     """Walks of the hashes that left the fast path, of 4 million: the share still going
     after _OPEN_STEPS steps stays within LATE_WALK_SHARE (5 standard errors); and the

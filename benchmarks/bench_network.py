@@ -16,7 +16,8 @@ in a process of its own). The last line is JSON: ``ratio`` (the worst model),
 ``ratio_<model>`` and ``memory_ratio_<model>`` for each, and ``startup_s_<model>``, the
 time of calibration and the first forward, in which the fused kernels of a GPU (or of
 ``XBARSIM_FUSED=1``) compile unless torch's compile cache of an earlier process holds
-them (targets: every ratio <= 2.5,
+them, and ``compiled_graphs_<model>``, how many variants that compiled (0 where nothing
+is compiled: the CPU's Numba engine) (targets: every ratio <= 2.5,
 every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU at batch
 1024, every ratio <= 3.0 and every memory ratio <= 3.0).
 
@@ -165,6 +166,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     if sync:
         sync()
     first_s = time.perf_counter() - start
+    compiled_graphs = _compiled_graphs()  # all compiling is done by now: the passes below reuse it
     startup_peak = gpu_peak_mb(device)
     if device.type == "cuda":
         # the timed passes' own peak, apart from calibration and the first pass's compiling
@@ -178,7 +180,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
         agree = (analog(x).argmax(1) == model(x).argmax(1)).float().mean().item()
     peak = gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
     result = {"analog_s": analog_s, "float_s": float_s, "convert_s": convert_s, "calibrate_s": calibrate_s, "at_s": at_s,
-              "first_forward_s": first_s,
+              "first_forward_s": first_s, "compiled_graphs": compiled_graphs,
               "top1_agreement_with_float": agree, "peak_rss_mb": peak,
               "images_per_s": batch / analog_s}
     if device.type == "cuda":
@@ -186,6 +188,14 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     if profile:
         print(_profiles(lambda: analog(x), device, sync), file=sys.stderr)
     return result
+
+
+def _compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process (the fused kernels'
+    variants: each costs start-up time, seconds to a minute, with a cold cache)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _profiles(forward, device: torch.device, sync) -> str:
@@ -267,7 +277,7 @@ def main() -> None:
         print(f"{name:9s} float {result['float_s']:.3f} s  analog {result['analog_s']:.3f} s  ratio "
               f"{result['ratio']:.2f}  memory ratio {result['memory_ratio']:.2f}  convert {result['convert_s']:.2f} s  "
               f"calibrate {result['calibrate_s']:.2f} s  first forward {result['first_forward_s']:.2f} s  "
-              f"at(t) {result['at_s']:.3f} s  "
+              f"at(t) {result['at_s']:.3f} s  compiled graphs {result['compiled_graphs']}  "
               f"top-1 agreement {result['top1_agreement_with_float']:.3f}", flush=True)
         summary[f"ratio_{name}"] = result["ratio"]
         summary[f"memory_ratio_{name}"] = result["memory_ratio"]
@@ -276,6 +286,7 @@ def main() -> None:
         summary[f"float_alone_s_{name}"] = result["float_alone_s"]
         summary[f"images_per_s_{name}"] = result["images_per_s"]
         summary[f"startup_s_{name}"] = result["calibrate_s"] + result["first_forward_s"]
+        summary[f"compiled_graphs_{name}"] = result["compiled_graphs"]
         summary["float_settings"] = result["float_settings"]
     summary["ratio"] = max(summary[f"ratio_{name}"] for name in models)
     summary["memory_ratio"] = max(summary[f"memory_ratio_{name}"] for name in models)

@@ -279,9 +279,10 @@ def _scaled_sum(x: torch.Tensor, table: torch.Tensor, factor: float) -> torch.Te
 def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_sizes(monkeypatch):
     """What the compiled variants are guarded on but the arithmetic does not depend on
     (autograd's mode, whether an input is a view, sizes that happen to be equal in the
-    first call, a size of 1) compiles no second variant: resnet20's first pass compiled
-    16 variants, then 11 (one row block or several), now 6. Without torch's compile
-    caches: a graph cached by a process that specialized sizes of 1 brings its guards."""
+    first call, a size of 1) compiles no second variant (resnet20's calibration and
+    first pass: 16 variants before the first three were cut, 11 before sizes of 1 were,
+    now 6). Without torch's compile caches: a graph cached by a process that
+    specialized sizes of 1 brings its guards along."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)

@@ -283,13 +283,14 @@ def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
     def at_end(a):
         return a.gather(-1, ending).squeeze(-1)
 
+    end_h, end_k, ends_in_tail = at_end(chain_h), at_end(chain_k), at_end(enters)
     in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
     leaves = in_wedges & (first < steps)
-    takes_x = leaves & ~at_end(enters)
-    to_tail = leaves & at_end(enters)
+    takes_x = leaves & ~ends_in_tail
+    to_tail = leaves & ends_in_tail
     # the tail: its hash and first k, and the attempts left to it within the steps
-    tail_h = torch.where(to_tail, at_end(chain_h), h)
-    tail_k = torch.where(to_tail, at_end(chain_k), k)
+    tail_h = torch.where(to_tail, end_h, h)
+    tail_k = torch.where(to_tail, end_k, k)
     tries = torch.where(to_tail, steps - 1 - first, steps)
     positive = torch.where(to_tail, at_end(hz) > 0, positive)
     attempt_k = tail_k[..., None] + 2 * at
@@ -302,8 +303,8 @@ def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
     out = torch.where(takes_x, at_end(x), torch.where(
         tail_done, torch.where(positive, ZIGGURAT_R + tail_a, -ZIGGURAT_R - tail_a), out))
     still_wedges = in_wedges & ~leaves
-    h = torch.where(still_wedges, hs[steps], torch.where(takes_x, at_end(chain_h), torch.where(tailing, tail_h, h)))
-    k = torch.where(still_wedges, ks[steps], torch.where(takes_x, at_end(chain_k), torch.where(
+    h = torch.where(still_wedges, hs[steps], torch.where(leaves, end_h, h))  # a walk keeps its hash in the tail
+    k = torch.where(still_wedges, ks[steps], torch.where(takes_x, end_k, torch.where(
         tailing, tail_k + 2 * torch.where(tail_done, success + 1, tries), k)))
     phase = torch.where(takes_x | tail_done, torch.full_like(phase, _DONE),
                         torch.where(tailing, torch.full_like(phase, _TAIL), phase))
@@ -654,8 +655,8 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     read = fused_version(_read_at) if fused else _read_at
     late = late_walk_bound(len(keys) * flat.numel())
     _, vectors, n_out = args.partial.shape
-    # keys flat (R x n_out,): a (1, n_out) key would compile a variant of its own (torch
-    # specializes sizes of 1), where the walks do not depend on the row blocks
+    # keys flat (R x n_out,): the walks do not depend on the row blocks, and a torch
+    # without backed_size_oblivious would compile a (1, n_out) key's variant of its own
     flat_keys = tuple(key.reshape(-1) for key in keys)
     state, unfinished = walk(flat_keys, flat, first_vector, columns.width, columns.offset, vectors, n_out,
                              kn, wn, fn, late)
@@ -707,8 +708,8 @@ def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: 
 def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:
     """``steps`` more steps (:func:`_steps_at_once`) of the walks in ``state`` that
     are still going, at most ``size`` of them (the first ones; the others are left as
-    they are), compacted first. Padding repeats the first walk: its copies take the same steps, so that
-    whichever write lands, the value is the same."""
+    they are), compacted first. Padding repeats the first walk: its copies take the
+    same steps, so that whichever write lands, the value is the same."""
     at = torch.nonzero_static(state[2].reshape(-1) != _DONE, size=size, fill_value=0).view(-1)
     late = _steps_at_once(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
     return tuple(a.reshape(-1).index_put((at,), b).view(a.shape) for a, b in zip(state, late))

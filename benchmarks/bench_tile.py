@@ -8,7 +8,8 @@ batch 1024. Prints a scaling table (batch, matrix and tile sizes), then as its l
 line one JSON object: ``ratio`` on 256 x 256 tiles (target <= 2.5), ``ratio_64`` on
 64 x 64 tiles (target <= 4), the times, at(t) and peak RSS, and the same 256 x 256 case
 with 1 ohm wire segments (IR drop, PHYSICS.md section 8): ``ratio_ir_drop`` and
-``at_s_ir_drop`` (each at(t) solves both arrays of all 4 tiles: ``at_s_per_array_ir_drop``).
+``at_s_ir_drop`` (each at(t) solves both arrays of all 4 tiles: ``at_s_per_array_ir_drop``),
+and the table's largest layer's ``convert_s_<n>`` and ``at_s_<n>`` (programming is host work).
 Run from the repo root:
 
     python benchmarks/bench_tile.py [--quick]
@@ -51,19 +52,25 @@ def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int, wire_ohm
                 analog_s=analog_s, float_s=float_s, ratio=analog_s / float_s, relative_error=error)
 
 
-def scaling_table(quick: bool) -> None:
+def scaling_table(quick: bool) -> dict:
+    """Print the table; return the largest layer's measurement."""
     cases = [(512, 512, b, 256) for b in (64, 256, 4096)]
     cases += [(n, n, 1024, 256) for n in (128, 1024, 2048)]
     cases += [(512, 512, 1024, t) for t in (128, 512, 1024)]
     if quick:
         cases = cases[:2]
     print(f"{'in':>5} {'out':>5} {'batch':>6} {'tile':>5} {'analog_ms':>10} {'ns/(batch*w)':>13} "
-          f"{'float_ms':>9} {'ratio':>6} {'rss_mb':>7}")
+          f"{'float_ms':>9} {'ratio':>6} {'convert_s':>9} {'at_s':>6} {'rss_mb':>7}")
+    largest = {}
     for n_in, n_out, batch, tile in cases:
         m = measure(n_in, n_out, batch, tile, repeats=3)
         per = m["analog_s"] / (batch * n_in * n_out) * 1e9
         print(f"{n_in:5d} {n_out:5d} {batch:6d} {tile:5d} {m['analog_s']*1e3:10.2f} {per:13.4f} "
-              f"{m['float_s']*1e3:9.2f} {m['ratio']:6.2f} {peak_rss_mb():7.0f}", flush=True)
+              f"{m['float_s']*1e3:9.2f} {m['ratio']:6.2f} {m['convert_s']:9.3f} {m['at_s']:6.3f} "
+              f"{peak_rss_mb():7.0f}", flush=True)
+        if n_in * n_out > largest.get("n_in", 0) * largest.get("n_out", 0):
+            largest = m
+    return largest
 
 
 def main() -> None:
@@ -81,7 +88,9 @@ def main() -> None:
     wired = measure(512, 512, 1024, 256, repeats=args.repeats, wire_ohms=1.0)
     m.update(ratio_ir_drop=wired["ratio"], at_s_ir_drop=wired["at_s"], at_s_per_array_ir_drop=wired["at_s"] / 8,
              relative_error_ir_drop=wired["relative_error"])
-    scaling_table(args.quick)
+    largest = scaling_table(args.quick)
+    # programming and at(t) of the largest layer (host work, tile by tile: crossbar/host_threads.py)
+    m.update({f"{key}_{largest['n_in']}": largest[key] for key in ("convert_s", "at_s")})
     print(json.dumps(m))
 
 

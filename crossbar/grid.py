@@ -26,7 +26,8 @@ grid's buffers live on another torch device (``grid.to("cuda")``), or with
 without leaving it. Programming, ``at(t)`` and the ADC calibration draw and compute on
 the host in float64 whichever the engine: the chip's random streams are numpy's PCG64
 streams of each tile's seed, so a seed names bitwise the same conductances on either
-device; ``at(t)`` then uploads what a product needs.
+device; ``at(t)`` then uploads what a product needs. Programming and ``at(t)`` work a
+tile at a time, the tiles of a large grid on host threads (``host_threads.py``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from .config import TileConfig
 from .devices import make_device
+from .host_threads import map_tiles
 from . import deferred, torch_engine
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .precision import ieee_float32, moves_only
@@ -52,6 +54,8 @@ _PROGRAM, _FAULTS, _DRIFT, _SLOW_NOISE, _READS, _CALIBRATION_READS, _ADC_ERRORS,
 # Targets a hair outside [g_min, g_max] from float rounding in the weight mapping are
 # accepted and pulled in; anything further out is an error.
 _RANGE_TOLERANCE = 1e-6
+# the weights from which a grid works its tiles on several host threads
+_THREADED_WEIGHTS = 2 ** 16
 _EMPTY_3D = np.empty((0, 0, 0), dtype=np.float32)
 _EMPTY_2D = np.empty((0, 0), dtype=np.float64)
 _EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
@@ -226,7 +230,9 @@ class TileGrid(CountsChanges, nn.Module):
         nu = np.zeros(targets.shape, np.float32) if self.config.device.drift else None
         for name in PROGRAM_COUNTS:
             self.counts[name][:] = 0
-        for k, (r, c, rs, cs) in enumerate(self.tiles()):
+
+        def program_tile(item) -> None:
+            k, (r, c, rs, cs) = item
             block = targets[:, rs, cs]
             prog = self.device.program(block, self._rng(k, _PROGRAM), self._rng(k, _FAULTS))
             g[:, rs, cs] = prog.g
@@ -238,6 +244,8 @@ class TileGrid(CountsChanges, nn.Module):
             self.counts["prog_clamped"][r, c] = prog.clamped
             self.counts["stuck_min"][r, c] = prog.stuck_min
             self.counts["stuck_max"][r, c] = prog.stuck_max
+
+        map_tiles(program_tile, list(enumerate(self.tiles())), self._host_threads())
         device = self.g_prog.device
         self.g_prog = torch.from_numpy(g).to(device)
         self.nu = (torch.zeros(0, dtype=torch.float32) if nu is None else torch.from_numpy(nu)).to(device)
@@ -269,45 +277,66 @@ class TileGrid(CountsChanges, nn.Module):
         bits = time_bits(t)
         g_prog = self.g_prog.cpu().numpy()
         nu = self.nu.cpu().numpy() if self.nu.numel() else None
-        g, below = self.device.conductance_at(g_prog, nu, t, lambda: self._slow_normals(bits))
-        for r, c, rs, cs in self.tiles():
-            self.counts["read_clamped"][r, c] = 0 if below is None else int(below[:, rs, cs].sum())
+        g_read = np.empty(g_prog.shape, np.float32)
+        gdiff = np.empty(self.shape, np.float32)
+        noisy = self.device.has_fast_noise
+        var = np.empty(self.shape, np.float32) if noisy else None
+
+        def read_tile(item) -> Optional[tuple]:
+            """Tile k's conductances read at t and what a product needs of them; where
+            the devices have per-read noise, (whether its read variance is uniform,
+            its first value)."""
+            k, (r, c, rs, cs) = item
+            shape = (2, rs.stop - rs.start, cs.stop - cs.start)
+            g, below = self.device.conductance_at(g_prog[:, rs, cs], None if nu is None else nu[:, rs, cs], t,
+                                                  lambda: self._slow_normals(k, bits, shape))
+            self.counts["read_clamped"][r, c] = 0 if below is None else int(below.sum())
+            g_read[:, rs, cs] = g
+            g_eff = self._through_wires(g)
+            gdiff[rs, cs] = g_eff[0] - g_eff[1]  # the float64 difference, rounded to float32
+            if not noisy:
+                return None
+            v = sum(self.device.read_variance(g[p]) * (1.0 if g_eff is g else _attenuation(g_eff[p], g[p]) ** 2)
+                    for p in (0, 1))
+            var[rs, cs] = v
+            return bool(np.all(v == v.flat[0])), v.flat[0]
+
+        # the wires' solves run BLAS on every core themselves, and their per-row loops hold
+        # the GIL (on threads of their own the tiles took 9% longer): a tile at a time
+        threads = 1 if self.config.ir_drop.on else self._host_threads()
+        uniform = map_tiles(read_tile, list(enumerate(self.tiles())), threads)
         self.time = t
-        self._g_read = g.astype(np.float32)
-        g_eff = self._through_wires(g)
-        self._gdiff_host = np.ascontiguousarray(g_eff[0] - g_eff[1], dtype=np.float32)
+        self._g_read, self._gdiff_host = g_read, gdiff
         self._var_host, self._var_uniform = None, None
-        if self.device.has_fast_noise:
-            var = sum(self.device.read_variance(g[p]) * _attenuation(g_eff[p], g[p]) ** 2 for p in (0, 1))
-            if np.all(var == var.flat[0]):
+        if noisy:
+            if all(same and first == uniform[0][1] for same, first in uniform):
                 # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
-                self._var_uniform = float(var.flat[0])
+                self._var_uniform = float(uniform[0][1])
             else:
-                self._var_host = np.ascontiguousarray(var, dtype=np.float32)
+                self._var_host = var
         self._keys = self._stream_keys(_READS, bits)
         self._adc_keys = self._stream_keys(_ADC_NOISE, bits) if self._adc_noise_on() else _NO_KEYS
         self._upload()
         self._vectors_read = 0
         return self
 
+    def _host_threads(self) -> Optional[int]:
+        """Host threads for the per-tile work (None: ``host_threads``' default); one for a
+        small grid, whose tiles take less time than handing them to threads."""
+        return None if self.shape[0] * self.shape[1] >= _THREADED_WEIGHTS else 1
+
     def _through_wires(self, g: np.ndarray) -> np.ndarray:
-        """(2, n_in, n_out): the conductances the inputs see through each tile's wires,
-        G_eff of both arrays of every tile (PHYSICS.md section 8); g itself without."""
+        """(2, rows, cols): the conductances the inputs see through a tile's wires, G_eff
+        of both arrays of the tile whose conductances are g (PHYSICS.md section 8); g
+        itself without."""
         wires = self.config.ir_drop
         if not wires.on:
             return g
-        g_eff = np.empty(g.shape)
-        for _, _, rs, cs in self.tiles():
-            for p in (0, 1):
-                g_eff[p, rs, cs] = effective_conductance(g[p, rs, cs], wires.r_row, wires.r_col, self.config.rows)
-        return g_eff
+        return np.stack([effective_conductance(g[p], wires.r_row, wires.r_col, self.config.rows) for p in (0, 1)])
 
-    def _slow_normals(self, bits: int) -> np.ndarray:
-        """The 1/f sample's standard normals, each tile's block from its own stream."""
-        z = np.empty((2, *self.shape))
-        for k, (_, _, rs, cs) in enumerate(self.tiles()):
-            z[:, rs, cs] = self._rng(k, _SLOW_NOISE, bits).standard_normal((2, rs.stop - rs.start, cs.stop - cs.start))
-        return z
+    def _slow_normals(self, k: int, bits: int, shape: tuple) -> np.ndarray:
+        """The standard normals of tile k's 1/f sample at the time of ``bits``."""
+        return self._rng(k, _SLOW_NOISE, bits).standard_normal(shape)
 
     # -- ranges ------------------------------------------------------------------------------
     @property
@@ -849,8 +878,6 @@ def _attenuation(g_eff: np.ndarray, g: np.ndarray) -> np.ndarray:
     G_eff also holds the other devices' tiny cross-talk, which a near-zero G would turn
     into a huge ratio: the factor is held to [0, 1], its physical range, and devices at
     0 uS pass their absolute noise unattenuated (1: an upper bound)."""
-    if g_eff is g:
-        return 1.0
     return np.clip(np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0), 0.0, 1.0)
 
 

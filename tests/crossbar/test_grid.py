@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from crossbar import ReferenceTile, Tile, presets
-from crossbar.grid import TileGrid
+from crossbar import grid as grid_module
+from crossbar.grid import TileGrid, time_bits
+from crossbar.host_threads import map_tiles
 from crossbar.seeding import derive
 
 
@@ -107,6 +109,46 @@ def test_each_tile_of_a_grid_is_the_lone_tile_of_its_seed():
         assert np.array_equal(tile.programmed_conductances()[0], grid.g_prog.numpy()[0, rs, cs])
         assert np.array_equal(tile.conductances()[1], grid.conductances()[1, rs, cs])  # drift and 1/f too
         assert tile.counts.stuck_min == grid.counts["stuck_min"][r, c]
+
+
+def _threads(monkeypatch, n):
+    """Grids work their tiles on n host threads."""
+    monkeypatch.setattr(grid_module, "map_tiles",
+                        lambda work, items, threads=None: map_tiles(work, items, n if threads is None else threads))
+
+
+@pytest.mark.parametrize("config,t", [
+    (presets.hermes(rows=32, cols=16, read_sigma_rel=0.01), 86400.0),  # 1/f, drift, per-device read variance
+    (presets.pcm(rows=32, cols=16, stuck_min_fraction=0.02, stuck_max_fraction=0.01, levels=9), 3600.0),
+    (presets.reram(rows=32, cols=16), 7200.0),
+])
+def test_tiles_worked_on_host_threads_equal_the_device_model_over_the_whole_matrix(config, t, monkeypatch):
+    _threads(monkeypatch, 1)
+    alone, *_ = programmed_grid(config, 70, 40, seed=3, g_max=config.device.g_max)
+    alone.at(t)
+    _threads(monkeypatch, 4)
+    grid, *_ = programmed_grid(config, 70, 40, seed=3, g_max=config.device.g_max)
+    grid.at(t)
+    for name in ("g_prog", "nu"):
+        assert np.array_equal(getattr(grid, name).numpy(), getattr(alone, name).numpy())
+    assert all(np.array_equal(grid.counts[name], alone.counts[name]) for name in grid.counts)
+    # the slow, obvious way: the device model on the whole matrix, each tile's 1/f normals in place
+    bits = time_bits(t)
+    z = np.empty((2, *grid.shape))
+    for k, (_, _, rs, cs) in enumerate(grid.tiles()):
+        z[:, rs, cs] = grid._slow_normals(k, bits, z[:, rs, cs].shape)
+    g, below = grid.device.conductance_at(grid.g_prog.numpy(), grid.nu.numpy(), t, lambda: z)
+    assert np.array_equal(grid.conductances(), g.astype(np.float32))
+    assert np.array_equal(grid._gdiff_host, (g[0] - g[1]).astype(np.float32))
+    var = grid.device.read_variance(g[0]) + grid.device.read_variance(g[1])
+    if np.all(var == var.flat[0]):  # a row sum, not a second product
+        assert grid._var_host is None and grid._var_uniform == var.flat[0]
+    else:
+        assert np.array_equal(grid._var_host, var.astype(np.float32))
+    clamped = [int(below[:, rs, cs].sum()) if below is not None else 0 for _, _, rs, cs in grid.tiles()]
+    assert grid.counts["read_clamped"].ravel().tolist() == clamped
+    for name in ("_g_read", "_gdiff_host", "_var_host", "_var_uniform"):
+        assert np.array_equal(getattr(grid, name), getattr(alone, name))
 
 
 def test_grid_state_round_trips_through_state_dict():

@@ -192,8 +192,9 @@ class TileGrid(CountsChanges, nn.Module):
         device = self.g_prog.device
         self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
         self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
-        self._columns = torch_engine.column_map(self.col_starts, device)
-        self._block_matrix = torch_engine.block_matrix(self.row_starts, device)
+        if self._columns is None or self._columns.tile.device != device:  # the grid's shape: made once per device
+            self._columns = torch_engine.column_map(self.col_starts, device)
+            self._block_matrix = torch_engine.block_matrix(self.row_starts, device)
         self._keys_t = torch_engine.column_keys(self._keys, self._columns)
         self._adc_keys_t = torch_engine.column_keys(self._adc_keys, self._columns) if self._adc_keys.size else None
 

@@ -223,18 +223,19 @@ class TileGrid(CountsChanges, nn.Module):
         """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
         from ``seeds[k]`` (an int or SeedSequence per tile)."""
         targets = self._check_targets(g_plus, g_minus)
+        dev = self.config.device
         n_tiles = self.grid_shape[0] * self.grid_shape[1]
         if len(seeds) != n_tiles:
             raise ValueError(f"{self.name}: {len(seeds)} seeds for {n_tiles} tiles")
         self.seeds = [as_seed_sequence(s) for s in seeds]
-        g = np.empty(targets.shape, np.float32)
-        nu = np.zeros(targets.shape, np.float32) if self.config.device.drift else None
+        g = np.empty((2, *self.shape), np.float32)
+        nu = np.zeros(g.shape, np.float32) if dev.drift else None
         for name in PROGRAM_COUNTS:
             self.counts[name][:] = 0
 
         def program_tile(item) -> None:
             k, (r, c, rs, cs) = item
-            block = targets[:, rs, cs]
+            block = np.stack([np.clip(target[rs, cs], dev.g_min, dev.g_max) for target in targets])
             prog = self.device.program(block, self._rng(k, _PROGRAM), self._rng(k, _FAULTS))
             g[:, rs, cs] = prog.g
             if nu is not None:
@@ -854,22 +855,24 @@ class TileGrid(CountsChanges, nn.Module):
             raise ValueError(f"x has shape {x.shape}: expected (batch, {self.shape[0]})")
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
-    def _check_targets(self, g_plus, g_minus) -> np.ndarray:
+    def _check_targets(self, g_plus, g_minus) -> tuple:
+        """(g_plus, g_minus) as float64 arrays, checked: their shape, finite, and within
+        [g_min, g_max] up to the tolerance (each tile pulls its block in as it programs)."""
         dev = self.config.device
-        arrays = []
+        checked = []
         for label, g in (("g_plus", g_plus), ("g_minus", g_minus)):
             g = np.asarray(g, dtype=np.float64)
             if g.shape != self.shape:
                 raise ValueError(f"{label} has shape {g.shape}: expected {self.shape}")
-            if not np.all(np.isfinite(g)):
+            lo, hi = float(g.min()), float(g.max())
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN or an infinity shows in the extremes
                 raise ValueError(f"{label} contains {int((~np.isfinite(g)).sum())} NaN or Inf values")
             tol = _RANGE_TOLERANCE * dev.g_max
-            lo, hi = float(g.min()), float(g.max())
             if lo < dev.g_min - tol or hi > dev.g_max + tol:
                 raise ValueError(f"{label} spans [{lo:g}, {hi:g}] uS: targets must lie in "
                                  f"[g_min, g_max] = [{dev.g_min:g}, {dev.g_max:g}] uS")
-            arrays.append(np.clip(g, dev.g_min, dev.g_max))
-        return np.stack(arrays)
+            checked.append(g)
+        return tuple(checked)
 
 
 def _attenuation(g_eff: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from .rng import stream_key
 from .wires import effective_conductance
 from .seeding import as_seed_sequence, derive
 from .state_changes import CountsChanges
+from .tensor_mode import normal_tensors
 
 # Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
 # switching one effect on or off leaves the samples of the others unchanged.
@@ -102,6 +103,7 @@ class TileGrid(CountsChanges, nn.Module):
 
     bookkeeping = frozenset({"_vectors_read", "_counter_holds", "_device_counts"})  # what a read sets
 
+    @normal_tensors
     def __init__(self, config: TileConfig, n_in: int, n_out: int, name: str = "grid") -> None:
         super().__init__()
         if not isinstance(config, TileConfig):
@@ -176,6 +178,7 @@ class TileGrid(CountsChanges, nn.Module):
         """The torch device the grid's buffers (and its products) are on."""
         return self.g_prog.device
 
+    @normal_tensors
     def _apply(self, fn, recurse=True):
         move = moves_only(fn)  # a cast never rounds the chip (crossbar.precision)
         super()._apply(move, recurse)
@@ -219,6 +222,7 @@ class TileGrid(CountsChanges, nn.Module):
                 yield (r, c, slice(self.row_starts[r], self.row_starts[r + 1]),
                        slice(self.col_starts[c], self.col_starts[c + 1]))
 
+    @normal_tensors
     def program(self, g_plus, g_minus, seeds: Sequence) -> "TileGrid":
         """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
         from ``seeds[k]`` (an int or SeedSequence per tile)."""
@@ -270,6 +274,7 @@ class TileGrid(CountsChanges, nn.Module):
             gain[r, cs] = 1.0 + adc.gain_sigma * z[1]
         return gain, offset
 
+    @normal_tensors
     def at(self, t: float) -> "TileGrid":
         """Set the inference time, s since programming: drift, and the 1/f sample frozen
         for every read at this time (the same t always gives the same sample)."""
@@ -384,6 +389,7 @@ class TileGrid(CountsChanges, nn.Module):
             self.calibrate_output(x)
         return self
 
+    @normal_tensors
     def calibrate_input(self, x) -> "TileGrid":
         """Set the DAC range to the configured percentile of |x| (its maximum if the
         sample is so sparse that the percentile is 0)."""
@@ -395,6 +401,7 @@ class TileGrid(CountsChanges, nn.Module):
         self.set_input_range(r)
         return self
 
+    @normal_tensors
     def calibrate_output(self, x) -> "TileGrid":
         """Set each tile's ADC range to the configured percentile of its column outputs
         for inputs x, as read now (noise included) through the DAC and an unclipped ADC.
@@ -733,6 +740,7 @@ class TileGrid(CountsChanges, nn.Module):
         sets the counter from the host count."""
         self._counter_holds = None
 
+    @normal_tensors
     def _ranges_on_device(self, ranges: np.ndarray) -> torch.Tensor:
         """The (R, C) ADC ranges that ``_require_ranges`` gave, on the grid's device:
         the buffer itself for fixed and calibrated ranges (already there), else uploaded

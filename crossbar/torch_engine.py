@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, REJECTION_RATE, TAIL_FAILURE, WN, ZIGGURAT_R
+from .tensor_mode import normal_tensors
 
 
 FUSED_ENV = "XBARSIM_FUSED"
@@ -141,8 +142,10 @@ def _uniform(h: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@normal_tensors
 def _tables(device: torch.device) -> tuple:
-    """The ziggurat tables (KN as float64, WN, FN) on one device, made once per device."""
+    """The ziggurat tables (KN as float64, WN, FN) on one device, made once per device
+    (normal tensors even if first made in a torch.inference_mode() block)."""
     return tuple(torch.from_numpy(a).to(device) for a in (KN_FLOAT, WN, FN))
 
 

@@ -31,6 +31,7 @@ from crossbar import deferred, torch_engine
 from crossbar.kernels import pixel_dac_convert
 from crossbar.precision import ieee_float32
 from crossbar.seeding import derive
+from crossbar.tensor_mode import normal_tensors
 
 from .layers import AnalogLayer, group_rows
 from .matrix import AnalogMatrix
@@ -55,6 +56,7 @@ class AnalogConv2d(AnalogLayer):
         super().end_calibration()
         self._prepare_kernels()
 
+    @normal_tensors
     def _prepare_kernels(self) -> None:
         """Cut the row blocks' kernels now, not in the next forward pass: long-lived
         blocks allocated among a pass's freed activations split the holes that later

@@ -16,6 +16,7 @@ from crossbar import TileConfig, deferred
 from crossbar.precision import ieee_float32
 from crossbar.grid import inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
+from crossbar.tensor_mode import normal_tensors
 
 from .batchnorm import fold_batchnorm as _fold_batchnorm
 from .calibration_sample import FirstRows, Reservoir, Unsampled
@@ -115,6 +116,12 @@ class AnalogModel(nn.Module):
             return self._run(lambda: graphs.run(self, args, kwargs), "forward pass")
         # the torch engine reads the device once per pass (crossbar.deferred)
         return self._run(lambda: deferred.deferred_pass(lambda: self.module(*args, **kwargs)), "forward pass")
+
+    @normal_tensors
+    def _apply(self, fn, recurse=True):
+        # moved in a torch.inference_mode() block, the whole model stays normal tensors
+        # (crossbar.tensor_mode): its parameters and buffers are kept by version
+        return super()._apply(fn, recurse)
 
     def use_cuda_graphs(self, on: bool = True, keep: int = 4) -> "AnalogModel":
         """Run forward passes on a CUDA device as captured CUDA graphs
@@ -284,6 +291,7 @@ def _any_requires_grad(inputs) -> bool:
     return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in tree_flatten(inputs)[0])
 
 
+@normal_tensors
 def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             fold_batchnorm: bool = False, mapping: Optional[MappingConfig] = None,
             device=None) -> AnalogModel:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from crossbar.state_changes import CountsChanges
+from crossbar.tensor_mode import normal_tensors
 
 from .calibration_sample import FirstRows
 from .matrix import AnalogMatrix
@@ -48,6 +49,7 @@ class AnalogLayer(CountsChanges, nn.Module):
 
     bookkeeping = frozenset({"called"})  # set by every pass
 
+    @normal_tensors
     def __init__(self, matrices: list, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str) -> None:
         super().__init__()
         self.matrices = nn.ModuleList(matrices)

@@ -11,6 +11,7 @@ from crossbar import TileConfig
 from crossbar.grid import TileGrid
 from crossbar.precision import moves_only
 from crossbar.state_changes import CountsChanges
+from crossbar.tensor_mode import normal_tensors
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 
 from .conductance import reference_weight, sliced_conductances, weights_to_conductances
@@ -44,6 +45,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
         Y = A.at(86400).matmul(X)   # X (batch, in) -> Y (batch, out), ~ X @ W.T
     """
 
+    @normal_tensors
     def __init__(self, weight, tile_config: TileConfig, seed: SeedLike = None,
                  mapping: Optional[MappingConfig] = None, name: str = "matrix") -> None:
         super().__init__()
@@ -102,6 +104,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
         n_tiles = grid.grid_shape[0] * grid.grid_shape[1]
         grid.program(g_plus, g_minus, [derive(seed, k) for k in range(n_tiles)])
 
+    @normal_tensors
     def _apply(self, fn, recurse=True):
         # the digital scales and the compensation reference are the chip's: moved, never
         # cast (crossbar.precision)
@@ -185,6 +188,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
             self.alpha = float(self.r0) / r_t
         return self
 
+    @normal_tensors
     def calibrate(self, x) -> "AnalogMatrix":
         """Calibrate DAC (one range per layer) and ADC (one per tile) ranges on sample
         inputs X (batch, in), right after programming (t = 0), then measure r0.

@@ -1,6 +1,7 @@
 import numba
 import numpy as np
 import pytest
+import torch
 
 from crossbar import ReferenceTile, Tile, presets
 from crossbar.kernels import grid_dac_convert, levels_per_side, steps
@@ -233,3 +234,20 @@ def test_bad_inputs_raise_clear_errors(rng):
     with pytest.raises(ValueError, match="calibrate the input"):
         Tile(presets.ideal(dac_bits=4, dac_range_mode="calibrated", rows=16, cols=8)).program(
             good, good).calibrate(np.zeros((4, 16)))
+
+
+def test_a_tile_made_in_inference_mode_is_the_tile_made_without_it():
+    """Programmed, calibrated and set to a time inside torch.inference_mode(), then
+    calibrated again outside it (its ranges written in place): the tile made without it."""
+    rng = np.random.default_rng(3)
+    cfg = presets.pcm(rows=32, cols=16)
+    g_plus, g_minus = random_pair(rng, 32, 16)
+    x = rng.uniform(-1, 1, (50, 32))
+    plain = Tile(cfg).program(g_plus, g_minus, seed=4)
+    with torch.inference_mode():
+        made = Tile(cfg).program(g_plus, g_minus, seed=4)
+        for tile in (plain, made):
+            tile.calibrate(x).at(3600.0)
+    for tile in (plain, made):
+        tile.calibrate(x * 0.5).at(60.0)
+    assert np.array_equal(made.mvm(x), plain.mvm(x)) and made.output_range == plain.output_range

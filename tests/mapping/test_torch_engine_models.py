@@ -100,6 +100,30 @@ def test_a_chip_used_in_and_out_of_inference_mode_reads_as_one_used_without_it(e
 
 
 @pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_chip_made_in_inference_mode_is_the_chip_made_without_it(engine):
+    """convert, calibration, at(t) and passes all inside torch.inference_mode(), then
+    calibration, at(t) and passes outside it (which change the chip's tensors in place,
+    as inference tensors would not allow): the chip, its outputs and its state equal
+    those of the same chip made without inference mode, bitwise."""
+    config = presets.pcm(rows=32, cols=16)
+    plain = converted(config).set_engine(engine)
+    with torch.inference_mode():
+        made = converted(config).set_engine(engine)
+        for analog in (plain, made):
+            analog.calibrate([X])
+            analog.at(3600.0)
+        assert torch.equal(made(X), plain(X))
+    assert not any(t.is_inference() for t in list(made.buffers()) + list(made.parameters()))
+    for analog in (plain, made):
+        analog.calibrate([X * 0.5])
+        analog.at(86400.0)
+    assert torch.equal(made(X), plain(X))
+    state, want = made.state_dict(), plain.state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want if isinstance(want[k], torch.Tensor))
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
 def test_a_chip_reads_alike_whatever_torchs_default_dtype(engine):
     """torch.set_default_dtype(torch.float64), as some scientific code sets it: the chip
     is made and read in its own dtypes (conv paths failed on a float64 kernel before)."""

@@ -151,6 +151,33 @@ def test_tiles_worked_on_host_threads_equal_the_device_model_over_the_whole_matr
         assert np.array_equal(getattr(grid, name), getattr(alone, name))
 
 
+def test_at_the_same_time_on_the_same_chip_reuses_what_it_derived_and_reads_from_the_start(monkeypatch):
+    config = presets.pcm(rows=32, cols=16)
+    grid, *_ = programmed_grid(config, 70, 40, seed=2)
+    calls = []
+    conductance_at = grid.device.conductance_at
+    monkeypatch.setattr(grid.device, "conductance_at", lambda *a: calls.append(1) or conductance_at(*a))
+    x = np.random.default_rng(4).uniform(-1, 1, (30, 70)).astype(np.float32)
+    grid.calibrate(x).at(3600.0)
+    first, read = grid.product(x), grid.conductances().copy()
+    derived = len(calls)
+    grid.at(3600.0)  # the same chip and time: nothing derived again, the reads start over
+    assert len(calls) == derived and np.array_equal(grid.product(x), first)
+    with pytest.raises(ValueError, match="read-only"):
+        grid.conductances()[0, 0, 0] = 0.0  # what is reused cannot be changed from outside
+    grid.at(60.0)
+    grid.at(3600.0)  # another time came between: derived again, the same
+    assert len(calls) == derived + 2 * grid.grid_shape[0] * grid.grid_shape[1]
+    assert np.array_equal(grid.conductances(), read) and np.array_equal(grid.product(x), first)
+    other, *_ = programmed_grid(config, 70, 40, seed=5)
+    grid.load_state_dict(other.state_dict())  # another chip
+    grid.at(3600.0)
+    assert np.array_equal(grid.conductances(), other.at(3600.0).conductances())
+    grid.g_prog.mul_(0.5)  # the programmed state changed in place
+    grid.at(3600.0)
+    assert np.array_equal(grid.conductances(), grid._conductances_at(3600.0, time_bits(3600.0))[0])
+
+
 def test_grid_state_round_trips_through_state_dict():
     config = presets.pcm(rows=32, cols=16)
     grid, *_ = programmed_grid(config, 70, 40, seed=5)

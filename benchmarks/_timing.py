@@ -50,6 +50,16 @@ def median_time(fn, repeats: int = 7, warmup: int = 1, sync=None) -> float:
     return float(np.median(times))
 
 
+def at_seconds(model, t: float, repeats: int = 3) -> float:
+    """Median wall time of ``model.at()`` at ``repeats`` distinct times from t s on, each
+    deriving the chip's read state anew (at(t) reuses it for the time it last set); the
+    model is left at t."""
+    times = iter([t + i for i in range(repeats)])
+    seconds = median_time(lambda: model.at(next(times)), repeats=repeats, warmup=0)
+    model.at(t)
+    return seconds
+
+
 def interleaved_median_times(fns, repeats: int = 7, warmup: int = 1, sync=None) -> list:
     """Median wall time of each of ``fns`` in seconds, timed in alternating rounds (each
     round calls every fn once, the order rotating from round to round) after warm-up

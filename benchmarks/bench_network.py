@@ -60,7 +60,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import gpu_peak_mb, interleaved_median_times, median_time, peak_rss_mb, steady_allocator  # noqa: E402
+from _timing import (at_seconds, gpu_peak_mb, interleaved_median_times, median_time, peak_rss_mb,  # noqa: E402
+                     steady_allocator)
 
 T_DAY = 86400.0
 MODELS = ("cnn", "vgg", "resnet20", "resnet56", "transformer")
@@ -157,7 +158,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
     start = time.perf_counter()
     analog.calibrate([x])
     calibrate_s = time.perf_counter() - start
-    at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
+    at_s = at_seconds(analog, T_DAY)
     if cuda_graphs:
         analog.use_cuda_graphs()  # the first pass captures the graph
     sync = _sync(device)

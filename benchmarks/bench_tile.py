@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleaved_median_times, median_time, peak_rss_mb, steady_allocator  # noqa: E402
+from _timing import at_seconds, interleaved_median_times, peak_rss_mb, steady_allocator  # noqa: E402
 
 import mapping  # noqa: E402
 from crossbar import presets  # noqa: E402
@@ -44,7 +44,7 @@ def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int, wire_ohm
     analog = mapping.convert(layer, config, seed=0)
     convert_s = time.perf_counter() - start
     analog.calibrate([x[:256]])
-    at_s = median_time(lambda: analog.at(T_DAY), repeats=3, warmup=0)
+    at_s = at_seconds(analog, T_DAY)
     with torch.no_grad():
         float_s, analog_s = interleaved_median_times([lambda: layer(x), lambda: analog(x)], repeats=repeats)
         error = ((analog(x) - layer(x)).norm() / layer(x).norm()).item()

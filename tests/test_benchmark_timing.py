@@ -40,6 +40,24 @@ def test_interleaved_medians_are_each_functions_own_and_the_rounds_alternate(mon
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
 
 
+def test_at_seconds_times_distinct_times_and_leaves_the_model_at_t(monkeypatch):
+    """at(t) reuses what it derived for the time it last set: a time repeated would time
+    that reuse, not at(t)."""
+    clock = FakeClock()
+    monkeypatch.setattr(_timing.time, "perf_counter", clock)
+
+    class Model:
+        times, costs = [], [3.0, 1.0, 2.0, 7.0]
+
+        def at(self, t):
+            self.times.append(t)
+            clock.now += self.costs.pop(0)
+
+    model = Model()
+    assert _timing.at_seconds(model, 100.0, repeats=3) == 2.0
+    assert model.times == [100.0, 101.0, 102.0, 100.0]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_the_steady_allocator_is_set_on_linux():
     # in a process of its own: the setting would hold for the rest of the test session

@@ -37,17 +37,7 @@ def steady_allocator() -> bool:
 def median_time(fn, repeats: int = 7, warmup: int = 1, sync=None) -> float:
     """Median wall time of fn() in seconds, after warm-up calls; ``sync()`` (a GPU's
     synchronize) runs before the clock stops, so queued GPU work is counted."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return interleaved_median_times([fn], repeats, warmup, sync)[0]
 
 
 def at_seconds(model, t: float, repeats: int = 3) -> float:

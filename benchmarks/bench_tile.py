@@ -61,16 +61,15 @@ def scaling_table(quick: bool) -> dict:
         cases = cases[:2]
     print(f"{'in':>5} {'out':>5} {'batch':>6} {'tile':>5} {'analog_ms':>10} {'ns/(batch*w)':>13} "
           f"{'float_ms':>9} {'ratio':>6} {'convert_s':>9} {'at_s':>6} {'rss_mb':>7}")
-    largest = {}
+    measured = []
     for n_in, n_out, batch, tile in cases:
         m = measure(n_in, n_out, batch, tile, repeats=3)
+        measured.append(m)
         per = m["analog_s"] / (batch * n_in * n_out) * 1e9
         print(f"{n_in:5d} {n_out:5d} {batch:6d} {tile:5d} {m['analog_s']*1e3:10.2f} {per:13.4f} "
               f"{m['float_s']*1e3:9.2f} {m['ratio']:6.2f} {m['convert_s']:9.3f} {m['at_s']:6.3f} "
               f"{peak_rss_mb():7.0f}", flush=True)
-        if n_in * n_out > largest.get("n_in", 0) * largest.get("n_out", 0):
-            largest = m
-    return largest
+    return max(measured, key=lambda m: m["n_in"] * m["n_out"])
 
 
 def main() -> None:

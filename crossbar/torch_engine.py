@@ -237,12 +237,10 @@ def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[in
     for _ in range(_ROUNDS if steps is None else steps):
         in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
         x, accepted, hz, iz = _fast(h, kn, wn)
-        a = -torch.log(_uniform(mix64(h + k))) / ZIGGURAT_R
-        b = -torch.log(_uniform(mix64(h + k + 1)))
-        tail_ok = in_tail & (b + b >= a * a)
-        layer = torch.where(iz == 0, torch.ones_like(iz), iz)  # the wedge test's layer (iz = 0 is the tail)
+        a, tail_accepts = _tail_attempt(h, k)
+        tail_ok = in_tail & tail_accepts
         wedge = in_wedges & ~accepted & (iz != 0)
-        inside = wedge & (fn[layer] + _uniform(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x))
+        inside = wedge & _under_wedge(h, k, x, iz, fn)
         enter_tail = in_wedges & ~accepted & (iz == 0)
         take_x = in_wedges & accepted | inside
         out = torch.where(take_x, x, torch.where(tail_ok, torch.where(positive, ZIGGURAT_R + a, -ZIGGURAT_R - a), out))
@@ -254,6 +252,21 @@ def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[in
         phase = torch.where(take_x | tail_ok, torch.full_like(phase, _DONE),
                             torch.where(enter_tail, torch.full_like(phase, _TAIL), phase))
     return h, k, phase, out, positive
+
+
+def _under_wedge(h, k, x, iz, fn) -> torch.Tensor:
+    """The ziggurat's wedge test of x in layer iz with the uniform of h + k: whether x
+    lies under the density (iz = 0, the tail's layer, is tested as layer 1: unused)."""
+    layer = torch.where(iz == 0, torch.ones_like(iz), iz)
+    return fn[layer] + _uniform(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x)
+
+
+def _tail_attempt(h, k) -> tuple:
+    """Marsaglia's tail attempt with the uniforms of h + k and h + k + 1: (a, whether
+    it is accepted); the normal is R + a, signed."""
+    a = -torch.log(_uniform(mix64(h + k))) / ZIGGURAT_R
+    b = -torch.log(_uniform(mix64(h + k + 1)))
+    return a, b + b >= a * a
 
 
 def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
@@ -275,9 +288,7 @@ def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
         ks.append(ks[-1] + 2)
     chain_h, chain_k = torch.stack(hs[:steps], dim=-1), torch.stack(ks[:steps], dim=-1)  # (walks, steps)
     x, accepted, hz, iz = _fast(chain_h, kn, wn)
-    layer = torch.where(iz == 0, torch.ones_like(iz), iz)
-    inside = ~accepted & (iz != 0) & (
-        fn[layer] + _uniform(mix64(chain_h + chain_k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x))
+    inside = ~accepted & (iz != 0) & _under_wedge(chain_h, chain_k, x, iz, fn)
     enters = ~accepted & (iz == 0)
     # the step at which each walk leaves the ziggurat (steps: none does)
     first = torch.where(accepted | inside | enters, at, steps).amin(dim=-1)
@@ -296,10 +307,8 @@ def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
     tail_k = torch.where(to_tail, end_k, k)
     tries = torch.where(to_tail, steps - 1 - first, steps)
     positive = torch.where(to_tail, at_end(hz) > 0, positive)
-    attempt_k = tail_k[..., None] + 2 * at
-    a = -torch.log(_uniform(mix64(tail_h[..., None] + attempt_k))) / ZIGGURAT_R
-    b = -torch.log(_uniform(mix64(tail_h[..., None] + attempt_k + 1)))
-    success = torch.where((b + b >= a * a) & (at < tries[..., None]), at, steps).amin(dim=-1)
+    a, accepts = _tail_attempt(tail_h[..., None], tail_k[..., None] + 2 * at)
+    success = torch.where(accepts & (at < tries[..., None]), at, steps).amin(dim=-1)
     tailing = in_tail | to_tail
     tail_done = tailing & (success < steps)
     tail_a = a.gather(-1, success.clamp(max=steps - 1)[..., None]).squeeze(-1)

@@ -20,27 +20,34 @@ The arrays that define a programmed chip (programmed conductances, drift exponen
 converter ranges) are torch buffers, so ``state_dict()``/``load_state_dict()`` carry
 them; what ``at(t)`` derives from them is not saved.
 
-Two engines run the product. On the CPU the Numba kernels of ``kernels.py``; where the
-grid's buffers live on another torch device (``grid.to("cuda")``), or with
-``engine = "torch"``, the same arithmetic in torch (``torch_engine.py``), on that device,
-without leaving it. Programming, ``at(t)`` and the ADC calibration draw and compute on
-the host in float64 whichever the engine: the chip's random streams are numpy's PCG64
-streams of each tile's seed, so a seed names bitwise the same conductances on either
-device; ``at(t)`` then uploads what a product needs. Programming and ``at(t)`` work a
-tile at a time, the tiles of a large grid on host threads (``host_threads.py``).
+Two engines run the chip. On the CPU the Numba kernels of ``kernels.py``; where the
+grid's buffers live on another torch device (``grid.to("cuda")``, or a grid made there:
+``grids_made_on``), or with ``engine = "torch"``, the same arithmetic in torch
+(``torch_engine.py``), on that device, without leaving it. So do programming, ``at(t)``
+and the ADC calibration: the Numba engine's on the host, a tile at a time (the tiles of
+a large grid on host threads, ``host_threads.py``), the torch engine's on the grid's
+device, a row of tiles at a time (``chip_on_device.py``). Both compute in float64 with
+the same device models and the same counter-based draws (``chip_draws.py``), so a seed
+names the same chip on either engine and device: bitwise on the CPU, and on CUDA but
+for the last bit of a float64 logarithm or power, which float32 rounds away.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import chip_on_device
+from .chip_draws import tile_draws
 from .config import TileConfig
 from .devices import make_device
 from .host_threads import map_tiles
 from . import deferred, torch_engine
+from .percentile import percentile
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .precision import ieee_float32, moves_only
 from .rng import stream_key
@@ -63,8 +70,25 @@ _EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
 _NO_KEYS = np.zeros((0, 0), np.uint64)
 
 ENGINES = ("auto", "numba", "torch")
+# (torch device, engine) of the grids made without a device of their own: see grids_made_on
+_MADE_ON: ContextVar = ContextVar("xbarsim_grids_made_on", default=(None, "auto"))
 PROGRAM_COUNTS = ("devices", "prog_clamped", "stuck_min", "stuck_max", "read_clamped", "adc_range_fallback")
 CONVERSION_COUNTS = ("dac_converted", "dac_clipped", "adc_converted", "adc_saturated")
+
+
+@contextmanager
+def grids_made_on(device, engine: str = "auto"):
+    """Within the block, tile grids made without a device of their own (those of the
+    layers ``mapping.convert`` makes, say) are made on torch ``device`` with ``engine``,
+    and so programmed there: the torch engine programs on the grid's device, the Numba
+    engine on the host (see ``TileGrid.program``). Nesting restores the outer setting."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine = {engine!r} is invalid: expected one of {ENGINES}")
+    token = _MADE_ON.set((None if device is None else torch.device(device), engine))
+    try:
+        yield
+    finally:
+        _MADE_ON.reset(token)
 
 
 def block_starts(n: int, size: int) -> np.ndarray:
@@ -104,7 +128,7 @@ class TileGrid(CountsChanges, nn.Module):
     bookkeeping = frozenset({"_vectors_read", "_counter_holds", "_device_counts"})  # what a read sets
 
     @normal_tensors
-    def __init__(self, config: TileConfig, n_in: int, n_out: int, name: str = "grid") -> None:
+    def __init__(self, config: TileConfig, n_in: int, n_out: int, name: str = "grid", device=None) -> None:
         super().__init__()
         if not isinstance(config, TileConfig):
             raise ValueError(f"config = {config!r} is invalid: expected a crossbar.TileConfig")
@@ -132,11 +156,13 @@ class TileGrid(CountsChanges, nn.Module):
         self.seeds: list = []
         self.time = 0.0
         self.counts = {name: np.zeros((rows, cols), np.int64) for name in PROGRAM_COUNTS + CONVERSION_COUNTS}
-        self._g_read: Optional[np.ndarray] = None
-        self._gdiff_host: Optional[np.ndarray] = None   # G+ - G- read now, float32, on the host
-        self._var_host: Optional[np.ndarray] = None     # per-pair read variance (None: uniform or none)
-        self._gdiff: Optional[torch.Tensor] = None      # the same on the grid's device
-        self._var: Optional[torch.Tensor] = None
+        # what at(t) derived, numpy on the host or tensors on the grid's device (see at):
+        # (G+ and G- read, G+ - G- read (float32), the per-pair read variance or None
+        # where it is uniform or absent); host copies of tensors made as asked for
+        self._derived: Optional[tuple] = None
+        self._derived_host: dict = {}
+        self._gdiff: Optional[torch.Tensor] = None      # G+ - G- read now on the grid's device
+        self._var: Optional[torch.Tensor] = None        # the read variance there
         self._var_uniform: Optional[float] = None
         self._read_at_time: Optional[tuple] = None  # (the chip and time, what at(t) derived: see at)
         self._keys = np.zeros((rows, cols), np.uint64)
@@ -156,6 +182,11 @@ class TileGrid(CountsChanges, nn.Module):
         self._host_copies: dict = {}    # buffer name -> (buffer, its version, numpy copy)
         self._uploaded_ranges: Optional[tuple] = None  # (host ranges, their copy on the device)
         self._device_counts: dict = {}  # count name -> running device tensor, not yet read
+        made_on, engine = _MADE_ON.get()
+        device = made_on if device is None else device
+        if device is not None:  # the chip is then programmed there (see program)
+            self.to(device)
+        self.engine = engine
 
     # -- engine and device -------------------------------------------------------------------
     @property
@@ -185,22 +216,66 @@ class TileGrid(CountsChanges, nn.Module):
         super()._apply(move, recurse)
         # counts the torch engine has not collected yet go along (the next product adds to them there)
         self._device_counts = {name: move(value) for name, value in self._device_counts.items()}
-        # what at(t) derived follows the buffers to their device
-        if self._gdiff_host is not None:
+        # what at(t) derived follows the buffers to their device (and is no longer kept
+        # for a later at(t): the chip's tensors are new ones)
+        if self._derived is not None:
+            self._derived = tuple(move(a) if isinstance(a, torch.Tensor) else a for a in self._derived)
+            self._read_at_time = None
             self._upload()
         self._host_copies.clear()
         return self
 
     def _upload(self) -> None:
-        """Put what at(t) derived on the host on the grid's device (no copy on the CPU)."""
+        """Put what at(t) derived on the grid's device (no copy where it is there)."""
         device = self.g_prog.device
-        self._gdiff = torch.from_numpy(self._gdiff_host).to(device)
-        self._var = None if self._var_host is None else torch.from_numpy(self._var_host).to(device)
-        if self._columns is None or self._columns.tile.device != device:  # the grid's shape: made once per device
+        _, gdiff, var = self._derived
+        self._gdiff = torch.as_tensor(gdiff).to(device)
+        self._var = None if var is None else torch.as_tensor(var).to(device)
+        columns = self.column_map()
+        self._keys_t = torch_engine.column_keys(self._keys, columns)
+        self._adc_keys_t = torch_engine.column_keys(self._adc_keys, columns) if self._adc_keys.size else None
+
+    def column_map(self) -> torch_engine.ColumnMap:
+        """Where each output column sits in the tiles, on the grid's device (made once
+        per device, with the row blocks' input matrix)."""
+        device = self.g_prog.device
+        if self._columns is None or self._columns.tile.device != device:
             self._columns = torch_engine.column_map(self.col_starts, device)
             self._block_matrix = torch_engine.block_matrix(self.row_starts, device)
-        self._keys_t = torch_engine.column_keys(self._keys, self._columns)
-        self._adc_keys_t = torch_engine.column_keys(self._adc_keys, self._columns) if self._adc_keys.size else None
+        return self._columns
+
+    def _host_array(self, i: int) -> Optional[np.ndarray]:
+        """Item i of what at(t) derived as a numpy array on the host (copied once from a
+        device), None where it is None."""
+        if self._derived is None or self._derived[i] is None:
+            return None
+        a = self._derived[i]
+        if not isinstance(a, torch.Tensor):
+            return a
+        found = self._derived_host.get(i)
+        if found is None or found[0] is not a:
+            found = self._derived_host[i] = (a, a.cpu().numpy())
+        return found[1]
+
+    @property
+    def _g_read(self) -> Optional[np.ndarray]:
+        """G+ and G- read now, (2, n_in, n_out) float32, on the host."""
+        return self._host_array(0)
+
+    @property
+    def _gdiff_host(self) -> Optional[np.ndarray]:
+        """G+ - G- read now, (n_in, n_out) float32, on the host."""
+        return self._host_array(1)
+
+    @property
+    def _var_host(self) -> Optional[np.ndarray]:
+        """The per-pair read variance, (n_in, n_out) float32, on the host (None: uniform or none)."""
+        return self._host_array(2)
+
+    def _derives_on_device(self) -> bool:
+        """Whether programming and at(t) run with torch on the grid's device (the torch
+        engine's) rather than with numpy on the host (the Numba engine's)."""
+        return self.engine == "torch"
 
     def _host(self, name: str) -> np.ndarray:
         """A numpy copy of a small buffer (ranges), refreshed when the buffer changes."""
@@ -228,37 +303,53 @@ class TileGrid(CountsChanges, nn.Module):
         """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
         from ``seeds[k]`` (an int or SeedSequence per tile)."""
         targets = self._check_targets(g_plus, g_minus)
-        dev = self.config.device
         n_tiles = self.grid_shape[0] * self.grid_shape[1]
         if len(seeds) != n_tiles:
             raise ValueError(f"{self.name}: {len(seeds)} seeds for {n_tiles} tiles")
         self.seeds = [as_seed_sequence(s) for s in seeds]
-        g = np.empty((2, *self.shape), np.float32)
-        nu = np.zeros(g.shape, np.float32) if dev.drift else None
         for name in PROGRAM_COUNTS:
             self.counts[name][:] = 0
+        self.counts["devices"][:] = 2 * np.diff(self.row_starts)[:, None] * np.diff(self.col_starts)[None, :]
+        device = self.g_prog.device
+        if self._derives_on_device():
+            self.g_prog, nu, counts = chip_on_device.program(self, chip_on_device.as_targets(targets, device),
+                                                             _PROGRAM, _FAULTS, _DRIFT)
+            for name, value in counts.items():
+                self.counts[name][:] = value
+        else:
+            g, nu = self._program_on_host(targets)
+            self.g_prog = torch.from_numpy(g).to(device)
+            nu = None if nu is None else torch.from_numpy(nu).to(device)
+        self.nu = torch.zeros(0, dtype=torch.float32, device=device) if nu is None else nu
+        self.adc_gain, self.adc_offset = (torch.from_numpy(a).to(device) for a in self._draw_adc_errors())
+        self.reset_counts()
+        return self.at(0.0)
+
+    def _program_on_host(self, targets: tuple) -> tuple:
+        """(g_prog, nu or None) as numpy float32, programmed on the host tile by tile;
+        sets the programming counts."""
+        dev = self.config.device
+        g = np.empty((2, *self.shape), np.float32)
+        nu = np.zeros(g.shape, np.float32) if dev.drift else None
 
         def program_tile(item) -> None:
             k, (r, c, rs, cs) = item
             block = np.stack([np.clip(target[rs, cs], dev.g_min, dev.g_max) for target in targets])
-            prog = self.device.program(block, self._rng(k, _PROGRAM), self._rng(k, _FAULTS))
+            shape = block.shape
+            prog = self.device.program(block, lambda: self._tile_draws(k, shape, _PROGRAM),
+                                       lambda: self._tile_draws(k, shape, _FAULTS, uniform=True))
             g[:, rs, cs] = prog.g
             if nu is not None:
-                exps = self.device.drift_exponents(block, self._rng(k, _DRIFT))
-                exps[prog.stuck] = self.device.stuck_drift_state  # a stuck device keeps its conductance
+                exps = self.device.drift_exponents(block, lambda: self._tile_draws(k, shape, _DRIFT))
+                if prog.stuck is not None:
+                    exps[prog.stuck] = self.device.stuck_drift_state  # a stuck device keeps its conductance
                 nu[:, rs, cs] = exps
-            self.counts["devices"][r, c] = block.size
             self.counts["prog_clamped"][r, c] = prog.clamped
             self.counts["stuck_min"][r, c] = prog.stuck_min
             self.counts["stuck_max"][r, c] = prog.stuck_max
 
         map_tiles(program_tile, list(enumerate(self.tiles())), self._host_threads())
-        device = self.g_prog.device
-        self.g_prog = torch.from_numpy(g).to(device)
-        self.nu = (torch.zeros(0, dtype=torch.float32) if nu is None else torch.from_numpy(nu)).to(device)
-        self.adc_gain, self.adc_offset = (torch.from_numpy(a).to(device) for a in self._draw_adc_errors())
-        self.reset_counts()
-        return self.at(0.0)
+        return g, nu
 
     def _draw_adc_errors(self) -> tuple:
         """(gain, offset in LSB) of every tile column's ADC, each (R, n_out), from each
@@ -270,9 +361,9 @@ class TileGrid(CountsChanges, nn.Module):
         gain = np.empty((self.grid_shape[0], self.shape[1]))
         offset = np.empty_like(gain)
         for k, (r, _, _, cs) in enumerate(self.tiles()):
-            z = self._rng(k, _ADC_ERRORS).standard_normal((2, cs.stop - cs.start))
-            offset[r, cs] = adc.offset_sigma * z[0]
-            gain[r, cs] = 1.0 + adc.gain_sigma * z[1]
+            z = self._tile_draws(k, (2, 1, cs.stop - cs.start), _ADC_ERRORS)
+            offset[r, cs] = adc.offset_sigma * z[0, 0]
+            gain[r, cs] = 1.0 + adc.gain_sigma * z[1, 0]
         return gain, offset
 
     @normal_tensors
@@ -289,12 +380,17 @@ class TileGrid(CountsChanges, nn.Module):
         chip = (bits, self.g_prog, self.g_prog._version, self.nu, self.nu._version)
         found = self._read_at_time
         if found is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(found[0], chip)):
-            found = self._read_at_time = (chip, self._conductances_at(t, bits))
-        self._g_read, self._gdiff_host, self._var_host, self._var_uniform, clamped = found[1]
+            if self._derives_on_device() and not self.config.ir_drop.on:  # the wires' solver is numpy's
+                derived = chip_on_device.conductances_at(self, t, (_SLOW_NOISE, bits))
+            else:
+                derived = self._conductances_at(t, bits)
+            found = self._read_at_time = (chip, derived)
+        g_read, gdiff, var, self._var_uniform, clamped = found[1]
+        self._derived = (g_read, gdiff, var)
         self.counts["read_clamped"][:] = clamped
         self.time = t
-        self._keys = self._stream_keys(_READS, bits)
-        self._adc_keys = self._stream_keys(_ADC_NOISE, bits) if self._adc_noise_on() else _NO_KEYS
+        self._keys = self.stream_keys(_READS, bits)
+        self._adc_keys = self.stream_keys(_ADC_NOISE, bits) if self._adc_noise_on() else _NO_KEYS
         self._upload()
         self._vectors_read = 0
         return self
@@ -355,7 +451,7 @@ class TileGrid(CountsChanges, nn.Module):
 
     def _slow_normals(self, k: int, bits: int, shape: tuple) -> np.ndarray:
         """The standard normals of tile k's 1/f sample at the time of ``bits``."""
-        return self._rng(k, _SLOW_NOISE, bits).standard_normal(shape)
+        return self._tile_draws(k, shape, _SLOW_NOISE, bits)
 
     # -- ranges ------------------------------------------------------------------------------
     @property
@@ -421,7 +517,24 @@ class TileGrid(CountsChanges, nn.Module):
         A tile whose sample gives no output at all (all its inputs zero, as some tiles of
         a layer see after ReLU and pooling) takes the largest output that inputs within
         the DAC range can produce on its conductances, r_in * max_j sum_i |G+_ij - G-_ij|
-        (nothing saturates); ``counts["adc_range_fallback"]`` marks it."""
+        (nothing saturates); ``counts["adc_range_fallback"]`` marks it. The torch engine
+        reads and takes the percentiles on the grid's device, the Numba engine on the host."""
+        keys = self.stream_keys(_CALIBRATION_READS, time_bits(self.time))
+        read = self._row_block_reads_torch if self._derives_on_device() else self._row_block_reads
+        percentile = self.config.adc.percentile
+        ranges = np.empty(self.grid_shape)
+        for r, y in enumerate(read(x, keys)):
+            for c in range(self.grid_shape[1]):
+                found = percentile_range(y[:, self.col_starts[c]:self.col_starts[c + 1]].abs(), percentile)
+                self.counts["adc_range_fallback"][r, c] = int(found is None)
+                ranges[r, c] = found if found is not None else self._largest_output(r, c)
+        self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives
+        return self
+
+    def _row_block_reads(self, x, keys: np.ndarray):
+        """Each row block's outputs (vectors, n_out) for inputs x through the DAC, read
+        now with the streams of ``keys`` (R, C) and no ADC (every bit-serial cycle's
+        inputs a vector of their own), as float32 tensors on the host: the Numba engine."""
         x = self.check_input(x)
         xq, scales, _ = self._convert_inputs(x)
         cycles = self._cycles(xq)
@@ -429,21 +542,34 @@ class TileGrid(CountsChanges, nn.Module):
             xq = np.concatenate([xc for _, xc in cycles])
             scales = np.concatenate([scales] * len(cycles), axis=1) if scales.size else scales
         partial, var, var_rows = self._products(xq)
-        keys = self._stream_keys(_CALIBRATION_READS, time_bits(self.time))
-        percentile = self.config.adc.percentile
-        ranges = np.empty(self.grid_shape)
         for r in range(self.grid_shape[0]):
             y = np.empty((xq.shape[0], self.shape[1]), np.float32)
             grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
                          np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
                          _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0)
-            for c in range(self.grid_shape[1]):
-                cs = slice(self.col_starts[c], self.col_starts[c + 1])
-                found = percentile_range(np.abs(y[:, cs]), percentile)
-                self.counts["adc_range_fallback"][r, c] = int(found is None)
-                ranges[r, c] = found if found is not None else self._largest_output(r, c)
-        self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives
-        return self
+            yield torch.from_numpy(y)
+
+    def _row_block_reads_torch(self, x, keys: np.ndarray):
+        """:meth:`_row_block_reads` by the torch engine, on the grid's device."""
+        device = self.g_prog.device
+        x = self.check_tensor(x.to(device) if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)).to(device))
+        xq, scales, _ = self._convert_inputs_torch(x)
+        cycles = self._cycles(xq)
+        if len(cycles) > 1:
+            xq = torch.cat([xc for _, xc in cycles])
+            scales = None if scales is None else torch.cat([scales] * len(cycles), dim=1)
+        partial, var, var_rows = self._products_torch(xq)
+        keys_t = torch_engine.column_keys(keys, self.column_map())
+        first = torch.zeros((), dtype=torch.int64, device=device)
+        ones = torch.ones((1, self.grid_shape[1]), dtype=torch.float64, device=device)
+
+        def rows(a, r):
+            return None if a is None else a[r:r + 1]
+
+        for r in range(self.grid_shape[0]):
+            y, _ = torch_engine.readout(partial[r:r + 1], rows(var, r), rows(var_rows, r), self._columns,
+                                        keys_t[r:r + 1], first, ones, IDEAL, rows(scales, r), None, 1.0)
+            yield y
 
     def _largest_output(self, r: int, c: int) -> float:
         rs = slice(self.row_starts[r], self.row_starts[r + 1])
@@ -846,10 +972,14 @@ class TileGrid(CountsChanges, nn.Module):
                 f"from the same model with the same tile size)")
 
     # -- helpers ---------------------------------------------------------------------------
-    def _rng(self, k: int, *tags: int) -> np.random.Generator:
-        return np.random.default_rng(derive(self.seeds[k], *tags))
+    def _tile_draws(self, k: int, shape: tuple, *tags: int, uniform: bool = False) -> np.ndarray:
+        """Tile k's normals (uniforms) of the stream ``tags`` names, for its devices of
+        ``shape`` = (arrays, rows used, columns used) (``chip_draws``)."""
+        return tile_draws(stream_key(derive(self.seeds[k], *tags)), shape, (self.config.rows, self.config.cols),
+                          uniform)
 
-    def _stream_keys(self, *tags: int) -> np.ndarray:
+    def stream_keys(self, *tags: int) -> np.ndarray:
+        """(R, C) uint64: each tile's stream key of the sub-stream ``tags`` of its seed."""
         keys = np.empty(self.grid_shape, np.uint64)
         for k, (r, c, _, _) in enumerate(self.tiles()):
             keys[r, c] = stream_key(derive(self.seeds[k], *tags))
@@ -918,11 +1048,12 @@ def check_range(name: str, value) -> float:
     return float(value)
 
 
-def percentile_range(magnitudes: np.ndarray, percentile: float) -> Optional[float]:
-    """The percentile of the magnitudes; their maximum where the sample is so sparse that
-    the percentile is 0; None where the sample is all zero."""
-    r = float(np.percentile(magnitudes, percentile))
+def percentile_range(magnitudes, q: float) -> Optional[float]:
+    """The percentile q of the magnitudes (numpy, or a tensor on any device: the same
+    value, ``crossbar.percentile``); their maximum where the sample is so sparse that the
+    percentile is 0; None where the sample is all zero."""
+    r = float(percentile(magnitudes, q))
     if r > 0:
         return r
-    largest = float(magnitudes.max()) if magnitudes.size else 0.0
+    largest = float(magnitudes.max())
     return largest if largest > 0 else None

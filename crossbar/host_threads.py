@@ -1,10 +1,10 @@
 """Host threads for the per-tile work of programming and ``at(t)``.
 
-A chip is programmed and drifted on the host in float64 (``grid.py``), tile by tile:
-each tile draws from its own numpy generators and the device models are elementwise,
-so the tiles are independent and their results do not depend on which thread ran them
-or in which order. numpy releases the GIL inside its generators' fills and its
-ufuncs, so the tiles run on every core. Working a tile at a time also keeps the
+The Numba engine programs and drifts a chip on the host in float64 (``grid.py``), tile
+by tile: each tile draws from its own counter-based streams (``chip_draws.py``) and the
+device models are elementwise, so the tiles are independent and their results do not
+depend on which thread ran them or in which order. Numba's draws and numpy's ufuncs
+release the GIL, so the tiles run on every core. Working a tile at a time also keeps the
 float64 temporaries of the device models small: over a whole 2048 x 2048 matrix they
 were 67 MB each, freshly faulted in, and ``at(t)`` ran 3.5x faster cut into tiles
 on one thread (2 cores, numpy 2).

@@ -34,6 +34,7 @@ from torch import nn
 
 from crossbar import ADCConfig, DACConfig, TileConfig
 from crossbar.configbase import Config, _fail, check_choice, check_int, check_number
+from crossbar.grid import grids_made_on
 from crossbar.presets import PRESETS
 from crossbar.rng import stream_key
 from crossbar.seeding import derive
@@ -189,14 +190,18 @@ class WeightNoise:
         t_min, t_max = self.config.t_min, self.config.t_max
         t = t_min if t_min == t_max else math.exp(self.time_rng.uniform(math.log(t_min), math.log(t_max)))
         held = {}
-        # chips are programmed on the host, from host copies of layers trained on a GPU
+        # the weights are mapped to conductances on the host, from host copies of layers
+        # trained on a GPU; the chip is programmed and drifted where the model trains
+        # (the same chip either way, crossbar.chip_on_device)
+        device = module_device(self.model)
         targets = [(name, layer if module_device(layer).type == "cpu" else copy.deepcopy(layer).cpu(), kind)
                    for name, layer, kind in mapped_modules(self.model)[0]]
-        for name, _, analog in on_tiles(targets, self.tile, self.chip_seed(step), self.config.mapping):
-            for layer in analog.modules():  # the module itself, or an attention's projections
-                if isinstance(layer, AnalogLayer):
-                    layer.at(t)
-            held.update({f"{name}.{p}" if name else p: w for p, w in analog.weights_held().items()})
+        with grids_made_on(None if device.type == "cpu" else device):
+            for name, _, analog in on_tiles(targets, self.tile, self.chip_seed(step), self.config.mapping):
+                for layer in analog.modules():  # the module itself, or an attention's projections
+                    if isinstance(layer, AnalogLayer):
+                        layer.at(t)
+                held.update({f"{name}.{p}" if name else p: w for p, w in analog.weights_held().items()})
         return [held[key].to(p.device, p.dtype) for key, p in zip(self.keys, params)], t
 
     @contextmanager

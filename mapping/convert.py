@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import fnmatch
 import itertools
 import warnings
@@ -14,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from crossbar import TileConfig, deferred
 from crossbar.precision import ieee_float32
-from crossbar.grid import inference_time
+from crossbar.grid import grids_made_on, inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 from crossbar.tensor_mode import normal_tensors
 
@@ -305,9 +306,9 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     several names is one analog layer under each. Layers that cannot be mapped stay
     digital and are named in a warning and in ``report``. Each layer's tiles draw from
     their own sub-stream of ``seed``, so results are reproducible layer by layer.
-    ``device`` (a torch device or its name, e.g. "cuda") moves the converted model there,
-    as ``.to(device)`` would: the chip is programmed on the host and is the same on
-    every device for the same seed.
+    ``device`` (a torch device or its name, e.g. "cuda") puts the converted model there,
+    as ``.to(device)`` would, and programs its chip there: the same chip as on the host
+    for the same seed (``crossbar.chip_on_device``).
     """
     device = resolve_device(device, "device")
     if not isinstance(model, nn.Module):
@@ -328,7 +329,10 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     targets, refused = mapped_modules(module)
     paths = shared_paths(module, [name for name, _, _ in targets])
     analog_names = set()
-    for name, layer, analog in on_tiles(targets, tile_config, root_seed, mapping):
+    # programmed where they will run (without a device: where grids_made_on says, the host by default)
+    with grids_made_on(device) if device is not None else contextlib.nullcontext():
+        analog_layers = list(on_tiles(targets, tile_config, root_seed, mapping))
+    for name, layer, analog in analog_layers:
         label = name or type(layer).__name__
         if not name:
             module = analog

@@ -71,6 +71,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
         self.register_buffer("divisor", torch.zeros(0, dtype=torch.float32))               # (R, out) uS per unit weight
         self.register_buffer("r0", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("compensation_x", torch.zeros(0, dtype=torch.float32))        # the reference read's inputs
+        self.to(self.grid.torch_device)  # a grid made on another device (crossbar.grid.grids_made_on) programs there
         self.register_load_state_dict_post_hook(_after_load)
         self._program(w.T, as_seed_sequence(seed))
         if self._ranges_ready():
@@ -100,7 +101,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
                                                                                          dev.g_max, w_ref)
             self.clipped_weights += clipped
             divisor[r, cs] = np.asarray(scale, np.float32)
-        self.divisor = torch.from_numpy(divisor)
+        self.divisor = torch.from_numpy(divisor).to(grid.torch_device)
         n_tiles = grid.grid_shape[0] * grid.grid_shape[1]
         grid.program(g_plus, g_minus, [derive(seed, k) for k in range(n_tiles)])
 
@@ -148,7 +149,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
         vectors = self.mapping.max_rows_per_chunk
         if unrolled:
             return vectors
-        floats_per_vector = row_blocks * n_out * (2 if grid._var_host is not None else 1) + n_out
+        floats_per_vector = row_blocks * n_out * (2 if grid._var is not None else 1) + n_out
         return max(vectors, vectors * n_in // floats_per_vector)
 
     def gpu_vectors_per_chunk(self, unrolled: bool = True) -> int:

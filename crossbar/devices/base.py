@@ -8,33 +8,55 @@ stream feeds which physical effect of which tile.
 Generic programming effects that every model shares (finite levels, stuck-at faults,
 the clamp of negative conductances at 0) are implemented once here; a model supplies
 its programming sigma and, where it has them, drift exponents and slow-noise sigma.
+
+Every hook takes numpy arrays or torch tensors (``arrays.py``) and answers in kind: the
+grid runs the models on the host, or on the device that holds its chip.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import numpy as np
+
+from .arrays import float64, namespace
 
 
 @dataclass
 class Programmed:
-    """Conductances right after programming (t = 0) and what happened on the way.
+    """Conductances right after programming (t = 0) and what happened on the way, as
+    arrays of the targets' kind.
 
     Attributes:
         g: programmed conductances, uS.
-        stuck: True where the device is stuck (it then neither drifts nor programs).
-        clamped: devices whose noisy conductance fell below 0 uS and were set to 0.
-        stuck_min: devices stuck at g_min.
-        stuck_max: devices stuck at g_max.
+        below: True where the noisy conductance fell below 0 uS and was set to 0.
+        at_min: True where the device is stuck at g_min (None: no faults configured).
+        at_max: True where the device is stuck at g_max (None: no faults configured).
     """
 
     g: np.ndarray
-    stuck: np.ndarray
-    clamped: int
-    stuck_min: int
-    stuck_max: int
+    below: np.ndarray
+    at_min: Optional[np.ndarray] = None
+    at_max: Optional[np.ndarray] = None
+
+    @property
+    def stuck(self) -> Optional[np.ndarray]:
+        """True where the device is stuck (it then neither drifts nor programs); None
+        without faults."""
+        return None if self.at_min is None else self.at_min | self.at_max
+
+    @property
+    def clamped(self) -> int:
+        return int(self.below.sum())
+
+    @property
+    def stuck_min(self) -> int:
+        return 0 if self.at_min is None else int(self.at_min.sum())
+
+    @property
+    def stuck_max(self) -> int:
+        return 0 if self.at_max is None else int(self.at_max.sum())
 
 
 class Device:
@@ -100,67 +122,66 @@ class Device:
 
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
         """Standard deviation of the programming error, uS, before prog_noise_scale."""
-        return np.zeros_like(g_target)
+        return namespace(g_target).zeros_like(g_target)
 
-    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def drift_exponents(self, g_target: np.ndarray, normals: Callable) -> np.ndarray:
         """Drift exponents nu, drawn once per device at programming (more generally the
-        per-device state that ``conductance_at`` evolves from)."""
-        return np.zeros_like(g_target)
+        per-device state that ``conductance_at`` evolves from); ``normals()`` returns
+        standard normals shaped like g_target (called only where the model draws)."""
+        return namespace(g_target).zeros_like(g_target)
 
     def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
         """Sigma of the frozen (1/f) read noise at inference time t, uS."""
-        return np.zeros_like(g_prog)
+        return namespace(g_prog).zeros_like(g_prog)
 
     # -- shared behaviour ----------------------------------------------------------------
-    def program(self, g_target: np.ndarray, rng_noise: np.random.Generator,
-                rng_faults: np.random.Generator) -> Programmed:
-        """Program target conductances (uS): snap to levels, add noise, clamp, stuck-at."""
+    def program(self, g_target: np.ndarray, normals: Callable, uniforms: Callable) -> Programmed:
+        """Program target conductances (uS): snap to levels, add noise, clamp, stuck-at.
+        ``normals()`` and ``uniforms()`` return standard normals and uniforms in (0, 1]
+        shaped like g_target, from two streams of their own (called only where needed)."""
         cfg = self.config
-        g = np.asarray(g_target, dtype=np.float64)
+        xp = namespace(g_target)
+        g = float64(g_target)
         if cfg.levels is not None:
             step = (cfg.g_max - cfg.g_min) / (cfg.levels - 1)
-            g = cfg.g_min + np.round((g - cfg.g_min) / step) * step
+            g = cfg.g_min + xp.round((g - cfg.g_min) / step) * step
         sigma = self.programming_sigma(g) * cfg.prog_noise_scale
         g = self.programming_mean(g)
-        if np.any(sigma > 0):
-            g = g + sigma * rng_noise.standard_normal(g.shape)
+        if bool((sigma > 0).any()):
+            g = g + sigma * normals()
         # Conductance cannot be negative; the clamp biases devices near 0 upwards, so
         # it is counted and reported (move g_min off zero to avoid it).
         below = g < 0.0
-        clamped = int(below.sum())
-        g = np.where(below, 0.0, g)
-        stuck = np.zeros(g.shape, dtype=bool)
-        n_min = n_max = 0
+        g = xp.where(below, 0.0, g)
         if cfg.stuck_min_fraction > 0 or cfg.stuck_max_fraction > 0:
-            u = rng_faults.random(g.shape)
+            u = uniforms()
             at_min = u < cfg.stuck_min_fraction
             at_max = (~at_min) & (u < cfg.stuck_min_fraction + cfg.stuck_max_fraction)
-            g = np.where(at_min, cfg.g_min, np.where(at_max, cfg.g_max, g))
-            stuck = at_min | at_max
-            n_min, n_max = int(at_min.sum()), int(at_max.sum())
-        return Programmed(g=g, stuck=stuck, clamped=clamped, stuck_min=n_min, stuck_max=n_max)
+            g = xp.where(at_min, cfg.g_min, xp.where(at_max, cfg.g_max, g))
+            return Programmed(g=g, below=below, at_min=at_min, at_max=at_max)
+        return Programmed(g=g, below=below)
 
-    def conductance_at(self, g_prog: np.ndarray, nu: np.ndarray, t: float, normals) -> tuple:
+    def conductance_at(self, g_prog: np.ndarray, nu: np.ndarray, t: float, normals: Callable) -> tuple:
         """Conductance read at time t (s) after programming: drift, then one frozen
         1/f sample, clamped at 0. ``normals()`` returns the standard normals of the 1/f
         sample, shaped like g_prog (called only where the model has 1/f noise). Returns
         (g, mask of the devices clamped at 0, or None where nothing can be clamped)."""
         cfg = self.config
-        g_prog = np.asarray(g_prog, dtype=np.float64)
+        g_prog = float64(g_prog)
         g = g_prog
         if cfg.drift and t > 0:
-            g = g_prog * ((t + cfg.t0) / cfg.t0) ** (-np.asarray(nu, dtype=np.float64))
+            g = g_prog * ((t + cfg.t0) / cfg.t0) ** (-float64(nu))
         if cfg.read_noise_1f:
             sigma = self.slow_noise_sigma(g_prog, g, t) * cfg.read_noise_1f_scale
             g = g + sigma * normals()
             below = g < 0.0
-            return np.where(below, 0.0, g), below
+            return namespace(g).where(below, 0.0, g), below
         return g, None
 
     def read_variance(self, g: np.ndarray) -> np.ndarray:
         """Variance of the fast (white) noise of one read of each device, uS^2."""
         cfg = self.config
-        return (cfg.read_sigma_abs + cfg.read_sigma_rel * np.asarray(g, dtype=np.float64)) ** 2
+        return (cfg.read_sigma_abs + cfg.read_sigma_rel * float64(g)) ** 2
 
     @property
     def has_fast_noise(self) -> bool:

@@ -6,6 +6,7 @@ the first read t0 = 300 s after programming and t_read = 512 ns; x = g / g_max.
 """
 import numpy as np
 
+from .arrays import float64, namespace
 from .base import Device
 
 FIT_G_MAX = 20.7  # uS, the largest characterised conductance
@@ -25,25 +26,28 @@ class HermesDevice(Device):
     fit_g_max = FIT_G_MAX
 
     def _x(self, g: np.ndarray) -> np.ndarray:
-        return np.maximum(np.abs(np.asarray(g, dtype=np.float64)) / self.config.g_max, _X_FLOOR)
+        xp = namespace(g)
+        return xp.clip(xp.abs(float64(g)) / self.config.g_max, _X_FLOOR, None)
 
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
-        x = np.asarray(g_target, dtype=np.float64) / self.config.g_max
+        x = float64(g_target) / self.config.g_max
         return _cubic(PROG_COEFFS, x) * (self.config.g_max / FIT_G_MAX)
 
-    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def drift_exponents(self, g_target: np.ndarray, normals) -> np.ndarray:
+        xp = namespace(g_target)
         if not self.config.drift:
-            return np.zeros_like(g_target)
+            return xp.zeros_like(g_target)
         x = self._x(g_target)
-        mu = np.where(x < 0.0945, np.clip(-0.0387 * np.log(x) - 0.0182, 0.0720, 0.13),
+        mu = xp.where(x < 0.0945, xp.clip(-0.0387 * xp.log(x) - 0.0182, 0.0720, 0.13),
                       -0.0436 * x * x - 0.0126 * x + 0.0736)
-        sigma = np.where(x < 0.3055, np.clip(-0.0117 * np.log(x) - 0.0057, 0.0091, 0.04),
+        sigma = xp.where(x < 0.3055, xp.clip(-0.0117 * xp.log(x) - 0.0057, 0.0091, 0.04),
                          -0.0118 * x * x + 0.0093 * x + 0.0073)
-        return np.abs(mu + sigma * rng.standard_normal(x.shape)) * self.config.drift_scale
+        return xp.abs(mu + sigma * normals()) * self.config.drift_scale
 
     def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
         cfg = self.config
+        xp = namespace(g_prog)
         x = self._x(g_prog)
-        q_s = np.where(x < 0.16, np.clip(-0.0117 * np.log(x) - 0.0069, 0.015, 0.04),
+        q_s = xp.where(x < 0.16, xp.clip(-0.0117 * xp.log(x) - 0.0069, 0.015, 0.04),
                        _cubic((0.0123, 0.0211, -0.0280, 0.0069), x))
-        return np.abs(g_t) * q_s * np.sqrt(np.log((t + cfg.t0 + cfg.t_read) / (2.0 * cfg.t_read)))
+        return xp.abs(g_t) * q_s * np.sqrt(np.log((t + cfg.t0 + cfg.t_read) / (2.0 * cfg.t_read)))

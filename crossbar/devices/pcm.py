@@ -4,6 +4,7 @@ PCMLikeNoiseModel). The fits were made at g_max = 25 uS; x = g / g_max.
 """
 import numpy as np
 
+from .arrays import namespace
 from .base import Device
 
 FIT_G_MAX = 25.0  # uS, the g_max at which the programming-noise polynomial was fitted
@@ -24,14 +25,16 @@ class PCMDevice(Device):
     def drift_statistics(self, g_target: np.ndarray) -> tuple:
         """(mu_nu, sigma_nu) of the normal whose magnitude is nu (PHYSICS.md section 3)."""
         # x -> 0 sends both fits to their upper clip; the floor only avoids log(0)
-        log_x = np.log(np.maximum(g_target / self.config.g_max, 1e-12))
-        return np.clip(-0.0155 * log_x + 0.0244, 0.049, 0.1), np.clip(-0.0125 * log_x - 0.0059, 0.008, 0.045)
+        xp = namespace(g_target)
+        log_x = xp.log(xp.clip(g_target / self.config.g_max, 1e-12, None))
+        return xp.clip(-0.0155 * log_x + 0.0244, 0.049, 0.1), xp.clip(-0.0125 * log_x - 0.0059, 0.008, 0.045)
 
-    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def drift_exponents(self, g_target: np.ndarray, normals) -> np.ndarray:
+        xp = namespace(g_target)
         if not self.config.drift:
-            return np.zeros_like(g_target)
+            return xp.zeros_like(g_target)
         mu, sigma = self.drift_statistics(g_target)
-        return np.abs(mu + sigma * rng.standard_normal(g_target.shape)) * self.config.drift_scale
+        return xp.abs(mu + sigma * normals()) * self.config.drift_scale
 
     def as_table(self, g_target: np.ndarray) -> dict:
         """This fit's statistics at g_target as the columns of a device table (PHYSICS.md
@@ -44,5 +47,6 @@ class PCMDevice(Device):
 
     def slow_noise_sigma(self, g_prog: np.ndarray, g_t: np.ndarray, t: float) -> np.ndarray:
         cfg = self.config
-        q_s = np.minimum(0.0088 / np.maximum(g_prog / cfg.g_max, 1e-3) ** 0.65, 0.2)
+        xp = namespace(g_prog)
+        q_s = xp.clip(0.0088 / xp.clip(g_prog / cfg.g_max, 1e-3, None) ** 0.65, None, 0.2)
         return g_t * q_s * np.sqrt(np.log((t + cfg.t0 + cfg.t_read) / (2.0 * cfg.t_read)))

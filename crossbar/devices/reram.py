@@ -16,6 +16,7 @@ noise only, no relaxation.
 """
 import numpy as np
 
+from .arrays import float64, float64_copy, namespace
 from .base import Device
 
 FIT_G_MAX = 40.0  # uS: the g_max at which the quartic fits were made
@@ -31,7 +32,7 @@ CROSSSIM_G_MAX = 39.26  # uS, the largest conductance of that fit's data
 
 
 def _polynomial(coeffs, x: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(x, dtype=np.float64)
+    out = namespace(x).zeros_like(x)  # x is float64
     for c in coeffs[::-1]:
         out = out * x + c
     return out
@@ -52,7 +53,7 @@ class ReRAMDevice(Device):
 
     def sigma_at(self, g_target: np.ndarray, t: float) -> np.ndarray:
         """The fit's spread around the target, uS, at time t (s) after programming."""
-        x = np.asarray(g_target, dtype=np.float64) / self.config.g_max
+        x = float64(g_target) / self.config.g_max
         sigmas = [_polynomial(c, x) for c in SIGMA_COEFFS]
         log_t = np.log(np.clip(t, FIT_TIMES[0], FIT_TIMES[-1]))
         sigma = sigmas[-1]
@@ -61,25 +62,26 @@ class ReRAMDevice(Device):
                 w = (log_t - np.log(t_a)) / (np.log(t_b) - np.log(t_a))
                 sigma = (1 - w) * s_a + w * s_b
                 break
-        return np.maximum(sigma, 0.0) * (self.config.g_max / FIT_G_MAX)
+        return namespace(sigma).clip(sigma, 0.0, None) * (self.config.g_max / FIT_G_MAX)
 
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
         return self.sigma_at(g_target, FIT_TIMES[0])
 
-    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.array(g_target, dtype=np.float64)  # the state relaxation draws around
+    def drift_exponents(self, g_target: np.ndarray, normals) -> np.ndarray:
+        return float64_copy(g_target)  # the state relaxation draws around
 
     def conductance_at(self, g_prog: np.ndarray, nu: np.ndarray, t: float, normals) -> tuple:
         cfg = self.config
-        g_prog = np.asarray(g_prog, dtype=np.float64)
+        g_prog = float64(g_prog)
         if not cfg.drift or t <= 0:
             return g_prog, None
-        target = np.asarray(nu, dtype=np.float64)
-        stuck = np.isnan(target)
-        target = np.where(stuck, 0.0, target)
+        xp = namespace(g_prog)
+        target = float64(nu)
+        stuck = xp.isnan(target)
+        target = xp.where(stuck, 0.0, target)
         g = target + self.sigma_at(target, t) * cfg.prog_noise_scale * normals()
         below = (g < 0.0) & ~stuck
-        return np.where(stuck, g_prog, np.where(below, 0.0, g)), below
+        return xp.where(stuck, g_prog, xp.where(below, 0.0, g)), below
 
 
 class ReRAMCrossSimDevice(Device):
@@ -87,4 +89,5 @@ class ReRAMCrossSimDevice(Device):
     fit_g_max = CROSSSIM_G_MAX
 
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
-        return np.maximum(_polynomial(CROSSSIM_COEFFS, np.asarray(g_target, dtype=np.float64)), 0.0)
+        sigma = _polynomial(CROSSSIM_COEFFS, float64(g_target))
+        return namespace(sigma).clip(sigma, 0.0, None)

@@ -17,6 +17,7 @@ from typing import Dict
 
 import numpy as np
 
+from .arrays import float64, interp, namespace
 from .base import Device
 
 REQUIRED = ("g_target", "prog_mean", "prog_std")
@@ -123,7 +124,7 @@ class TableDevice(Device):
                              f"column gives the read noise")
 
     def _at(self, name: str, g: np.ndarray) -> np.ndarray:
-        return np.interp(np.asarray(g, dtype=np.float64), self.columns["g_target"], self.columns[name])
+        return interp(float64(g), self.columns["g_target"], self.columns[name])
 
     def programming_mean(self, g_target: np.ndarray) -> np.ndarray:
         return self._at("prog_mean", g_target)
@@ -131,11 +132,12 @@ class TableDevice(Device):
     def programming_sigma(self, g_target: np.ndarray) -> np.ndarray:
         return self._at("prog_std", g_target)
 
-    def drift_exponents(self, g_target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def drift_exponents(self, g_target: np.ndarray, normals) -> np.ndarray:
+        xp = namespace(g_target)
         if not self.config.drift:
-            return np.zeros_like(g_target)
+            return xp.zeros_like(g_target)
         mu, sigma = self._at("nu_mean", g_target), self._at("nu_std", g_target)
-        return np.abs(mu + sigma * rng.standard_normal(np.shape(g_target))) * self.config.drift_scale
+        return xp.abs(mu + sigma * normals()) * self.config.drift_scale
 
     def read_variance(self, g: np.ndarray) -> np.ndarray:
         if "read_std" in self.columns:

@@ -4,15 +4,25 @@ import pytest
 from scipy.stats import norm
 
 from crossbar import DeviceConfig
+from crossbar.chip_draws import tile_draws
 from crossbar.devices import make_device
+from crossbar.rng import stream_key
 
 N = 200_000
 
 
+def normals(seed, n=N):
+    """What a chip's stream of ``seed`` draws for n devices: standard normals, made when called."""
+    return lambda: tile_draws(stream_key(np.random.SeedSequence(seed)), (1, 1, n), (1, n)).ravel()
+
+
+def uniforms(seed, n=N):
+    return lambda: tile_draws(stream_key(np.random.SeedSequence(seed)), (1, 1, n), (1, n), uniform=True).ravel()
+
+
 def programmed(cfg, g_target, seed=0):
     dev = make_device(cfg)
-    rng = np.random.default_rng(seed)
-    return dev.program(np.full(N, g_target), rng, np.random.default_rng(seed + 1))
+    return dev.program(np.full(N, g_target), normals(seed), uniforms(seed + 1))
 
 
 def check_mean_std(samples, mean, std):
@@ -51,7 +61,7 @@ def test_clamp_at_zero_is_counted_and_biases_upwards():
 def test_levels_and_stuck_at():
     cfg = DeviceConfig(model="ideal", levels=5, stuck_min_fraction=0.1, stuck_max_fraction=0.2)
     dev = make_device(cfg)
-    p = dev.program(np.full(N, 7.0), np.random.default_rng(0), np.random.default_rng(1))
+    p = dev.program(np.full(N, 7.0), normals(0), uniforms(1))
     free = p.g[~p.stuck]
     assert np.all(free == 6.25)  # nearest of 0, 6.25, 12.5, 18.75, 25
     for count, frac in ((p.stuck_min, 0.1), (p.stuck_max, 0.2)):
@@ -64,14 +74,14 @@ def test_pcm_drift_mean_log_ratio(g_t):
     cfg = DeviceConfig(model="pcm", drift=True, prog_noise_scale=0.0)
     dev = make_device(cfg)
     g = np.full(N, g_t)
-    nu = dev.drift_exponents(g, np.random.default_rng(3))
+    nu = dev.drift_exponents(g, normals(3))
     x = g_t / 25.0
     mu = np.clip(-0.0155 * np.log(x) + 0.0244, 0.049, 0.1)
     sd = np.clip(-0.0125 * np.log(x) - 0.0059, 0.008, 0.045)
     # E|N(mu, sd^2)|, the folded normal's mean
     expected_nu = sd * np.sqrt(2 / np.pi) * np.exp(-mu ** 2 / (2 * sd ** 2)) + mu * (1 - 2 * norm.cdf(-mu / sd))
     for t in (1.0, 3600.0, 86400.0 * 365):
-        g_t_read, _ = dev.conductance_at(g, nu, t, lambda: np.random.default_rng(0).standard_normal(N))
+        g_t_read, _ = dev.conductance_at(g, nu, t, normals(0))
         log_ratio = np.log(g_t_read / g)
         factor = np.log((t + 20.0) / 20.0)
         assert abs(log_ratio.mean() + expected_nu * factor) < 5 * nu.std() * factor / np.sqrt(N)
@@ -82,13 +92,13 @@ def test_pcm_one_over_f_sigma(g_t, t):
     cfg = DeviceConfig(model="pcm", read_noise_1f=True)
     dev = make_device(cfg)
     g = np.full(N, g_t)
-    g_read, clamped = dev.conductance_at(g, np.zeros(N), t, lambda: np.random.default_rng(5).standard_normal(N))
+    g_read, clamped = dev.conductance_at(g, np.zeros(N), t, normals(5))
     q_s = min(0.0088 / max(g_t / 25.0, 1e-3) ** 0.65, 0.2)
     sigma = g_t * q_s * np.sqrt(np.log((t + 20.0 + 250e-9) / (2 * 250e-9)))
     assert not clamped.any()
     check_mean_std(g_read, g_t, sigma)
     # frozen per time: the same generator state gives the same sample
-    again, _ = dev.conductance_at(g, np.zeros(N), t, lambda: np.random.default_rng(5).standard_normal(N))
+    again, _ = dev.conductance_at(g, np.zeros(N), t, normals(5))
     assert np.array_equal(g_read, again)
 
 
@@ -116,13 +126,13 @@ def test_reram_relaxation_is_a_frozen_draw_around_the_target(t, coeffs):
     cfg = DeviceConfig(model="reram", g_max=40.0, drift=True)
     dev = make_device(cfg)
     g_t = np.full(N, 20.0)
-    p = dev.program(g_t, np.random.default_rng(0), np.random.default_rng(1))
-    state = dev.drift_exponents(g_t, np.random.default_rng(2))
-    g, below = dev.conductance_at(p.g, state, t, lambda: np.random.default_rng(3).standard_normal(N))
+    p = dev.program(g_t, normals(0), uniforms(1))
+    state = dev.drift_exponents(g_t, normals(2))
+    g, below = dev.conductance_at(p.g, state, t, normals(3))
     sigma = np.mean([quartic(c, 0.5) for c in coeffs])
     check_mean_std(g, 20.0, sigma)
     assert not below.any()
-    again, _ = dev.conductance_at(p.g, state, t, lambda: np.random.default_rng(3).standard_normal(N))
+    again, _ = dev.conductance_at(p.g, state, t, normals(3))
     assert np.array_equal(g, again)
 
 
@@ -132,10 +142,10 @@ def test_reram_clamp_stuck_devices_and_the_warning_outside_the_fit(monkeypatch):
     cfg = DeviceConfig(model="reram", g_max=40.0, drift=True, stuck_max_fraction=0.1)
     dev = make_device(cfg)
     g_t = np.zeros(N)
-    p = dev.program(g_t, np.random.default_rng(0), np.random.default_rng(1))
-    state = dev.drift_exponents(g_t, np.random.default_rng(2))
+    p = dev.program(g_t, normals(0), uniforms(1))
+    state = dev.drift_exponents(g_t, normals(2))
     state[p.stuck] = dev.stuck_drift_state
-    g, below = dev.conductance_at(p.g, state, 86400.0, lambda: np.random.default_rng(3).standard_normal(N))
+    g, below = dev.conductance_at(p.g, state, 86400.0, normals(3))
     assert np.array_equal(g[p.stuck], p.g[p.stuck]) and np.all(g[p.stuck] == 40.0)
     free = int((~p.stuck).sum())  # half of the free devices fall below 0 and are clamped, and counted
     assert abs(int(below.sum()) - free / 2) < 5 * np.sqrt(free / 4) and not below[p.stuck].any()
@@ -168,7 +178,7 @@ def test_hermes_drift_and_one_over_f(x):
     cfg = DeviceConfig(model="hermes", g_max=20.7, drift=True, read_noise_1f=True, t0=300.0, t_read=512e-9)
     dev = make_device(cfg)
     g = np.full(N, x * 20.7)
-    nu = dev.drift_exponents(g, np.random.default_rng(3))
+    nu = dev.drift_exponents(g, normals(3))
     mu = np.clip(-0.0387 * np.log(x) - 0.0182, 0.072, 0.13) if x < 0.0945 else -0.0436 * x * x - 0.0126 * x + 0.0736
     sd = np.clip(-0.0117 * np.log(x) - 0.0057, 0.0091, 0.04) if x < 0.3055 else -0.0118 * x * x + 0.0093 * x + 0.0073
     folded = sd * np.sqrt(2 / np.pi) * np.exp(-mu ** 2 / (2 * sd ** 2)) + mu * (1 - 2 * norm.cdf(-mu / sd))
@@ -176,7 +186,7 @@ def test_hermes_drift_and_one_over_f(x):
     t = 86400.0
     q_s = np.clip(-0.0117 * np.log(x) - 0.0069, 0.015, 0.04) if x < 0.16 else \
         0.0069 * x ** 3 - 0.0280 * x ** 2 + 0.0211 * x + 0.0123
-    g_read, _ = dev.conductance_at(g, np.zeros(N), t, lambda: np.random.default_rng(5).standard_normal(N))
+    g_read, _ = dev.conductance_at(g, np.zeros(N), t, normals(5))
     check_mean_std(g_read, x * 20.7, x * 20.7 * q_s * np.sqrt(np.log((t + 300.0 + 512e-9) / (2 * 512e-9))))
 
 
@@ -235,7 +245,7 @@ def test_the_example_table_is_the_pcm_fit_and_reproduces_it():
         day = []
         for cfg, p, seed in ((pcm, p_pcm, 11), (table, p_table, 21)):
             dev = make_device(cfg)
-            nu = dev.drift_exponents(np.full(N, g_t), np.random.default_rng(seed))
+            nu = dev.drift_exponents(np.full(N, g_t), normals(seed))
             day.append(dev.conductance_at(p.g, nu, 86400.0, None)[0].mean())
         assert day[1] == pytest.approx(day[0], rel=0.02)
         assert make_device(table).read_variance(np.array([g_t])) == pytest.approx(0.01)

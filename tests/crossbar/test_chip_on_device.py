@@ -1,0 +1,190 @@
+"""Programming and at(t) with torch on the grid's device (``crossbar.chip_on_device``)
+against the host path (numpy device models, Numba draws): a seed names the same chip.
+On the CPU device the two agree bitwise; on CUDA the float64 logarithms and powers may
+differ in their last bit, which the float32 chip rounds away but for a counted few."""
+import numpy as np
+import pytest
+import torch
+
+import mapping
+from crossbar import DeviceConfig, presets
+from crossbar.chip_draws import normals_of, row_block_hashes, tile_draws, uniforms_of
+from crossbar.devices.table import table_csv
+from crossbar.grid import TileGrid, grids_made_on
+from crossbar.rng import stream_key
+from crossbar.seeding import derive
+from tests.conftest import needs_cuda
+from eval.models import build_model
+
+pytestmark = pytest.mark.gpu
+
+_TABLE = table_csv(np.array([0.0, 5.0, 12.0, 25.0]), prog_mean=np.array([0.2, 5.1, 11.8, 24.0]),
+                   prog_std=np.array([0.3, 0.6, 0.9, 1.1]), nu_mean=np.array([0.1, 0.07, 0.05, 0.04]),
+                   nu_std=np.array([0.02, 0.015, 0.01, 0.01]), read_std=np.array([0.05, 0.1, 0.2, 0.25]))
+FAULTS = dict(stuck_min_fraction=0.03, stuck_max_fraction=0.02)
+CONFIGS = {
+    "pcm": presets.pcm(rows=32, cols=16),
+    "pcm_levels_faults": presets.pcm(rows=32, cols=16, levels=9, g_min=0.5, **FAULTS),
+    "pcm_scaled": presets.pcm(rows=32, cols=16, prog_noise_scale=3.0, read_noise_1f_scale=8.0, drift_scale=2.0),
+    "reram_faults": presets.reram(rows=24, cols=20, **FAULTS),
+    "reram_crosssim": presets.reram(rows=24, cols=20, model="reram_crosssim", g_max=39.0, drift=False),
+    "hermes": presets.hermes(rows=32, cols=16, read_sigma_rel=0.01),
+    "gaussian": presets.gaussian(rows=16, cols=16, prog_sigma_abs=2.0, prog_sigma_rel=0.05, read_sigma_rel=0.02),
+    "ideal": presets.ideal(rows=16, cols=8),
+    "table": presets.ideal(rows=32, cols=16).replace(device=DeviceConfig(
+        model="table", table_csv=_TABLE, drift=True, g_max=25.0, **FAULTS)),
+}
+TIMES = (0.0, 1.0, 3600.0, 86400.0, 1.5e5)  # within every fit (reram: 2 days)
+
+
+def programmed(config, engine, n_in=70, n_out=45, seed=4):
+    """A grid programmed by ``engine``'s path (torch: on its device, here the CPU)."""
+    g_max = config.device.g_max
+    rng = np.random.default_rng(seed)
+    g_plus = rng.uniform(config.device.g_min, g_max, (n_in, n_out))
+    g_minus = rng.uniform(config.device.g_min, g_max, (n_in, n_out))
+    grid = TileGrid(config, n_in, n_out)
+    grid.engine = engine
+    seeds = [derive(seed, k) for k in range(grid.grid_shape[0] * grid.grid_shape[1])]
+    return grid.program(g_plus, g_minus, seeds)
+
+
+def test_a_tiles_draws_are_the_same_computed_per_tile_on_the_host_and_per_row_of_tiles_in_torch():
+    grid = programmed(presets.pcm(rows=32, cols=16), "numba")
+    columns = grid.column_map()
+    keys = np.array([[stream_key(derive(s, 7)) for s in grid.seeds]], np.uint64).reshape(grid.grid_shape)
+    keys_t = torch.from_numpy(keys.view(np.int64))[:, columns.tile]
+    for uniform, of in ((False, normals_of), (True, uniforms_of)):
+        for r, (lo, hi) in enumerate(zip(grid.row_starts[:-1], grid.row_starts[1:])):
+            on_device = of(row_block_hashes(keys_t[r], columns, 2, int(hi - lo), (32, 16))).numpy()
+            for c, (a, b) in enumerate(zip(grid.col_starts[:-1], grid.col_starts[1:])):
+                host = tile_draws(int(keys[r, c]), (2, int(hi - lo), int(b - a)), (32, 16), uniform)
+                assert np.array_equal(on_device[:, :, a:b], host)
+    # a device keeps its draw whatever part of its tile a matrix uses
+    full = tile_draws(int(keys[0, 0]), (2, 32, 16), (32, 16))
+    assert np.array_equal(tile_draws(int(keys[0, 0]), (2, 5, 3), (32, 16)), full[:, :5, :3])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_programming_and_every_time_are_bitwise_the_host_chip(name):
+    config = CONFIGS[name]
+    host, device = programmed(config, "numba"), programmed(config, "torch")
+    assert host.grid_shape[0] > 1 and host.grid_shape[1] > 1
+    assert torch.equal(host.g_prog, device.g_prog)
+    # (reram keeps its targets as the drift state, NaN where a device is stuck)
+    assert np.array_equal(host.nu.numpy(), device.nu.numpy(), equal_nan=True)
+    for t in TIMES:
+        host.at(t)
+        device.at(t)
+        assert isinstance(device._derived[0], torch.Tensor) and isinstance(host._derived[0], np.ndarray)
+        assert np.array_equal(host.conductances(), device.conductances())
+        assert np.array_equal(host._gdiff_host, device._gdiff_host)
+        assert host._var_uniform == device._var_uniform
+        assert (host._var_host is None) == (device._var_host is None)
+        if host._var_host is not None:
+            assert np.array_equal(host._var_host, device._var_host)
+        for count, value in host.counts.items():
+            assert np.array_equal(value, device.counts[count]), count
+    if config.device.stuck_min_fraction:
+        assert host.counts["stuck_min"].sum() > 0 and host.counts["stuck_max"].sum() > 0
+    if name == "gaussian":
+        assert host.counts["prog_clamped"].sum() > 0  # sigma 2 uS at 0 uS clamps
+
+
+def test_the_chip_moves_with_the_grid_and_reads_the_same_on_either_engine():
+    device = programmed(presets.pcm(rows=32, cols=16), "torch").at(3600.0)
+    host = programmed(presets.pcm(rows=32, cols=16), "numba").at(3600.0)
+    device.engine = "auto"  # the Numba engine: it reads what torch derived, through host copies
+    x = np.random.default_rng(1).uniform(-1, 1, (30, 70)).astype(np.float32)
+    for grid in (device, host):
+        grid.calibrate(x)
+    assert np.array_equal(device.output_ranges(), host.output_ranges())
+    assert np.array_equal(device.product(x), host.product(x))
+    device.double()  # a cast moves nothing (crossbar.precision): what at(t) derived is kept
+    assert device._derived is not None and device._read_at_time is None
+    assert np.array_equal(device.at(3600.0).product(x), host.at(3600.0).product(x))
+
+
+def test_convert_programs_on_the_device_grids_are_made_on():
+    torch.manual_seed(0)
+    net = build_model("cnn", (1, 12, 12), 10).eval()
+    config = presets.pcm(rows=32, cols=32)
+    host = mapping.convert(net, config, seed=5)
+    with grids_made_on("cpu", engine="torch"):
+        on_device = mapping.convert(net, config, seed=5)
+    pairs = [(la, lb) for (_, la), (_, lb) in zip(host.analog_layers(), on_device.analog_layers())]
+    grids = [(a.grid, b.grid) for la, lb in pairs for a, b in zip(la.matrices, lb.matrices)]
+    assert grids and all(b.engine == "torch" and isinstance(b._derived[0], torch.Tensor) for _, b in grids)
+    assert all(torch.equal(a.g_prog, b.g_prog) and torch.equal(a.nu, b.nu) for a, b in grids)
+    x = torch.randn(8, 1, 12, 12)
+    for model in (host, on_device):
+        model.calibrate([x])
+        model.at(86400.0)
+    assert all(np.array_equal(a.conductances(), b.conductances()) for a, b in grids)
+    assert all(np.array_equal(a.output_ranges(), b.output_ranges()) for a, b in grids)
+
+
+def test_grids_made_on_refuses_an_unknown_engine_and_restores_the_outer_setting():
+    with pytest.raises(ValueError, match="engine = 'cuda' is invalid"):
+        with grids_made_on("cpu", engine="cuda"):
+            pass
+    with grids_made_on("cpu", engine="torch"):
+        with grids_made_on(None):
+            assert TileGrid(presets.ideal(rows=8, cols=8), 4, 4).engine == "numba"
+        assert TileGrid(presets.ideal(rows=8, cols=8), 4, 4).engine == "torch"
+    assert TileGrid(presets.ideal(rows=8, cols=8), 4, 4).engine == "numba"
+
+
+def _float32_steps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How many float32 values lie between a and b (0: equal)."""
+    ia, ib = (np.asarray(v, np.float32).view(np.int32).astype(np.int64) for v in (a, b))
+    return np.abs(ia - ib)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["pcm_levels_faults", "reram_faults", "hermes", "table"])
+def test_on_cuda_the_chip_is_the_host_chip_but_for_a_counted_last_bit(name):
+    config = CONFIGS[name]
+    host = programmed(config, "numba", n_in=300, n_out=200)
+    with grids_made_on("cuda"):
+        device = programmed(config, "torch", n_in=300, n_out=200)
+    assert device.g_prog.is_cuda
+    for t in (0.0, 86400.0):
+        host.at(t)
+        device.at(t)
+        for a, b in ((host.g_prog.numpy(), device.g_prog.cpu().numpy()), (host.conductances(), device.conductances())):
+            steps = _float32_steps(a, b)
+            assert steps.max() <= 1 and np.count_nonzero(steps) <= max(1, a.size // 10 ** 6)
+        assert np.array_equal(host.counts["stuck_min"], device.counts["stuck_min"])
+
+
+@needs_cuda
+def test_convert_to_cuda_programs_there_and_runs_the_host_chip():
+    torch.manual_seed(0)
+    net = build_model("cnn", (1, 12, 12), 10).eval()
+    config = presets.pcm(rows=32, cols=32)
+    host = mapping.convert(net, config, seed=5)
+    on_cuda = mapping.convert(net, config, seed=5, device="cuda")
+    for (_, la), (_, lb) in zip(host.analog_layers(), on_cuda.analog_layers()):
+        for a, b in zip(la.matrices, lb.matrices):
+            assert b.grid.g_prog.is_cuda and isinstance(b.grid._derived[0], torch.Tensor)
+            steps = _float32_steps(a.grid.g_prog.numpy(), b.grid.g_prog.cpu().numpy())
+            assert steps.max() <= 1
+
+
+
+@pytest.mark.parametrize("config", [
+    presets.pcm(rows=32, cols=16),  # per-read noise: uniform variance
+    presets.hermes(rows=32, cols=16, read_sigma_rel=0.02, dac_range_mode="per_vector"),  # per-pair variance
+    presets.pcm(rows=32, cols=16, dac_bits=7).replace(dac=presets.pcm().dac.replace(bits=7, bits_per_cycle=2)),
+], ids=["uniform_variance", "per_pair_variance_per_vector", "bit_serial"])
+def test_calibration_on_the_device_sets_the_host_ranges(config):
+    host, device = programmed(config, "numba"), programmed(config, "torch")
+    x = np.random.default_rng(3).uniform(-1, 1, (50, 70)).astype(np.float32)
+    x[:, 32:64] = 0.0  # the second row of tiles sees no signal: its ranges fall back
+    for grid in (host, device):
+        grid.calibrate(x)
+    assert np.array_equal(host.output_ranges(), device.output_ranges())
+    assert host.input_range == device.input_range
+    assert np.array_equal(host.counts["adc_range_fallback"], device.counts["adc_range_fallback"])
+    assert host.counts["adc_range_fallback"][1].all() and not host.counts["adc_range_fallback"][0].any()

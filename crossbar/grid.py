@@ -301,7 +301,8 @@ class TileGrid(CountsChanges, nn.Module):
     @normal_tensors
     def program(self, g_plus, g_minus, seeds: Sequence) -> "TileGrid":
         """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
-        from ``seeds[k]`` (an int or SeedSequence per tile)."""
+        from ``seeds[k]`` (an int or SeedSequence per tile). The torch engine programs on
+        the grid's device (``chip_on_device``), the Numba engine on the host: the same chip."""
         targets = self._check_targets(g_plus, g_minus)
         n_tiles = self.grid_shape[0] * self.grid_shape[1]
         if len(seeds) != n_tiles:
@@ -521,11 +522,11 @@ class TileGrid(CountsChanges, nn.Module):
         reads and takes the percentiles on the grid's device, the Numba engine on the host."""
         keys = self.stream_keys(_CALIBRATION_READS, time_bits(self.time))
         read = self._row_block_reads_torch if self._derives_on_device() else self._row_block_reads
-        percentile = self.config.adc.percentile
+        q = self.config.adc.percentile
         ranges = np.empty(self.grid_shape)
         for r, y in enumerate(read(x, keys)):
             for c in range(self.grid_shape[1]):
-                found = percentile_range(y[:, self.col_starts[c]:self.col_starts[c + 1]].abs(), percentile)
+                found = percentile_range(y[:, self.col_starts[c]:self.col_starts[c + 1]].abs(), q)
                 self.counts["adc_range_fallback"][r, c] = int(found is None)
                 ranges[r, c] = found if found is not None else self._largest_output(r, c)
         self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives
@@ -552,7 +553,7 @@ class TileGrid(CountsChanges, nn.Module):
     def _row_block_reads_torch(self, x, keys: np.ndarray):
         """:meth:`_row_block_reads` by the torch engine, on the grid's device."""
         device = self.g_prog.device
-        x = self.check_tensor(x.to(device) if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)).to(device))
+        x = self.check_tensor(torch.as_tensor(x).to(device))
         xq, scales, _ = self._convert_inputs_torch(x)
         cycles = self._cycles(xq)
         if len(cycles) > 1:

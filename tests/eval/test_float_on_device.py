@@ -143,19 +143,25 @@ def test_training_on_cuda_follows_the_cpu_and_spares_the_callers_rng(digits, hwa
 
 
 def test_device_noise_programmed_from_host_copies_equals_noise_from_the_layers(digits, monkeypatch):
-    """A model training on a GPU has its chips programmed from host copies of its layers:
-    the same chips, bitwise, as from the layers themselves (forced here on the CPU)."""
+    """A model training on a GPU has its weights mapped from host copies of its layers and
+    its chips programmed by the torch engine where it trains: the same chips, bitwise, as
+    from the layers themselves on the host (forced here on the CPU: the torch engine on
+    the CPU device)."""
     import eval.hwa
+    from crossbar.grid import grids_made_on
 
     model = seeded_model("cnn", digits, False, seed=0)
     hwa = HWAConfig(mode="device", t_min=3600.0, t_max=3600.0)
     noise = WeightNoise(model, hwa, seed=3)
     direct, _ = noise.draw()
-    copies = []
+    copies, made_on = [], []
     real_deepcopy = eval.hwa.copy.deepcopy
     monkeypatch.setattr(eval.hwa, "module_device", lambda module: torch.device("cuda"))
     monkeypatch.setattr(eval.hwa.copy, "deepcopy", lambda m: copies.append(m) or real_deepcopy(m))
+    monkeypatch.setattr(eval.hwa, "grids_made_on",
+                        lambda device: made_on.append(device) or grids_made_on("cpu", engine="torch"))
     copied, _ = WeightNoise(model, hwa, seed=3).draw()
+    assert made_on == [torch.device("cuda")]
     assert len(copies) == len(direct) == 3  # every mapped layer (the CNN's two convolutions and its Linear)
     assert all(torch.equal(a, b) for a, b in zip(direct, copied))
     clean = [model.get_parameter(key) for key in noise.keys]

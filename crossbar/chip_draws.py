@@ -23,6 +23,11 @@ from numba import njit, uint64
 from . import torch_engine
 from .rng import _uniform, counter_hash, normal_from_hash
 
+# Which draws name a chip: 1 was numpy's PCG64 streams of each tile's seed (xbarsim
+# before 2026-11-23), 2 these. What depends on the samples a seed names (the model
+# cache's key of device-mode hardware-aware training, eval/hwa.py) records it.
+VERSION = 2
+
 
 @njit(cache=True, nogil=True)  # host threads draw for their tiles at once (host_threads.py)
 def _fill(key, tile_rows, tile_cols, uniform, out):

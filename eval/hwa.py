@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from crossbar import ADCConfig, DACConfig, TileConfig
+from crossbar.chip_draws import VERSION as CHIP_DRAWS_VERSION
 from crossbar.configbase import Config, _fail, check_choice, check_int, check_number
 from crossbar.grid import grids_made_on
 from crossbar.presets import PRESETS
@@ -109,7 +110,9 @@ class HWAConfig(Config):
         if self.mode == "additive":
             out.update(normalization=self.normalization, eta=self.eta)
         if self.mode == "device":
-            out.update(t_min=self.t_min, t_max=self.t_max, tile=self.tile.to_dict(), mapping=self.mapping.to_dict())
+            # the chips' draws decide the noise it trains with: models trained on other draws are not reused
+            out.update(t_min=self.t_min, t_max=self.t_max, tile=self.tile.to_dict(), mapping=self.mapping.to_dict(),
+                       chip_draws=CHIP_DRAWS_VERSION)
         return out
 
 

@@ -182,6 +182,18 @@ def test_checkpoints_and_the_cache_record_how_a_model_was_trained(digits, tmp_pa
     assert json.loads((out / "results.json").read_text())["training"]["hwa"] == meta["hwa"]
 
 
+def test_device_mode_keys_its_models_by_the_chip_draws_they_trained_with(monkeypatch):
+    """A device-mode model trained on chips of other draws (numpy's PCG64 streams, before
+    the counter-based ones) is another model: its cache key records the draws' version;
+    the additive mode's does not depend on chips and keeps its key."""
+    import eval.hwa
+    device, additive = HWAConfig(mode="device"), HWAConfig(mode="additive")
+    now = (device.record(), additive.record())
+    assert now[0]["chip_draws"] == 2 and "chip_draws" not in now[1]
+    monkeypatch.setattr(eval.hwa, "CHIP_DRAWS_VERSION", 1)
+    assert device.record() != now[0] and additive.record() == now[1]
+
+
 def test_train_command_with_a_config_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     config = tmp_path / "chip.toml"

@@ -9,8 +9,11 @@ line one JSON object: ``ratio`` on 256 x 256 tiles (target <= 2.5), ``ratio_64``
 64 x 64 tiles (target <= 4), the times, at(t) and peak RSS, and the same 256 x 256 case
 with 1 ohm wire segments (IR drop, PHYSICS.md section 8): ``ratio_ir_drop`` and
 ``at_s_ir_drop`` (each at(t) solves both arrays of all 4 tiles: ``at_s_per_array_ir_drop``),
-and the table's largest layer's ``convert_s_<n>`` and ``at_s_<n>`` (programming is host work).
-Run from the repo root:
+and the table's largest layer's ``convert_s_<n>`` and ``at_s_<n>``. Then the chip alone, an
+n x n grid of 256 x 256 tiles at the largest n, warm: ``chip_program_s_<n>`` (programming
+and its at(0)) and ``chip_at_s_<n>`` on the Numba engine's path (the host, tile by tile),
+and ``chip_program_s_torch_<n>`` and ``chip_at_s_torch_<n>`` on the torch engine's (the
+GPU's code, here on the CPU device; crossbar/chip_on_device.py). Run from the repo root:
 
     python benchmarks/bench_tile.py [--quick]
 """
@@ -22,14 +25,16 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import at_seconds, interleaved_median_times, peak_rss_mb, steady_allocator  # noqa: E402
+from _timing import at_seconds, interleaved_median_times, median_time, peak_rss_mb, steady_allocator  # noqa: E402
 
 import mapping  # noqa: E402
 from crossbar import presets  # noqa: E402
+from crossbar.grid import TileGrid  # noqa: E402
 
 T_DAY = 86400.0
 
@@ -50,6 +55,18 @@ def measure(n_in: int, n_out: int, batch: int, tile: int, repeats: int, wire_ohm
         error = ((analog(x) - layer(x)).norm() / layer(x).norm()).item()
     return dict(n_in=n_in, n_out=n_out, batch=batch, tile=tile, convert_s=convert_s, at_s=at_s,
                 analog_s=analog_s, float_s=float_s, ratio=analog_s / float_s, relative_error=error)
+
+
+def chip_seconds(n: int, engine: str, repeats: int = 3) -> dict:
+    """Warm programming (with its at(0)) and at(t) of an n x n grid of 256 x 256 PCM tiles
+    by ``engine``'s path: median seconds."""
+    rng = np.random.default_rng(0)
+    g_plus, g_minus = rng.uniform(0, 25, (n, n)), rng.uniform(0, 25, (n, n))
+    grid = TileGrid(presets.pcm(rows=256, cols=256), n, n)
+    grid.engine = engine
+    seeds = list(range(grid.grid_shape[0] * grid.grid_shape[1]))
+    program_s = median_time(lambda: grid.program(g_plus, g_minus, seeds), repeats=repeats)
+    return {"program_s": program_s, "at_s": at_seconds(grid, T_DAY, repeats)}
 
 
 def scaling_table(quick: bool) -> dict:
@@ -88,8 +105,10 @@ def main() -> None:
     m.update(ratio_ir_drop=wired["ratio"], at_s_ir_drop=wired["at_s"], at_s_per_array_ir_drop=wired["at_s"] / 8,
              relative_error_ir_drop=wired["relative_error"])
     largest = scaling_table(args.quick)
-    # programming and at(t) of the largest layer (host work, tile by tile: crossbar/host_threads.py)
-    m.update({f"{key}_{largest['n_in']}": largest[key] for key in ("convert_s", "at_s")})
+    n = largest["n_in"]
+    m.update({f"{key}_{n}": largest[key] for key in ("convert_s", "at_s")})
+    for engine, suffix in (("numba", ""), ("torch", "_torch")):
+        m.update({f"chip_{key}{suffix}_{n}": value for key, value in chip_seconds(n, engine).items()})
     print(json.dumps(m))
 
 

@@ -84,7 +84,12 @@ def grids_made_on(device, engine: str = "auto"):
     engine on the host (see ``TileGrid.program``). Nesting restores the outer setting."""
     if engine not in ENGINES:
         raise ValueError(f"engine = {engine!r} is invalid: expected one of {ENGINES}")
-    token = _MADE_ON.set((None if device is None else torch.device(device), engine))
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device = {device!r} is invalid: expected None or a torch device ('cpu', 'cuda', "
+                         f"'cuda:1', ...)") from None
+    token = _MADE_ON.set((device, engine))
     try:
         yield
     finally:

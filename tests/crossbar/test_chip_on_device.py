@@ -124,9 +124,12 @@ def test_convert_programs_on_the_device_grids_are_made_on():
     assert all(np.array_equal(a.output_ranges(), b.output_ranges()) for a, b in grids)
 
 
-def test_grids_made_on_refuses_an_unknown_engine_and_restores_the_outer_setting():
+def test_grids_made_on_refuses_an_unknown_engine_or_device_and_restores_the_outer_setting():
     with pytest.raises(ValueError, match="engine = 'cuda' is invalid"):
         with grids_made_on("cpu", engine="cuda"):
+            pass
+    with pytest.raises(ValueError, match="device = 'gpu' is invalid: expected None or a torch device"):
+        with grids_made_on("gpu"):
             pass
     with grids_made_on("cpu", engine="torch"):
         with grids_made_on(None):

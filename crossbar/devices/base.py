@@ -1,16 +1,19 @@
 """The device interface: program, drift exponents, conductance at time t, read noise.
 
 A device model works on arrays of conductances in uS and never sees weights: mapping
-weights to conductances lives in ``mapping/``. Randomness comes in from the caller
-(numpy Generators, or the normals of the 1/f sample) so that the tile grid decides which
-stream feeds which physical effect of which tile.
+weights to conductances lives in ``mapping/``. Randomness comes in from the caller, as
+functions that return standard normals or uniforms shaped like the conductances, so
+that the tile grid decides which stream feeds which physical effect of which tile
+(``chip_draws.py``); a model calls them only for the effects it has.
 
 Generic programming effects that every model shares (finite levels, stuck-at faults,
 the clamp of negative conductances at 0) are implemented once here; a model supplies
 its programming sigma and, where it has them, drift exponents and slow-noise sigma.
 
 Every hook takes numpy arrays or torch tensors (``arrays.py``) and answers in kind: the
-grid runs the models on the host, or on the device that holds its chip.
+grid runs the models on the host, or on the device that holds its chip. A new model
+writes its arithmetic with ``xp = arrays.namespace(g)`` and is tested on both
+(``tests/crossbar/test_chip_on_device.py`` holds every model to the host bitwise).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import torch
 import mapping
 from crossbar import DeviceConfig, presets
 from crossbar.chip_draws import normals_of, row_block_hashes, tile_draws, uniforms_of
+from crossbar.devices import DEVICE_MODELS
 from crossbar.devices.table import table_csv
 from crossbar.grid import TileGrid, grids_made_on
 from crossbar.rng import stream_key
@@ -47,6 +48,10 @@ def programmed(config, engine, n_in=70, n_out=45, seed=4):
     grid.engine = engine
     seeds = [derive(seed, k) for k in range(grid.grid_shape[0] * grid.grid_shape[1])]
     return grid.program(g_plus, g_minus, seeds)
+
+
+def test_every_device_model_is_held_to_the_host_below():
+    assert {config.device.model for config in CONFIGS.values()} == set(DEVICE_MODELS)
 
 
 def test_a_tiles_draws_are_the_same_computed_per_tile_on_the_host_and_per_row_of_tiles_in_torch():

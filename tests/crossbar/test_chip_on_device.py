@@ -2,6 +2,8 @@
 against the host path (numpy device models, Numba draws): a seed names the same chip.
 On the CPU device the two agree bitwise; on CUDA the float64 logarithms and powers may
 differ in their last bit, which the float32 chip rounds away but for a counted few."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,23 @@ def test_calibration_on_the_device_sets_the_host_ranges(config):
     assert host.input_range == device.input_range
     assert np.array_equal(host.counts["adc_range_fallback"], device.counts["adc_range_fallback"])
     assert host.counts["adc_range_fallback"][1].all() and not host.counts["adc_range_fallback"][0].any()
+
+
+def test_a_chip_derived_on_the_device_saves_loads_and_copies_as_it_reads():
+    torch.manual_seed(0)
+    net = build_model("cnn", (1, 12, 12), 10).eval()
+    config = presets.pcm(rows=32, cols=32)
+    with grids_made_on("cpu", engine="torch"):
+        on_device = mapping.convert(net, config, seed=5)
+    x = torch.randn(8, 1, 12, 12)
+    on_device.calibrate([x])
+    on_device.at(3600.0)
+    loaded = mapping.convert(net, config, seed=9)  # another chip, made on the host
+    loaded.load_state_dict(on_device.state_dict())
+    copied = copy.deepcopy(on_device)
+    grids = [layer.matrices[0].grid for _, layer in on_device.analog_layers()]
+    for other in (loaded, copied):
+        others = [layer.matrices[0].grid for _, layer in other.analog_layers()]
+        assert all(np.array_equal(a.conductances(), b.conductances()) for a, b in zip(grids, others))
+    y = on_device(x)
+    assert torch.equal(copied(x), y) and torch.equal(loaded(x), y)

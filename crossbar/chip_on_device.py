@@ -23,6 +23,7 @@ import torch
 
 from .chip_draws import normals_of, row_block_hashes, uniforms_of
 from .torch_engine import column_keys
+from .wires import effective_conductance_torch
 
 
 class RowBlocks:
@@ -91,8 +92,8 @@ def program(grid, targets: tuple, program_tag: int, fault_tag: int, drift_tag: i
 
 def conductances_at(grid, t: float, slow_tags: tuple) -> tuple:
     """What the chip reads as at time t, from its programmed state on its device, as
-    ``grid._conductances_at`` gives it (without wires): (G+ and G- read (2, n_in, n_out)
-    float32, G+ - G- (n_in, n_out) float32, the per-pair read variance float32 or None
+    ``grid._conductances_at`` gives it: (G+ and G- read (2, n_in, n_out) float32, G+ - G-
+    through the wires (n_in, n_out) float32, the per-pair read variance float32 or None
     where it is uniform or absent, the uniform variance or None, each tile's devices
     clamped at 0 (R, C) int64 on the host); ``slow_tags`` name the 1/f sample's streams."""
     blocks = RowBlocks(grid)
@@ -108,10 +109,14 @@ def conductances_at(grid, t: float, slow_tags: tuple) -> tuple:
         g, below = model.conductance_at(g_prog[:, rs], None if nu is None else nu[:, rs], t,
                                         blocks.draws(slow_tags, r, rs.stop - rs.start))
         g_read[:, rs] = g
-        gdiff[rs] = g[0] - g[1]  # the float64 difference, rounded to float32
+        g_eff = _through_wires(grid, g)
+        gdiff[rs] = g_eff[0] - g_eff[1]  # the float64 difference, rounded to float32
         clamped[r] = blocks.per_tile(below)
         if noisy:
-            v = model.read_variance(g[0]) + model.read_variance(g[1])
+            if g_eff is g:
+                v = model.read_variance(g[0]) + model.read_variance(g[1])
+            else:
+                v = sum(model.read_variance(g[p]) * _attenuation(g_eff[p], g[p]) ** 2 for p in (0, 1))
             var[rs] = v
             first = v.reshape(-1)[0] if first is None else first
             same = (v == first).all()
@@ -121,6 +126,30 @@ def conductances_at(grid, t: float, slow_tags: tuple) -> tuple:
         # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
         return g_read, gdiff, None, float(first), clamped_host
     return g_read, gdiff, var, None, clamped_host
+
+
+def _through_wires(grid, g: torch.Tensor) -> torch.Tensor:
+    """G_eff (2, rows, n_out) of a row of tiles whose conductances are g, every tile
+    through its own wires (PHYSICS.md section 8; the tiles of one width solved as one
+    batch); g itself without wires. ``grid._through_wires`` on the host."""
+    wires = grid.config.ir_drop
+    if not wires.on:
+        return g
+    starts = [int(s) for s in grid.col_starts]
+    spans = list(zip(starts[:-1], starts[1:]))
+    out = torch.empty_like(g)
+    for width in sorted({b - a for a, b in spans}):
+        same = [(a, b) for a, b in spans if b - a == width]
+        arrays = torch.cat([g[:, :, a:b] for a, b in same])  # (2 x tiles, rows, width): G+ then G- of each
+        solved = effective_conductance_torch(arrays, wires.r_row, wires.r_col, grid.config.rows)
+        for k, (a, b) in enumerate(same):
+            out[:, :, a:b] = solved[2 * k:2 * k + 2]
+    return out
+
+
+def _attenuation(g_eff: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``grid._attenuation`` in torch: G_eff / G held to [0, 1], 1 where G is 0."""
+    return torch.where(g > 0, g_eff / g, torch.ones_like(g)).clamp(0.0, 1.0)
 
 
 def as_targets(targets: tuple, device: torch.device) -> tuple:

@@ -29,7 +29,8 @@ a large grid on host threads, ``host_threads.py``), the torch engine's on the gr
 device, a row of tiles at a time (``chip_on_device.py``). Both compute in float64 with
 the same device models and the same counter-based draws (``chip_draws.py``), so a seed
 names the same chip on either engine and device: bitwise on the CPU, and on CUDA but
-for the last bit of a float64 logarithm or power, which float32 rounds away.
+for the last bit of a float64 logarithm or power, which float32 rounds away. Through
+wires (IR drop) the two solve the same network with other factorisations, 1e-12 apart.
 """
 from __future__ import annotations
 
@@ -386,7 +387,7 @@ class TileGrid(CountsChanges, nn.Module):
         chip = (bits, self.g_prog, self.g_prog._version, self.nu, self.nu._version)
         found = self._read_at_time
         if found is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(found[0], chip)):
-            if self._derives_on_device() and not self.config.ir_drop.on:  # the wires' solver is numpy's
+            if self._derives_on_device():
                 derived = chip_on_device.conductances_at(self, t, (_SLOW_NOISE, bits))
             else:
                 derived = self._conductances_at(t, bits)

@@ -3,11 +3,12 @@ sparse solve of the same network, tiles with wires against the reference tile, a
 per-read noise approximation against per-read sampling through the wires."""
 import numpy as np
 import pytest
+import torch
 
 from crossbar import ReferenceTile, Tile, presets
 from crossbar.config import IRDropConfig
 from crossbar.reference import ir_drop_reference
-from crossbar.wires import effective_conductance
+from crossbar.wires import effective_conductance, effective_conductance_torch
 from tests.crossbar.test_tile import tile_and_reference
 
 
@@ -28,6 +29,18 @@ def test_effective_matrix_equals_the_nodal_solve(rng, rows, n, m, r_row, r_col):
         x[:n] = rng.uniform(-1, 1, n)
         want = ir_drop_reference(x, padded, r_row, r_col)
         assert np.allclose(x[:n] @ g_eff, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n,m", [(8, 8, 6), (12, 9, 7), (16, 16, 1), (6, 1, 5), (20, 13, 11)])
+@pytest.mark.parametrize("r_row,r_col", [(1.0, 1.0), (0.0, 30.0), (30.0, 0.0), (5000.0, 1000.0), (0.0, 0.0)])
+def test_the_torch_solve_of_a_batch_equals_lapacks_array_by_array(rng, rows, n, m, r_row, r_col):
+    g = rng.uniform(0, 25, (3, n, m))
+    g[0, 0, 0] = 0.0  # an empty cross point
+    want = np.stack([effective_conductance(a, r_row, r_col, rows) for a in g])
+    got = effective_conductance_torch(torch.from_numpy(g), r_row, r_col, rows).numpy()
+    # the same elimination, dense Cholesky factors in place of tridiagonal ones: float64 rounding apart
+    assert np.allclose(got, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
 
 
 def test_large_wire_resistances_drop_tens_of_percent_and_stay_exact(rng):

@@ -12,7 +12,8 @@ cut, and a device keeps its draws however many of the tile's rows and columns a 
 uses. Each stream's key comes from the tile's seed and the effect's tag (``grid.py``).
 The host computes them with the Numba functions here, one tile at a time; a grid on
 another torch device computes them there, one row of tiles at a time
-(:func:`row_block_hashes` and ``torch_engine``'s ziggurat), to the same bits.
+(:func:`row_block_hashes` into ``torch_engine.normals_from_hash`` and
+``uniforms_from_hash``), to the same bits.
 """
 from __future__ import annotations
 
@@ -58,13 +59,3 @@ def row_block_hashes(keys: torch.Tensor, columns: torch_engine.ColumnMap, arrays
     i = torch.arange(rows, dtype=torch.int64, device=device)[None, :, None]
     counters = (p * tile_shape[0] + i) * tile_shape[1] + columns.offset.to(torch.int64)[None, None, :]
     return torch_engine.counter_hash(keys[None, None, :], counters)
-
-
-def normals_of(hashes: torch.Tensor) -> torch.Tensor:
-    """Standard normals (float64) of counter hashes: ``rng.normal_from_hash``."""
-    return torch_engine.normals_from_hash(hashes)
-
-
-def uniforms_of(hashes: torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1] (float64) of counter hashes: ``rng._uniform``."""
-    return torch_engine._uniform(hashes)

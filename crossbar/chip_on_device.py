@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .chip_draws import normals_of, row_block_hashes, uniforms_of
-from .torch_engine import column_keys
-from .wires import effective_conductance_torch
+from .chip_draws import row_block_hashes
+from .torch_engine import column_keys, normals_from_hash, uniforms_from_hash
+from .wires import effective_conductance_torch, pair_read_variance
 
 
 class RowBlocks:
@@ -53,7 +53,7 @@ class RowBlocks:
         streams ``tags`` name."""
         def draw() -> torch.Tensor:
             hashes = row_block_hashes(self.keys(tags)[r], self.columns, 2, rows, self.tile_shape)
-            return uniforms_of(hashes) if uniform else normals_of(hashes)
+            return uniforms_from_hash(hashes) if uniform else normals_from_hash(hashes)
         return draw
 
     def per_tile(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -113,10 +113,7 @@ def conductances_at(grid, t: float, slow_tags: tuple) -> tuple:
         gdiff[rs] = g_eff[0] - g_eff[1]  # the float64 difference, rounded to float32
         clamped[r] = blocks.per_tile(below)
         if noisy:
-            if g_eff is g:
-                v = model.read_variance(g[0]) + model.read_variance(g[1])
-            else:
-                v = sum(model.read_variance(g[p]) * _attenuation(g_eff[p], g[p]) ** 2 for p in (0, 1))
+            v = pair_read_variance(model.read_variance, g, g_eff)
             var[rs] = v
             first = v.reshape(-1)[0] if first is None else first
             same = (v == first).all()
@@ -145,11 +142,6 @@ def _through_wires(grid, g: torch.Tensor) -> torch.Tensor:
         for k, (a, b) in enumerate(same):
             out[:, :, a:b] = solved[2 * k:2 * k + 2]
     return out
-
-
-def _attenuation(g_eff: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``grid._attenuation`` in torch: G_eff / G held to [0, 1], 1 where G is 0."""
-    return torch.where(g > 0, g_eff / g, torch.ones_like(g)).clamp(0.0, 1.0)
 
 
 def as_targets(targets: tuple, device: torch.device) -> tuple:

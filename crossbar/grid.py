@@ -52,7 +52,7 @@ from .percentile import percentile
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .precision import ieee_float32, moves_only
 from .rng import stream_key
-from .wires import effective_conductance
+from .wires import effective_conductance, pair_read_variance
 from .seeding import as_seed_sequence, derive
 from .state_changes import CountsChanges
 from .tensor_mode import normal_tensors
@@ -428,8 +428,7 @@ class TileGrid(CountsChanges, nn.Module):
             gdiff[rs, cs] = g_eff[0] - g_eff[1]  # the float64 difference, rounded to float32
             if not noisy:
                 return None
-            v = sum(self.device.read_variance(g[p]) * (1.0 if g_eff is g else _attenuation(g_eff[p], g[p]) ** 2)
-                    for p in (0, 1))
+            v = pair_read_variance(self.device.read_variance, g, g_eff)
             var[rs, cs] = v
             return bool(np.all(v == v.flat[0])), v.flat[0]
 
@@ -1040,16 +1039,6 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     view = a.view()
     view.flags.writeable = False
     return view
-
-
-def _attenuation(g_eff: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """G_eff / G per device: how much of its current reaches the sense amplifier. A
-    device's per-read noise is a fluctuation of its conductance, which the wires pass on
-    attenuated as its signal (to first order; PHYSICS.md section 8 states the error).
-    G_eff also holds the other devices' tiny cross-talk, which a near-zero G would turn
-    into a huge ratio: the factor is held to [0, 1], its physical range, and devices at
-    0 uS pass their absolute noise unattenuated (1: an upper bound)."""
-    return np.clip(np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0), 0.0, 1.0)
 
 
 def check_range(name: str, value) -> float:

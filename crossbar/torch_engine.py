@@ -136,8 +136,9 @@ def counter_hash(key: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return mix64(key ^ (n * _signed(GOLDEN)))
 
 
-def _uniform(h: torch.Tensor) -> torch.Tensor:
-    """Uniform in (0, 1] from the top 53 bits (exact in float64)."""
+def uniforms_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """A uniform in (0, 1] (float64) from each 64-bit hash's top 53 bits (exact):
+    ``rng._uniform``."""
     return (_shr(h, 11) + 1).double() * (1.0 / 9007199254740992.0)
 
 
@@ -258,14 +259,14 @@ def _under_wedge(h, k, x, iz, fn) -> torch.Tensor:
     """The ziggurat's wedge test of x in layer iz with the uniform of h + k: whether x
     lies under the density (iz = 0, the tail's layer, is tested as layer 1: unused)."""
     layer = torch.where(iz == 0, torch.ones_like(iz), iz)
-    return fn[layer] + _uniform(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x)
+    return fn[layer] + uniforms_from_hash(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x)
 
 
 def _tail_attempt(h, k) -> tuple:
     """Marsaglia's tail attempt with the uniforms of h + k and h + k + 1: (a, whether
     it is accepted); the normal is R + a, signed."""
-    a = -torch.log(_uniform(mix64(h + k))) / ZIGGURAT_R
-    b = -torch.log(_uniform(mix64(h + k + 1)))
+    a = -torch.log(uniforms_from_hash(mix64(h + k))) / ZIGGURAT_R
+    b = -torch.log(uniforms_from_hash(mix64(h + k + 1)))
     return a, b + b >= a * a
 
 

@@ -167,3 +167,26 @@ def _spd_inverse_torch(a: torch.Tensor) -> torch.Tensor:
     inverse = torch.cholesky_inverse(factor)
     upper = torch.triu(inverse)
     return upper + torch.triu(upper, 1).transpose(-1, -2)
+
+
+def attenuation(g_eff, g):
+    """G_eff / G per device, numpy or torch: how much of its current reaches the sense
+    amplifier. A device's per-read noise is a fluctuation of its conductance, which the
+    wires pass on attenuated as its signal (to first order; PHYSICS.md section 8 states
+    the error). G_eff also holds the other devices' tiny cross-talk, which a near-zero G
+    would turn into a huge ratio: the factor is held to [0, 1], its physical range, and
+    devices at 0 uS pass their absolute noise unattenuated (1: an upper bound)."""
+    if isinstance(g, torch.Tensor):
+        return torch.where(g > 0, g_eff / g, torch.ones_like(g)).clamp(0.0, 1.0)
+    return np.clip(np.divide(g_eff, g, out=np.ones_like(g_eff), where=g > 0), 0.0, 1.0)
+
+
+def pair_read_variance(read_variance, g, g_eff):
+    """sigma+^2 + sigma-^2 of each pair as its column sees it, (rows, cols), numpy or
+    torch: each device's per-read variance (``read_variance``, the device model's, of
+    the conductances g (2, rows, cols) read) times its :func:`attenuation` squared
+    through the wires (G_eff ``g_eff``; ``g`` itself without wires: no attenuation)."""
+    if g_eff is g:
+        return read_variance(g[0]) + read_variance(g[1])
+    plus, minus = (read_variance(g[p]) * attenuation(g_eff[p], g[p]) ** 2 for p in (0, 1))
+    return plus + minus

@@ -10,7 +10,8 @@ import torch
 
 import mapping
 from crossbar import DeviceConfig, presets
-from crossbar.chip_draws import normals_of, row_block_hashes, tile_draws, uniforms_of
+from crossbar.chip_draws import row_block_hashes, tile_draws
+from crossbar.torch_engine import normals_from_hash, uniforms_from_hash
 from crossbar.devices import DEVICE_MODELS
 from crossbar.devices.table import table_csv
 from crossbar.grid import TileGrid, grids_made_on
@@ -61,7 +62,7 @@ def test_a_tiles_draws_are_the_same_computed_per_tile_on_the_host_and_per_row_of
     columns = grid.column_map()
     keys = np.array([[stream_key(derive(s, 7)) for s in grid.seeds]], np.uint64).reshape(grid.grid_shape)
     keys_t = torch.from_numpy(keys.view(np.int64))[:, columns.tile]
-    for uniform, of in ((False, normals_of), (True, uniforms_of)):
+    for uniform, of in ((False, normals_from_hash), (True, uniforms_from_hash)):
         for r, (lo, hi) in enumerate(zip(grid.row_starts[:-1], grid.row_starts[1:])):
             on_device = of(row_block_hashes(keys_t[r], columns, 2, int(hi - lo), (32, 16))).numpy()
             for c, (a, b) in enumerate(zip(grid.col_starts[:-1], grid.col_starts[1:])):

@@ -85,16 +85,20 @@ def grids_made_on(device, engine: str = "auto"):
     engine on the host (see ``TileGrid.program``). Nesting restores the outer setting."""
     if engine not in ENGINES:
         raise ValueError(f"engine = {engine!r} is invalid: expected one of {ENGINES}")
-    try:
-        device = None if device is None else torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device = {device!r} is invalid: expected None or a torch device ('cpu', 'cuda', "
-                         f"'cuda:1', ...)") from None
-    token = _MADE_ON.set((device, engine))
+    token = _MADE_ON.set((_torch_device(device), engine))
     try:
         yield
     finally:
         _MADE_ON.reset(token)
+
+
+def _torch_device(device) -> Optional[torch.device]:
+    """``device`` (None, a torch device or its name) as a torch.device, or an error that names it."""
+    try:
+        return None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device = {device!r} is invalid: expected None or a torch device ('cpu', 'cuda', "
+                         f"'cuda:1', ...)") from None
 
 
 def block_starts(n: int, size: int) -> np.ndarray:
@@ -189,7 +193,7 @@ class TileGrid(CountsChanges, nn.Module):
         self._uploaded_ranges: Optional[tuple] = None  # (host ranges, their copy on the device)
         self._device_counts: dict = {}  # count name -> running device tensor, not yet read
         made_on, engine = _MADE_ON.get()
-        device = made_on if device is None else device
+        device = made_on if device is None else _torch_device(device)
         if device is not None:  # the chip is then programmed there (see program)
             self.to(device)
         self.engine = engine

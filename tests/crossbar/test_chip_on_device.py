@@ -163,6 +163,8 @@ def test_grids_made_on_refuses_an_unknown_engine_or_device_and_restores_the_oute
     with pytest.raises(ValueError, match="device = 'gpu' is invalid: expected None or a torch device"):
         with grids_made_on("gpu"):
             pass
+    with pytest.raises(ValueError, match="device = 'gpu' is invalid: expected None or a torch device"):
+        TileGrid(presets.ideal(rows=8, cols=8), 4, 4, device="gpu")
     with grids_made_on("cpu", engine="torch"):
         with grids_made_on(None):
             assert TileGrid(presets.ideal(rows=8, cols=8), 4, 4).engine == "numba"

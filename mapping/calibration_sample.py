@@ -13,13 +13,17 @@ calibration, per weight group, drawn with the layer's seeded generator. Two poli
   The first rows would be the first time steps only, whose hidden state is still near
   its zero start, and ranges calibrated on them clip the later steps.
 
-Both fetch only the rows they keep (``fetch(rows)``), so a convolution unrolls only those.
+Both fetch only the rows they keep (``fetch(rows)``), so a convolution unrolls only those,
+and keep them as float32 tensors where the layer's inputs are (a GPU's sample never
+visits the host). Which rows are kept is drawn on the host with the layer's numpy
+generator, so a seed names the same sample on every device.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 
 class FirstRows:
@@ -31,21 +35,25 @@ class FirstRows:
         self._parts: list = []
         self._have = 0
 
-    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], np.ndarray]) -> bool:
-        """Take the first of ``n`` rows that fit; True once the sample is full (final)."""
+    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], torch.Tensor]) -> bool:
+        """Take the first of ``n`` rows that fit; True once the sample is full (final).
+        ``fetch(rows)`` returns the rows chosen (None: all) as a tensor or array."""
         self.calls += 1
         if n == 0:
             return False
         rows = None
         if n > self.keep - self._have:
             rows = np.sort(self.rng.choice(n, self.keep - self._have, replace=False))
-        x = np.array(fetch(rows), dtype=np.float32, copy=True)
+        x = _float32(fetch(rows), copy=True)  # a copy: the layer may reuse its input's memory
         self._parts.append(x)
         self._have += len(x)
         return self._have >= self.keep
 
-    def rows(self) -> np.ndarray:
-        return np.concatenate(self._parts) if self._parts else np.zeros((0, self.width), np.float32)
+    def rows(self) -> torch.Tensor:
+        """The sample, (rows, width) float32 on the device its rows came from."""
+        if not self._parts:
+            return torch.zeros((0, self.width), dtype=torch.float32)
+        return torch.cat(self._parts) if len(self._parts) > 1 else self._parts[0].contiguous()
 
 
 class Reservoir(FirstRows):
@@ -57,7 +65,7 @@ class Reservoir(FirstRows):
         self.seen = 0           # rows offered so far
         self._rows: Optional[np.ndarray] = None
 
-    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], np.ndarray]) -> bool:
+    def offer(self, n: int, fetch: Callable[[Optional[np.ndarray]], torch.Tensor]) -> bool:
         self.calls += 1
         if n == 0:
             return False
@@ -72,16 +80,17 @@ class Reservoir(FirstRows):
         _, first_from_end = np.unique(slot[chosen][::-1], return_index=True)
         chosen = np.sort(chosen[len(chosen) - 1 - first_from_end])
         if len(chosen):
+            x = _float32(fetch(chosen))
             if self._rows is None:
-                self._rows = np.empty((self.keep, self.width), np.float32)
-            self._rows[slot[chosen]] = np.asarray(fetch(chosen), dtype=np.float32)
+                self._rows = torch.empty((self.keep, self.width), dtype=torch.float32, device=x.device)
+            self._rows[torch.from_numpy(slot[chosen]).to(x.device)] = x
         self.seen += n
         return False
 
-    def rows(self) -> np.ndarray:
+    def rows(self) -> torch.Tensor:
         if self._rows is None:
-            return np.zeros((0, self.width), np.float32)
-        return self._rows[:min(self.seen, self.keep)].copy()
+            return torch.zeros((0, self.width), dtype=torch.float32)
+        return self._rows[:min(self.seen, self.keep)].clone()
 
 
 class Unsampled(FirstRows):
@@ -89,3 +98,8 @@ class Unsampled(FirstRows):
 
     def offer(self, n: int, fetch) -> bool:
         return False
+
+
+def _float32(rows, copy: bool = False) -> torch.Tensor:
+    """Fetched rows (a tensor on any device, or a numpy array) as a float32 tensor there."""
+    return torch.as_tensor(rows).detach().to(torch.float32, copy=copy)

@@ -189,9 +189,9 @@ class AnalogConv2d(AnalogLayer):
 
         def fetch(rows):
             if rows is None:
-                return self._unroll(xg, h_out, w_out).cpu().numpy()
+                return self._unroll(xg, h_out, w_out)
             n, h, w = (torch.from_numpy(i).to(xg.device) for i in np.unravel_index(rows, patches.shape[:3]))
-            return patches[n, h, w].reshape(len(rows), -1).cpu().numpy()
+            return patches[n, h, w].reshape(len(rows), -1)
 
         self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
         y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out].to(xg.dtype),

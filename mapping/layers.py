@@ -94,8 +94,7 @@ class AnalogLayer(CountsChanges, nn.Module):
             self._empty_batch()
             return vectors.new_zeros((0, self.matrices[g].shape[0]))
         if self._calibration is not None:
-            self._sample_for_calibration(g, len(vectors), lambda rows: _to_numpy(vectors if rows is None
-                                                                                 else vectors[rows]))
+            self._sample_for_calibration(g, len(vectors), lambda rows: vectors if rows is None else vectors[rows])
             return vectors @ self._group_weight(g).t().to(vectors.dtype)
         matrix = self.matrices[g]
         if matrix.grid.engine == "torch":  # on the grid's device, never via the host

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from crossbar import TileConfig
-from crossbar.grid import TileGrid
+from crossbar.grid import TileGrid, percentile_range
 from crossbar.precision import moves_only
 from crossbar.state_changes import CountsChanges
 from crossbar.tensor_mode import normal_tensors
@@ -194,34 +194,51 @@ class AnalogMatrix(CountsChanges, nn.Module):
         """Calibrate DAC (one range per layer) and ADC (one per tile) ranges on sample
         inputs X (batch, in), right after programming (t = 0), then measure r0.
 
-        A sample too sparse for the percentile takes its maximum. A layer whose sample is
-        all zero keeps a DAC range of 1 (normalised volts) and ``dac_range_fallback``;
-        a tile whose inputs are all zero takes its ADC range from its conductances
-        (``TileGrid.calibrate_output``); both are counted, and the run goes on."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.shape[1] or x.shape[0] == 0:
-            raise ValueError(f"layer {self.name!r}: calibration input has shape {x.shape}: "
-                             f"expected (batch > 0, {self.shape[1]})")
+        X is a numpy array or a tensor; the torch engine calibrates on the grid's device
+        (a GPU's sample never visits the host), the Numba engine on the host, to the same
+        ranges (``crossbar.percentile``). A sample too sparse for the percentile takes its
+        maximum. A layer whose sample is all zero keeps a DAC range of 1 (normalised volts)
+        and ``dac_range_fallback``; a tile whose inputs are all zero takes its ADC range
+        from its conductances (``TileGrid.calibrate_output``); both are counted, and the
+        run goes on."""
+        x = self._calibration_input(x)
         t = self.time
         self.grid.at(0.0)
         cfg = self.tile_config
-        self.dac_range_fallback = cfg.dac.range_mode == "calibrated" and not np.any(x)
         if cfg.dac.range_mode == "calibrated":
-            magnitudes = np.abs(x)
-            self.grid.set_input_range(float(np.percentile(magnitudes, cfg.dac.percentile))
-                                      or float(magnitudes.max()) or 1.0)
+            found = percentile_range(abs(x), cfg.dac.percentile)
+            self.dac_range_fallback = found is None
+            self.grid.set_input_range(1.0 if found is None else found)
+        else:
+            self.dac_range_fallback = False
         if cfg.adc.range_mode == "calibrated":
             self.grid.calibrate_output(x)
         compensation_x = x[:COMPENSATION_ROWS]
-        if not np.any(compensation_x):
+        if not compensation_x.any():
             # all-zero inputs read zero at every time; every line at full scale reads the array
             compensation_x = np.full((1, self.shape[1]), self.grid.input_range or 1.0, np.float32)
         # a copy: a view would keep the whole calibration sample alive with the layer
-        self.compensation_x = torch.from_numpy(np.array(compensation_x, dtype=np.float32, copy=True)).to(
-            self.divisor.device)
+        self.compensation_x = torch.as_tensor(compensation_x).to(self.divisor.device, torch.float32, copy=True)
         self._measure_r0()
         self.at(t)
         return self
+
+    def _calibration_input(self, x):
+        """A calibration sample as the grid's engine takes it (float32: a tensor on the
+        grid's device, or numpy), checked: (batch > 0, in), finite."""
+        if self.grid.engine == "torch":
+            x = torch.as_tensor(x).detach().to(self.grid.torch_device, torch.float32)
+            n_bad = int((~torch.isfinite(x)).sum()) if x.ndim == 2 else 0
+        else:
+            x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+            n_bad = int((~np.isfinite(x)).sum()) if x.ndim == 2 else 0
+        if x.ndim != 2 or x.shape[1] != self.shape[1] or x.shape[0] == 0:
+            raise ValueError(f"layer {self.name!r}: calibration input has shape {tuple(x.shape)}: "
+                             f"expected (batch > 0, {self.shape[1]})")
+        if n_bad:
+            raise ValueError(f"layer {self.name!r}: calibration input has {n_bad} NaN or Inf values: ranges "
+                             f"calibrated on them would be undefined; calibrate on finite inputs")
+        return x
 
     def _measure_r0(self) -> None:
         self.alpha = 1.0

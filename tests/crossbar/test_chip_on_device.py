@@ -3,6 +3,7 @@ against the host path (numpy device models, Numba draws): a seed names the same 
 On the CPU device the two agree bitwise; on CUDA the float64 logarithms and powers may
 differ in their last bit, which the float32 chip rounds away but for a counted few."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from crossbar.rng import stream_key
 from crossbar.seeding import derive
 from tests.conftest import needs_cuda
 from eval.models import build_model
+from tests.mapping.test_calibration_sample import ramp_lstm
 
 pytestmark = pytest.mark.gpu
 
@@ -244,3 +246,51 @@ def test_a_chip_derived_on_the_device_saves_loads_and_copies_as_it_reads():
         assert all(np.array_equal(a.conductances(), b.conductances()) for a, b in zip(grids, others))
     y = on_device(x)
     assert torch.equal(copied(x), y) and torch.equal(loaded(x), y)
+
+
+def _cnn_and_input():
+    torch.manual_seed(0)
+    return build_model("cnn", (1, 12, 12), 10).eval(), torch.randn(8, 1, 12, 12)
+
+
+@pytest.mark.parametrize("model", [_cnn_and_input, lambda: (ramp_lstm()[0], ramp_lstm()[1][:16])],
+                         ids=["cnn_first_rows", "lstm_reservoir"])
+def test_a_model_calibrates_on_the_grids_device_to_the_host_ranges_without_fetching_its_sample(model, monkeypatch):
+    """The layers keep their samples as tensors where their inputs are and the torch
+    engine takes the DAC percentile there: on the CPU device nothing bigger than a
+    percentile's two order statistics or the per-tile ranges becomes a numpy array (a
+    sample did, before), and the ranges, the drift
+    compensation reference and r0 are the host's bitwise."""
+    net, x = model()
+    config = presets.pcm(rows=32, cols=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        host = mapping.convert(net, config, seed=5)
+        with grids_made_on("cpu", engine="torch"):
+            device = mapping.convert(net, config, seed=5)
+    host.calibrate([x])
+    fetched = []
+    to_numpy = torch.Tensor.numpy
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda t, **kw: fetched.append(t.numel()) or to_numpy(t, **kw))
+    device.calibrate([x])
+    monkeypatch.undo()
+    # what does reach the host: two order statistics, and each grid's (R, C) ranges
+    matrices = [m for _, layer in device.analog_layers() for m in layer.matrices]
+    smallest_sample = min(m.compensation_x.shape[0] * m.shape[1] for m in matrices)
+    assert max(fetched) <= max(2, max(m.n_tiles for m in matrices)) < smallest_sample
+    for (_, a), (_, b) in zip(host.analog_layers(), device.analog_layers()):
+        for m, n in zip(a.matrices, b.matrices):
+            assert n.grid.engine == "torch" and m.grid.engine == "numba"
+            assert m.grid.input_range == n.grid.input_range
+            assert np.array_equal(m.grid.output_ranges(), n.grid.output_ranges())
+            assert torch.equal(m.compensation_x, n.compensation_x) and torch.equal(m.r0, n.r0)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_a_calibration_sample_with_nan_or_inf_is_refused_naming_the_layer(engine):
+    with grids_made_on("cpu", engine=engine):
+        matrix = mapping.AnalogMatrix(np.ones((4, 6)), presets.pcm(rows=8, cols=8), seed=0, name="fc")
+    x = torch.ones(5, 6)
+    x[1, 2], x[3, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"layer 'fc': calibration input has 2 NaN or Inf values"):
+        matrix.calibrate(x)

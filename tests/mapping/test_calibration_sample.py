@@ -35,7 +35,7 @@ def test_a_reservoir_is_a_uniform_sample_of_every_call_fetching_only_what_it_kee
     total = calls * size
     reservoir = Reservoir(keep, 1, np.random.default_rng(0))
     fetched = offered(reservoir, calls, size)
-    kept = reservoir.rows()[:, 0].astype(int)
+    kept = reservoir.rows()[:, 0].numpy().astype(int)
     assert len(kept) == keep and len(np.unique(kept)) == keep
     # uniform without replacement: the share from the last half of the calls is 1/2
     share = np.mean(kept >= total // 2)
@@ -46,13 +46,13 @@ def test_a_reservoir_is_a_uniform_sample_of_every_call_fetching_only_what_it_kee
     assert abs(fetched - p.sum()) < 5 * np.sqrt((p * (1 - p)).sum()) + 1
     again = Reservoir(keep, 1, np.random.default_rng(0))
     offered(again, calls, size)
-    assert np.array_equal(again.rows(), reservoir.rows())  # the seed names the sample
+    assert torch.equal(again.rows(), reservoir.rows())  # the seed names the sample
 
 
 def test_a_reservoir_not_filled_keeps_every_row_in_order():
     reservoir = Reservoir(1000, 1, np.random.default_rng(0))
     offered(reservoir, 3, 200)
-    assert np.array_equal(reservoir.rows()[:, 0], np.arange(600))
+    assert np.array_equal(reservoir.rows()[:, 0].numpy(), np.arange(600))
 
 
 def test_first_rows_take_the_first_calls_and_a_random_subset_of_the_one_that_fills_them():
@@ -60,7 +60,7 @@ def test_first_rows_take_the_first_calls_and_a_random_subset_of_the_one_that_fil
     full = [first.offer(400, lambda rows, c=c: (c * 400 + (np.arange(400) if rows is None else rows))[:, None])
             for c in range(3)]
     assert full == [False, False, True]
-    kept = first.rows()[:, 0]
+    kept = first.rows()[:, 0].numpy()
     assert np.array_equal(kept[:800], np.arange(800)) and len(kept) == 1000 and np.all(kept[800:] >= 800)
 
 

@@ -362,7 +362,8 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
                            "parameters": sum(p.numel() for p in own)})
     if digital:
         named = [f"{name} ({refused[name]})" if name in refused else name for name in digital]
-        warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=2)
+        # stacklevel 3: the caller of convert, past normal_tensors' wrapper
+        warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=3)
     # in eval mode as a whole, as the copy was put: the analog layers are new modules
     # (torch makes them in training mode), and an attention's or a recurrent layer's
     # dropout acts in training mode

@@ -53,8 +53,9 @@ def test_ideal_conversion_matches_float(make, shape, tile):
 def test_original_untouched_report_and_warning():
     model = randomise_batchnorm(cnn())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="kept digital.*1"):
+    with pytest.warns(UserWarning, match="kept digital.*1") as caught:
         analog = convert(model, presets.ideal(rows=32, cols=32), seed=0)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model[0], nn.Conv2d)
     where = {r["layer"]: r["where"] for r in analog.report}

@@ -102,7 +102,7 @@ class AnalogModel(nn.Module):
         self.module = module
         self.report = report
         self.digital_layers = digital_layers
-        self.time = 0.0
+        self._time = 0.0  # the time of a model with no analog layer (see time)
         self._graphs: Optional[PassGraphs] = None  # see use_cuda_graphs
         self._skippable: tuple = ()  # see allow_skipping
 
@@ -196,9 +196,21 @@ class AnalogModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the chip's state lives (and inputs must be)."""
-        _, layer = self.analog_layers()[0]
-        return layer.matrices[0].grid.torch_device
+        """Where the chip's state lives (and inputs must be); for a model with no analog
+        layer, where its float module's first parameter or buffer is (the CPU if none)."""
+        layers = self.analog_layers()
+        if layers:
+            return layers[0][1].matrices[0].grid.torch_device
+        tensor = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    @property
+    def time(self) -> float:
+        """The inference time (s since programming) the chip is at: its analog layers'
+        (the first one's, where single layers were set apart), so a loaded state dict
+        or a deep copy tells the time its chip was saved at."""
+        layers = self.analog_layers()
+        return layers[0][1].matrices[0].time if layers else self.__dict__.get("_time", 0.0)
 
     def analog_layers(self) -> list:
         return [(name, m) for name, m in self.module.named_modules() if isinstance(m, AnalogLayer)]
@@ -208,7 +220,7 @@ class AnalogModel(nn.Module):
         t = inference_time(t)
         for _, layer in self.analog_layers():
             layer.at(t)
-        self.time = t
+        self._time = t
         return self
 
     def calibrate(self, batches: Iterable, seed: int = 0) -> "AnalogModel":

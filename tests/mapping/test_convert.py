@@ -229,7 +229,16 @@ def test_save_reload_is_bitwise_equal():
         fresh = convert(model, cfg, seed=99).calibrate([x[:4], x[4:]]).at(3600.0)(x)
     assert not torch.equal(fresh, first)
     other.load_state_dict(torch.load(buffer))  # weights_only: the state is tensors and numbers
-    assert torch.equal(other.at(3600.0)(x), first)
+    assert other.time == 3600.0  # the saved chip's time (the model said 0.0 before)
+    assert torch.equal(other(x), first) and torch.equal(other.at(3600.0)(x), first)
+
+
+def test_a_model_with_no_analog_layer_tells_its_device_and_time():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analog = convert(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), presets.pcm(), seed=0)
+    assert analog.analog_layers() == [] and analog.device == torch.device("cpu")
+    assert analog.at(60.0).time == 60.0
 
 
 def test_a_chip_of_another_tile_size_is_refused_by_name_and_not_loaded():

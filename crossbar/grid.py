@@ -546,8 +546,8 @@ class TileGrid(CountsChanges, nn.Module):
         """Each row block's outputs (vectors, n_out) for inputs x through the DAC, read
         now with the streams of ``keys`` (R, C) and no ADC (every bit-serial cycle's
         inputs a vector of their own), float32 numpy arrays: the Numba engine's, on the
-        host (np.partition finds a percentile's order statistics 3x faster there than
-        torch.kthvalue)."""
+        host (np.partition finds a percentile's order statistics 2-3x faster there than
+        torch.topk)."""
         x = self.check_input(x)
         xq, scales, _ = self._convert_inputs(x)
         cycles = self._cycles(xq)

@@ -30,7 +30,7 @@ from .conv3d import AnalogConv3d
 from .conv_transpose import AnalogConvTranspose2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
 from .recurrent import AnalogRNNBase, AnalogRNNCellBase
-from .devices import resolve_device
+from .devices import module_device, resolve_device
 from .graphs import PassGraphs
 from .memory import release_free_memory
 
@@ -199,10 +199,7 @@ class AnalogModel(nn.Module):
         """Where the chip's state lives (and inputs must be); for a model with no analog
         layer, where its float module's first parameter or buffer is (the CPU if none)."""
         layers = self.analog_layers()
-        if layers:
-            return layers[0][1].matrices[0].grid.torch_device
-        tensor = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
-        return torch.device("cpu") if tensor is None else tensor.device
+        return layers[0][1].matrices[0].grid.torch_device if layers else module_device(self.module)
 
     @property
     def time(self) -> float:

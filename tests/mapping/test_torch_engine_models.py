@@ -211,3 +211,29 @@ def test_on_cuda_a_model_runs_without_leaving_the_device():
     # it every output of the layer by a rounding: compare values, not bits
     assert np.allclose(y_cpu.numpy(), y_gpu.cpu().numpy(), atol=0.02 * float(y_cpu.abs().max()))
     assert torch.equal(y_cpu.argmax(1), y_gpu.cpu().argmax(1))
+
+
+@needs_cuda
+def test_on_cuda_a_chip_calibrates_and_reads_under_deterministic_algorithms(monkeypatch):
+    """The CPU test above, on CUDA, where more operations refuse the mode: CUDA's kthvalue
+    did (the calibration's percentiles now use topk). cuBLAS needs its workspace setting
+    in this mode, which torch asks of every user."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    config = presets.pcm(rows=32, cols=16)
+    models = []
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            analog = converted(config, device="cuda")
+            analog.calibrate([X.cuda()])
+            y = analog.at(3600.0)(X.cuda())
+            torch.cuda.synchronize()
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        assert torch.isfinite(y).all()
+        models.append(analog)
+    for (_, a), (_, b) in zip(*(m.analog_layers() for m in models)):
+        for m, n in zip(a.matrices, b.matrices):
+            # deterministic cuDNN may pick other algorithms: sums may round otherwise
+            assert np.allclose(m.grid.output_ranges(), n.grid.output_ranges(), rtol=1e-5, atol=0)

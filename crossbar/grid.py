@@ -536,7 +536,7 @@ class TileGrid(CountsChanges, nn.Module):
         for r, y in enumerate(read(x, keys)):
             for c in range(self.grid_shape[1]):
                 outputs = y[:, self.col_starts[c]:self.col_starts[c + 1]]
-                found = percentile_range(outputs.abs() if isinstance(outputs, torch.Tensor) else np.abs(outputs), q)
+                found = percentile_range(abs(outputs), q)  # numpy or a tensor
                 self.counts["adc_range_fallback"][r, c] = int(found is None)
                 ranges[r, c] = found if found is not None else self._largest_output(r, c)
         self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives

@@ -110,7 +110,7 @@ def effective_conductance_torch(g: torch.Tensor, r_row: float, r_col: float, phy
     any device), the same elimination with dense Cholesky factors in place of LAPACK's
     tridiagonal ones: equal to it within float64 rounding (about 1e-15 relative), so the
     float32 chips a grid stores agree but for a rare last bit."""
-    batch, n, m = g.shape
+    _, n, m = g.shape
     if physical_rows < n:
         raise ValueError(f"physical_rows = {physical_rows} is invalid: the arrays have {n} used rows")
     if r_row == 0 and r_col == 0:

@@ -128,6 +128,8 @@ class AnalogConv2d(AnalogLayer):
             chunk = max(1, vectors // (h_out * w_out))
             if x.shape[0] == 0:  # (the loop below reads nothing then)
                 self._empty_batch()
+            elif calibrating:
+                self._offer_calibration(x, h_out, w_out)
             if 0 < x.shape[0] <= chunk and self.groups == 1 and x.dtype == torch.float32:
                 # one product: its output is the layer's (a copy of every output into a
                 # preallocated one was a copy kernel per layer on a GPU)
@@ -181,19 +183,30 @@ class AnalogConv2d(AnalogLayer):
         """(positions, C kh kw) input vectors of an NHWC group input: one copy."""
         return self._patches(xg, h_out, w_out).reshape(-1, xg.shape[3] * self.weight.shape[2] * self.weight.shape[3])
 
+    def _offer_calibration(self, x: torch.Tensor, h_out: int, w_out: int) -> None:
+        """Offer every group's input vectors of this call (an NHWC input, padded) to its
+        calibration sample at once, the sampled receptive fields unrolled alone. Once per
+        call, not per chunk of products: a sample that keeps the first rows offered drew
+        them from the first chunk's images alone (36 of 256 for resnet20's first layers),
+        so that the ranges depended on ``max_rows_per_chunk`` and on the device (a GPU's
+        chunks are larger)."""
+        per_in = x.shape[3] // self.groups
+        for g in range(self.groups):
+            xg = x[..., g * per_in:(g + 1) * per_in]
+            patches = self._patches(xg, h_out, w_out)
+
+            def fetch(rows, xg=xg, patches=patches):
+                if rows is None:
+                    return self._unroll(xg, h_out, w_out)
+                n, h, w = (torch.from_numpy(i).to(xg.device) for i in np.unravel_index(rows, patches.shape[:3]))
+                return patches[n, h, w].reshape(len(rows), -1)
+
+            self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
+
     def _calibration_product(self, g: int, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
-        """Calibration: the float product by convolution, and the sampled input vectors
-        unrolled alone (not every position)."""
+        """Calibration: the float product by convolution (the call's sample is offered
+        before its products: :meth:`_offer_calibration`)."""
         self.called = True
-        patches = self._patches(xg, h_out, w_out)
-
-        def fetch(rows):
-            if rows is None:
-                return self._unroll(xg, h_out, w_out)
-            n, h, w = (torch.from_numpy(i).to(xg.device) for i in np.unravel_index(rows, patches.shape[:3]))
-            return patches[n, h, w].reshape(len(rows), -1)
-
-        self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
         y = F.conv2d(xg.permute(0, 3, 1, 2), self.weight[g * self._per_out:(g + 1) * self._per_out].to(xg.dtype),
                      stride=self.stride, dilation=self.dilation)
         return self._positions(y)

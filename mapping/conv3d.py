@@ -10,6 +10,7 @@ input is a DAC conversion.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,15 +53,37 @@ class AnalogConv3d(AnalogLayer):
             per_in, per_out = c_in // self.groups, c_out // self.groups
             out = torch.empty(x.shape[0], *out_size, c_out, dtype=x.dtype, device=x.device)
             vectors = self.matrices[0].vectors_per_chunk(unrolled=True)
+            calibrating = self._calibration is not None
             if x.shape[0] == 0:  # (the loop below reads nothing then)
                 self._empty_batch()
+            elif calibrating:
+                self._offer_calibration(x, out_size)
             for images, depths in _chunks(x.shape[0], out_size, vectors):
                 for g in range(self.groups):
                     patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)[images, depths]
-                    y = self._product(g, patches.reshape(-1, per_in * kernel.numel()))
+                    vectors_in = patches.reshape(-1, per_in * kernel.numel())
+                    y = self._float_product(g, vectors_in) if calibrating else self._product(g, vectors_in)
                     out[images, depths, ..., g * per_out:(g + 1) * per_out] = y.view(*patches.shape[:4], per_out)
             y = self._add_bias(out, 4).permute(0, 4, 1, 2, 3).to(dtype)
         return y.squeeze(0) if unbatched else y
+
+    def _offer_calibration(self, x: torch.Tensor, out_size: list) -> None:
+        """Offer every group's input vectors of this call (an NDHWC input, padded) to its
+        calibration sample at once, the sampled receptive fields unrolled alone: once per
+        call, not per chunk, so that the sample does not depend on the chunks
+        (``mapping.max_rows_per_chunk``, the device)."""
+        per_in = x.shape[4] // self.groups
+        width = per_in * self.weight.shape[2:].numel()
+        for g in range(self.groups):
+            patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)
+
+            def fetch(rows, patches=patches):
+                if rows is None:
+                    return patches.reshape(-1, width)
+                where = (torch.from_numpy(i).to(x.device) for i in np.unravel_index(rows, patches.shape[:4]))
+                return patches[tuple(where)].reshape(len(rows), width)
+
+            self._sample_for_calibration(g, patches.shape[:4].numel(), fetch)
 
     def _patches(self, xg: torch.Tensor, out_size: list) -> torch.Tensor:
         """A (N, D', H', W', C, kd, kh, kw) view of an NDHWC group input: the receptive fields."""

@@ -95,12 +95,17 @@ class AnalogLayer(CountsChanges, nn.Module):
             return vectors.new_zeros((0, self.matrices[g].shape[0]))
         if self._calibration is not None:
             self._sample_for_calibration(g, len(vectors), lambda rows: vectors if rows is None else vectors[rows])
-            return vectors @ self._group_weight(g).t().to(vectors.dtype)
+            return self._float_product(g, vectors)
         matrix = self.matrices[g]
         if matrix.grid.engine == "torch":  # on the grid's device, never via the host
             return matrix.matmul(vectors.to(torch.float32)).to(vectors.dtype)
         y = matrix.matmul(_to_numpy(vectors))  # its errors name the layer and the tile
         return torch.from_numpy(y).to(vectors.dtype)
+
+    def _float_product(self, g: int, vectors: torch.Tensor) -> torch.Tensor:
+        """Group g's float product of (n, inputs) vectors: calibration's."""
+        self.called = True
+        return vectors @ self._group_weight(g).t().to(vectors.dtype)
 
     def _add_bias(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """y + bias along ``channel_dim``, in place: y is the layer's own new output."""

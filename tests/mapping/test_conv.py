@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from crossbar import presets
-from mapping import convert
+from mapping import MappingConfig, convert
 from tests.conftest import under_thread_counts
 
 LAYERS = [
@@ -185,3 +185,33 @@ def test_the_gpus_memory_layouts_read_as_the_cpus_on_the_cpu(rows, monkeypatch):
             monkeypatch.undo()
         (y0, c0), (y1, c1) = outs
         assert torch.equal(y0, y1) and c0 == c1 and c0["dac_clipped"] > 0
+
+
+CHUNKED = [
+    (lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2), (6, 6, 9, 9)),
+    (lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1), (6, 6, 5, 5)),
+    (lambda: nn.Conv3d(3, 5, 3, padding=1), (6, 3, 4, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("make, shape", CHUNKED)
+def test_calibration_does_not_depend_on_how_products_are_chunked(make, shape):
+    # mapping.max_rows_per_chunk bounds memory and "outputs do not depend on it"; a GPU's
+    # chunks are larger. Calibrated on chunks of one image, a sample that keeps the first
+    # rows offered used to draw them from the first image alone
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    states, outputs = [], []
+    for rows in (16, 10 ** 6):
+        torch.manual_seed(0)
+        model = nn.Sequential(make()).eval()
+        analog = convert(model, presets.pcm(rows=16, cols=8), seed=0,
+                         mapping=MappingConfig(max_rows_per_chunk=rows, calibration_rows=64))
+        analog.calibrate([x]).at(3600.0)
+        states.append(analog.state_dict())
+        with torch.no_grad():
+            outputs.append(analog(x))
+    tensors = [{k: v for k, v in state.items() if isinstance(v, torch.Tensor)} for state in states]
+    assert tensors[0].keys() == tensors[1].keys()
+    # the DAC and ADC ranges, the drift-compensation reference, ...
+    assert [k for k in tensors[0] if not torch.equal(tensors[0][k], tensors[1][k])] == []
+    assert torch.equal(outputs[0], outputs[1])

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange, uint64
 
-from .rng import counter_hash, normal_rejected, ziggurat_fast
+from .rng import counter_hash, first_wedge_test, normal_after_first_step, ziggurat_fast
 
 IDEAL = -1
 
@@ -98,19 +98,39 @@ def grid_row_sum_squares(x, row_starts, out):
 
 
 @njit(inline="always", cache=True)
-def _normals(key, first, n, z):
-    """z[k] = normal number first + k of stream ``key``, k < n: rng.normal_from_hash in two
-    passes so that the first vectorizes (the fast path everywhere, NaN marking a
-    rejection), then the rare rejections."""
+def _normals(key, first, n, z, at):
+    """z[k] = normal number first + k of stream ``key``, k < n: rng.normal_from_hash in
+    passes, so that the first vectorizes (the fast path everywhere, NaN marking a
+    rejection) and the rare rejections (:func:`_finish_rejected`, ``at`` its (n,) int64
+    scratch) cost no branch per normal."""
     rejected = 0
     for k in range(n):
         x, accepted = ziggurat_fast(counter_hash(key, first + uint64(k)))
         z[k] = x if accepted else np.nan
         rejected += not accepted
     if rejected:
-        for k in range(n):
-            if np.isnan(z[k]):
-                z[k] = normal_rejected(counter_hash(key, first + uint64(k)))
+        _finish_rejected(key, first, n, z, at)
+
+
+@njit(cache=True)
+def _finish_rejected(key, first, n, z, at):
+    """The normals that the fast path left NaN in z[:n], as rng.normal_rejected draws
+    them. Their positions are compacted first, branch-free, and every one takes its
+    first wedge test in a branch-free loop; only the misses and the tail's entries
+    (1.2% of normals) walk on. A loop over z that branched on each NaN and walked each
+    from the start mispredicted at every rejection and took the first wedge test twice
+    on a miss: rejections (2.8% of normals) were 58% of the normals' time (0.83 ns a
+    normal on the 2-core machine, 0.35 for the fast path alone; now 0.67)."""
+    count = 0
+    for k in range(n):
+        at[count] = k
+        count += z[k] != z[k]
+    for j in range(count):
+        z[at[j]] = first_wedge_test(counter_hash(key, first + uint64(at[j])))
+    for j in range(count):
+        k = at[j]
+        if z[k] != z[k]:
+            z[k] = normal_after_first_step(counter_hash(key, first + uint64(k)))
 
 
 @njit(error_model="numpy", cache=True)
@@ -248,15 +268,16 @@ def grid_readout(partial, var, var_rows, col_starts, keys, first_vector, ranges,
         m = i1 - i0
         z = np.empty(m * n_out)  # one tile's values at a time: row ii at ii * width
         zn = np.empty(m * n_out if adc_noisy else 0)  # the same for the ADC's own noise
+        at = np.empty(m * n_out, np.int64)  # the normals' scratch (rejections' positions)
         acc = np.zeros(m * n_out, dtype=np.float32)
         for r in range(n_blocks):
             for c in range(n_cols):
                 a, b = col_starts[c], col_starts[c + 1]
                 w = b - a
                 if noisy:  # a tile's counters run on across its rows: one flat range
-                    _normals(keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z)
+                    _normals(keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, z, at)
                 if adc_noisy:
-                    _normals(adc_keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, zn)
+                    _normals(adc_keys[r, c], (uint64(first_vector) + uint64(i0)) * uint64(w), m * w, zn, at)
                 fs = ranges[r, c]
                 st, inv = steps(fs, half)
                 if noisy and not by_element and half >= 0 and divide and not rescale and not adc_errors:

@@ -91,7 +91,15 @@ def ziggurat_fast(h):
 @njit(cache=True)
 def normal_rejected(h):
     """The ziggurat's slow path, for bits the fast path rejected: wedges and the tail."""
-    k = uint64(1)
+    return normal_walk(h, uint64(1))
+
+
+@njit(cache=True)
+def normal_walk(h, k):
+    """The slow path's walk from its state (h, k): the fast test on h; layer 0 enters
+    the tail, which draws its uniforms at k, k + 1, k + 2, ...; a wedge test takes the
+    uniform of h + k and, if it misses, the walk goes on from (mix64(h + k + 1), k + 2).
+    ``normal_rejected(h)`` is the walk from (h, 1)."""
     while True:
         x, accepted = ziggurat_fast(h)
         if accepted:
@@ -110,6 +118,28 @@ def normal_rejected(h):
             return x
         h = mix64(h + k + uint64(1))
         k += uint64(2)
+
+
+@njit(inline="always", cache=True)
+def first_wedge_test(h):
+    """The slow path's first step on rejected bits h, without a branch: the normal if
+    h's wedge test accepts it (the first step of ``normal_rejected(h)``), else NaN (layer
+    0, the tail's, or a miss; the walk then goes on: :func:`normal_after_first_step`).
+    Branch-free, so that a loop over many rejections does not mispredict at each."""
+    x, _ = ziggurat_fast(h)
+    iz = int64(h & uint64(127))
+    layer = iz if iz != 0 else 1  # layer 0 tested as layer 1, and the result not taken
+    inside = FN[layer] + _uniform(mix64(h + uint64(1))) * (FN[layer - 1] - FN[layer]) < math.exp(-0.5 * x * x)
+    return x if inside and iz != 0 else np.nan
+
+
+@njit(cache=True)
+def normal_after_first_step(h):
+    """``normal_rejected(h)`` where :func:`first_wedge_test` gave NaN: the tail from
+    (h, 1), or, after a wedge miss, the walk from (mix64(h + 2), 3)."""
+    if h & uint64(127) == uint64(0):
+        return normal_walk(h, uint64(1))
+    return normal_walk(mix64(h + uint64(2)), uint64(3))
 
 
 @njit(inline="always", cache=True)

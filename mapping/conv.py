@@ -325,9 +325,7 @@ class AnalogConv2d(AnalogLayer):
             xq = np.empty(pixels.shape, np.float32)
             sq = np.empty((len(pixels), n_segments) if squares else (0, 0), np.float32)
             clips = np.empty((len(pixels), n_segments), np.float32)
-            bad = np.empty(len(pixels), np.int64)
-            pixel_dac_convert(pixels, xq, full_scale, grid._dac_half, segments, sq, clips, bad)
-            n_bad = int(bad.sum())
+            n_bad = pixel_dac_convert(pixels, xq, full_scale, grid._dac_half, segments, sq, clips)
             xq, sq = torch.from_numpy(xq), torch.from_numpy(sq) if squares else None
             clips = torch.from_numpy(clips).view(images, -1, n_segments).sum(0, dtype=torch.float64)
         if checks is None and n_bad:

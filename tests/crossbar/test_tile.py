@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crossbar import ReferenceTile, Tile, presets
-from crossbar.kernels import grid_dac_convert, levels_per_side, steps
+from crossbar.kernels import grid_dac_convert, levels_per_side, pixel_dac_convert, steps
 from crossbar.reference import quantize_reference
 
 
@@ -62,6 +62,35 @@ def test_dac_kernel_equals_reference_exactly(rng, bits, full_scale):
         assert np.array_equal(scales[r], np.abs(block).max(axis=1))
         want, _ = quantize_reference(block / scales[r][:, None], full_scale, bits)
         assert np.array_equal(out[:, starts[r]:starts[r + 1]], want.astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [None, 1, 8])
+@pytest.mark.parametrize("channels, bounds", [(16, [0, 16]), (32, [0, 28, 29, 32]), (7, [0, 1, 2, 7])])
+def test_convolution_dac_kernel_equals_an_obvious_loop(rng, bits, channels, bounds):
+    """``pixel_dac_convert`` (a flat conversion per run of pixels, then the per-pixel
+    sums) against the reference quantizer and plain per-pixel, per-segment sums: the
+    converted values, the squares summed in channel order (float64 sums round by their
+    order), the values beyond the range and the non-finite ones."""
+    pixels = 5000  # several work items, the last partly full
+    x = rng.uniform(-1.3, 1.3, (pixels, channels)).astype(np.float32)
+    x[3, 0], x[4000, channels - 1], x[17, 1] = np.nan, np.inf, -np.inf
+    bounds = np.array(bounds)
+    n_segments = len(bounds) - 1
+    out = np.empty_like(x)
+    squares = np.empty((pixels, n_segments), np.float32)
+    clipped = np.empty((pixels, n_segments), np.float32)
+    n_bad = pixel_dac_convert(x, out, 1.0, levels_per_side(bits), bounds, squares, clipped)
+    finite = np.isfinite(x)
+    expected = x.astype(np.float64) if bits is None else quantize_reference(x, 1.0, bits)[0]
+    assert np.array_equal(out[finite], expected[finite].astype(np.float32))
+    assert n_bad == 3  # (a layer refuses such an input)
+    for s in range(n_segments):
+        part = x[:, bounds[s]:bounds[s + 1]]
+        beyond = np.count_nonzero(np.abs(part) > 1.0, axis=1) if bits is not None else 0
+        assert np.array_equal(clipped[:, s], np.broadcast_to(beyond, pixels).astype(np.float32))
+        in_order = np.add.accumulate(out[:, bounds[s]:bounds[s + 1]].astype(np.float64) ** 2, axis=1)[:, -1]
+        assert np.array_equal(squares[:, s], in_order.astype(np.float32), equal_nan=True)
+    assert bits is None or clipped.sum() > 0.05 * x.size
 
 
 def noiseless(rows, cols, dac_bits, adc_bits, dac_mode, adc_mode):

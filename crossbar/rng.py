@@ -114,10 +114,17 @@ def normal_walk(h, k):
                 if yy + yy >= xx * xx:
                     break
             return ZIGGURAT_R + xx if hz > 0 else -ZIGGURAT_R - xx
-        if FN[iz] + _uniform(mix64(h + k)) * (FN[iz - 1] - FN[iz]) < math.exp(-0.5 * x * x):
+        if _under_wedge(h, k, x, iz):
             return x
         h = mix64(h + k + uint64(1))
         k += uint64(2)
+
+
+@njit(inline="always", cache=True)
+def _under_wedge(h, k, x, iz):
+    """The ziggurat's wedge test of x in layer iz (>= 1) with the uniform of h + k:
+    whether x lies under the density."""
+    return FN[iz] + _uniform(mix64(h + k)) * (FN[iz - 1] - FN[iz]) < math.exp(-0.5 * x * x)
 
 
 @njit(inline="always", cache=True)
@@ -129,8 +136,7 @@ def first_wedge_test(h):
     x, _ = ziggurat_fast(h)
     iz = int64(h & uint64(127))
     layer = iz if iz != 0 else 1  # layer 0 tested as layer 1, and the result not taken
-    inside = FN[layer] + _uniform(mix64(h + uint64(1))) * (FN[layer - 1] - FN[layer]) < math.exp(-0.5 * x * x)
-    return x if inside and iz != 0 else np.nan
+    return x if _under_wedge(h, uint64(1), x, layer) and iz != 0 else np.nan
 
 
 @njit(cache=True)

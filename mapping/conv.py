@@ -185,23 +185,10 @@ class AnalogConv2d(AnalogLayer):
 
     def _offer_calibration(self, x: torch.Tensor, h_out: int, w_out: int) -> None:
         """Offer every group's input vectors of this call (an NHWC input, padded) to its
-        calibration sample at once, the sampled receptive fields unrolled alone. Once per
-        call, not per chunk of products: a sample that keeps the first rows offered drew
-        them from the first chunk's images alone (36 of 256 for resnet20's first layers),
-        so that the ranges depended on ``max_rows_per_chunk`` and on the device (a GPU's
-        chunks are larger)."""
+        calibration sample, once per call (``AnalogLayer._offer_receptive_fields``)."""
         per_in = x.shape[3] // self.groups
         for g in range(self.groups):
-            xg = x[..., g * per_in:(g + 1) * per_in]
-            patches = self._patches(xg, h_out, w_out)
-
-            def fetch(rows, xg=xg, patches=patches):
-                if rows is None:
-                    return self._unroll(xg, h_out, w_out)
-                n, h, w = (torch.from_numpy(i).to(xg.device) for i in np.unravel_index(rows, patches.shape[:3]))
-                return patches[n, h, w].reshape(len(rows), -1)
-
-            self._sample_for_calibration(g, xg.shape[0] * h_out * w_out, fetch)
+            self._offer_receptive_fields(g, self._patches(x[..., g * per_in:(g + 1) * per_in], h_out, w_out), 3)
 
     def _calibration_product(self, g: int, xg: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
         """Calibration: the float product by convolution (the call's sample is offered

@@ -10,7 +10,6 @@ input is a DAC conversion.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,21 +68,10 @@ class AnalogConv3d(AnalogLayer):
 
     def _offer_calibration(self, x: torch.Tensor, out_size: list) -> None:
         """Offer every group's input vectors of this call (an NDHWC input, padded) to its
-        calibration sample at once, the sampled receptive fields unrolled alone: once per
-        call, not per chunk, so that the sample does not depend on the chunks
-        (``mapping.max_rows_per_chunk``, the device)."""
+        calibration sample, once per call (``AnalogLayer._offer_receptive_fields``)."""
         per_in = x.shape[4] // self.groups
-        width = per_in * self.weight.shape[2:].numel()
         for g in range(self.groups):
-            patches = self._patches(x[..., g * per_in:(g + 1) * per_in], out_size)
-
-            def fetch(rows, patches=patches):
-                if rows is None:
-                    return patches.reshape(-1, width)
-                where = (torch.from_numpy(i).to(x.device) for i in np.unravel_index(rows, patches.shape[:4]))
-                return patches[tuple(where)].reshape(len(rows), width)
-
-            self._sample_for_calibration(g, patches.shape[:4].numel(), fetch)
+            self._offer_receptive_fields(g, self._patches(x[..., g * per_in:(g + 1) * per_in], out_size), 4)
 
     def _patches(self, xg: torch.Tensor, out_size: list) -> torch.Tensor:
         """A (N, D', H', W', C, kd, kh, kw) view of an NDHWC group input: the receptive fields."""

@@ -7,6 +7,7 @@ so ``state_dict()`` and ``load_state_dict()`` save and restore it bitwise.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -145,6 +146,25 @@ class AnalogLayer(CountsChanges, nn.Module):
         if sample.offer(n_vectors, fetch):
             self._calibration[g] = None
             self.matrices[g].calibrate(sample.rows())
+
+    def _offer_receptive_fields(self, g: int, patches: torch.Tensor, positions: int) -> None:
+        """Offer group g's input vectors of one call to its calibration sample, all at
+        once: ``patches`` is a view whose first ``positions`` dimensions are the output
+        positions and whose others are a receptive field, unrolled only for the rows the
+        sample keeps. Once per call, not per chunk of products: a sample that keeps the
+        first rows offered drew them from the first chunk's images alone (36 of 256 for
+        resnet20's first layers), so that the ranges depended on
+        ``mapping.max_rows_per_chunk`` and on the device (a GPU's chunks are larger)."""
+        lead = patches.shape[:positions]
+        width = math.prod(patches.shape[positions:])
+
+        def fetch(rows):
+            if rows is None:
+                return patches.reshape(-1, width)
+            where = tuple(torch.from_numpy(i).to(patches.device) for i in np.unravel_index(rows, lead))
+            return patches[where].reshape(len(rows), width)
+
+        self._sample_for_calibration(g, lead.numel(), fetch)
 
     def end_calibration(self) -> None:
         """Calibrate the groups whose sample is not final yet (all it kept)."""

@@ -33,7 +33,9 @@ class MappingConfig(Config):
         max_rows_per_chunk: input vectors per tiled product on the CPU, >= 1; bounds
             memory: a convolution that unrolls holds this many unrolled vectors at a
             time, and one that convolves per row block spends the same memory on its
-            products. Outputs do not depend on it.
+            products, counted as if it had at least 1024 inputs (32 MiB at the default:
+            narrow layers' chunks of a few images cost more time than they saved
+            memory). Outputs do not depend on it.
         gpu_chunk_mb: on a GPU, the memory (MiB, >= 1) that one product's read-out may
             hold; products are formed in as few chunks as keep within it. Outputs do
             not depend on it.

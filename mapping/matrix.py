@@ -28,6 +28,13 @@ _ONE_HOT_CHUNK = 256
 # measured when the normals (float64) were held too (resnet56 at batch 1024 in one
 # chunk per layer peaked at 1.9x float's GPU memory on an H100), so generous now
 _GPU_BYTES_PER_OUTPUT = 48
+# a convolution that convolves per row block spends on its products the memory of
+# max_rows_per_chunk unrolled vectors of at least this many inputs (32 MiB at the default
+# 8192). Counting its own inputs alone, resnet20's 16-channel layers (144 inputs) ran in
+# chunks of 36 images; whole batches of 256 made the ResNets' passes 15% faster on the
+# 2-core machine (benchmarks/bench_network.py), for peaks of 1.44-1.73x float's memory
+# instead of 1.32-1.55x
+_CONV_CHUNK_MIN_INPUTS = 1024
 
 
 class AnalogMatrix(CountsChanges, nn.Module):
@@ -138,9 +145,9 @@ class AnalogMatrix(CountsChanges, nn.Module):
         """Input vectors per product, which bounds the memory a layer's product holds.
         On the CPU: ``mapping.max_rows_per_chunk`` unrolled vectors, or as many vectors
         as spend the same memory on their products where the inputs are not unrolled
-        (convolutions). On a GPU: as many as keep the read-out's working set within
-        ``mapping.gpu_chunk_mb`` (GPU kernels want large products; few chunks keep the
-        launches few)."""
+        (convolutions), counting at least ``_CONV_CHUNK_MIN_INPUTS`` inputs. On a GPU:
+        as many as keep the read-out's working set within ``mapping.gpu_chunk_mb`` (GPU
+        kernels want large products; few chunks keep the launches few)."""
         grid = self.grid
         if grid.torch_device.type != "cpu":
             return self.gpu_vectors_per_chunk(unrolled)
@@ -150,7 +157,7 @@ class AnalogMatrix(CountsChanges, nn.Module):
         if unrolled:
             return vectors
         floats_per_vector = row_blocks * n_out * (2 if grid._var is not None else 1) + n_out
-        return max(vectors, vectors * n_in // floats_per_vector)
+        return max(vectors, vectors * max(n_in, _CONV_CHUNK_MIN_INPUTS) // floats_per_vector)
 
     def gpu_vectors_per_chunk(self, unrolled: bool = True) -> int:
         """:meth:`vectors_per_chunk` on a GPU, whatever the grid's device (``benchmarks/bench_memory.py``

@@ -100,12 +100,12 @@ def test_layers_called_several_times_per_pass_are_found():
         assert {name for name, layer in analog.analog_layers() if id(layer) in found} == want
 
 
-@pytest.mark.parametrize("rows_per_chunk", [8192, 16])
+@pytest.mark.parametrize("rows_per_chunk", [8192, 1])
 def test_layers_called_once_per_pass_sample_as_before(monkeypatch, rows_per_chunk):
     """The counting pass draws nothing and changes nothing: the calibration equals one
     without it, every layer on its first rows, bitwise. A layer that offers a pass in
-    chunks (16 rows: every layer but the last, up to 12 chunks) is called once: it
-    counted as repeated in a first version, which moved the main job's table."""
+    chunks (1 row: every layer in 2 or more) is called once: it counted as repeated in
+    a first version, which moved the main job's table."""
     mapping = MappingConfig(max_rows_per_chunk=rows_per_chunk)
     analog = converted(presets.pcm(rows=32, cols=16), mapping=mapping)
     assert analog._called_repeatedly(X) == set()

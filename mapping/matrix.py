@@ -32,8 +32,8 @@ _GPU_BYTES_PER_OUTPUT = 48
 # max_rows_per_chunk unrolled vectors of at least this many inputs (32 MiB at the default
 # 8192). Counting its own inputs alone, resnet20's 16-channel layers (144 inputs) ran in
 # chunks of 36 images; whole batches of 256 made the ResNets' passes 15% faster on the
-# 2-core machine (benchmarks/bench_network.py), for peaks of 1.44-1.73x float's memory
-# instead of 1.32-1.55x
+# 2-core machine (benchmarks/bench_network.py), the convolutional networks' peak memory
+# 1.3-1.7x float's (1.3-1.6x before)
 _CONV_CHUNK_MIN_INPUTS = 1024
 
 

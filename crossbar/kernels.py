@@ -101,9 +101,10 @@ def grid_row_sum_squares(x, row_starts, out):
 @njit(inline="always", cache=True)
 def _normals(key, first, n, z, at):
     """z[k] = normal number first + k of stream ``key``, k < n: rng.normal_from_hash in
-    passes, so that the first vectorizes (the fast path everywhere, NaN marking a
-    rejection) and the rare rejections (:func:`_finish_rejected`, ``at`` its (n,) int64
-    scratch) cost no branch per normal."""
+    passes, so that the first has no branch and can vectorize (the fast path everywhere,
+    NaN marking a rejection; LLVM vectorizes it only where it gathers from the tables,
+    not with AVX2 alone) and the rare rejections (:func:`_finish_rejected`, ``at`` its
+    (n,) int64 scratch) cost no branch per normal."""
     rejected = 0
     for k in range(n):
         x, accepted = ziggurat_fast(counter_hash(key, first + uint64(k)))

@@ -235,13 +235,12 @@ class AnalogMatrix(CountsChanges, nn.Module):
         grid's device, or numpy), checked: (batch > 0, in), finite."""
         if self.grid.engine == "torch":
             x = torch.as_tensor(x).detach().to(self.grid.torch_device, torch.float32)
-            n_bad = int((~torch.isfinite(x)).sum()) if x.ndim == 2 else 0
         else:
             x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-            n_bad = int((~np.isfinite(x)).sum()) if x.ndim == 2 else 0
         if x.ndim != 2 or x.shape[1] != self.shape[1] or x.shape[0] == 0:
             raise ValueError(f"layer {self.name!r}: calibration input has shape {tuple(x.shape)}: "
                              f"expected (batch > 0, {self.shape[1]})")
+        n_bad = int((~torch.isfinite(x)).sum()) if isinstance(x, torch.Tensor) else int((~np.isfinite(x)).sum())
         if n_bad:
             raise ValueError(f"layer {self.name!r}: calibration input has {n_bad} NaN or Inf values: ranges "
                              f"calibrated on them would be undefined; calibrate on finite inputs")

@@ -126,7 +126,7 @@ def table(results: dict) -> str:
              f"{' (batch norm)' if results.get('batchnorm') else ''}: ideal accuracy {pct(results['ideal_accuracy'])} "
              f"on {results['test_samples']} test samples"]
     if results.get("digital_layers"):
-        lines.append(f"layers kept digital: {', '.join(results['digital_layers'])}")
+        lines.append(f"layers kept digital: {', '.join(name or 'the model' for name in results['digital_layers'])}")
     fallbacks = results.get("calibration_fallbacks") or {}
     if fallbacks:
         per_layer = ", ".join(f"{name} {k} of {n}" for name, (k, n) in fallbacks.items())

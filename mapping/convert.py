@@ -370,7 +370,9 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
             report.append({"layer": name, "type": type(m).__name__, "where": "digital",
                            "parameters": sum(p.numel() for p in own)})
     if digital:
-        named = [f"{name} ({refused[name]})" if name in refused else name for name in digital]
+        types = {name: type(m).__name__ for name, m in module.named_modules(remove_duplicate=False)}
+        # the reason a subclass stays digital names its type; the model itself has no name of its own
+        named = [f"{name or 'the model'} ({refused.get(name, types[name])})" for name in digital]
         # stacklevel 3: the caller of convert, past normal_tensors' wrapper
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=3)
     # in eval mode as a whole, as the copy was put: the analog layers are new modules

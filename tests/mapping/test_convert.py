@@ -50,6 +50,15 @@ def test_ideal_conversion_matches_float(make, shape, tile):
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def test_the_warning_names_each_digital_layer_and_its_type_the_model_itself_included():
+    embedded = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): 0 \(Embedding\)$"):
+        convert(embedded, presets.ideal(), seed=0)
+    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): the model \(Bilinear\)$"):
+        analog = convert(nn.Bilinear(4, 5, 3), presets.ideal(), seed=0)
+    assert analog.digital_layers == [""]
+
+
 def test_original_untouched_report_and_warning():
     model = randomise_batchnorm(cnn())
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,7 +145,7 @@ def test_a_module_shared_with_one_inside_a_mapped_module_is_reported_digital():
         def forward(self, x):
             return self.head(self.attn(x, x, x, need_weights=False)[0])
 
-    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): head$"):
+    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): head \(NonDynamicallyQuantizableLinear\)$"):
         analog = convert(Head().eval(), presets.ideal(), seed=0)
     assert analog.digital_layers == ["head"] and isinstance(analog.module.head, nn.Linear)
 

@@ -145,7 +145,8 @@ def test_a_module_shared_with_one_inside_a_mapped_module_is_reported_digital():
         def forward(self, x):
             return self.head(self.attn(x, x, x, need_weights=False)[0])
 
-    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): head \(NonDynamicallyQuantizableLinear\)$"):
+    # torch's attention holds its output projection in a subclass of Linear
+    with pytest.warns(UserWarning, match=r"kept digital \(not mapped to tiles\): head \(NonDynamically\w+Linear\)$"):
         analog = convert(Head().eval(), presets.ideal(), seed=0)
     assert analog.digital_layers == ["head"] and isinstance(analog.module.head, nn.Linear)
 

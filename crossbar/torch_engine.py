@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -38,18 +39,32 @@ from .tensor_mode import normal_tensors
 
 FUSED_ENV = "XBARSIM_FUSED"
 _VARIANTS = 64  # compiled variants allowed per fused function
+# device types whose stages are compiled unless XBARSIM_FUSED says otherwise
+FUSED_BY_DEFAULT = ("cuda",)
+# device type -> why torch.compile failed there in this process; by default the stages
+# then run eagerly there (see fused_version)
+_COMPILE_FAILED: dict = {}
+
+
+def fused_setting() -> str:
+    """XBARSIM_FUSED: 'auto' (the default), '0' or '1'."""
+    setting = os.environ.get(FUSED_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{FUSED_ENV} = {setting!r} is invalid: expected 'auto', '0' or '1'")
+    return setting
 
 
 def use_fused(device: torch.device) -> bool:
     """Whether the elementwise stages run as fused kernels (torch.compile): on CUDA
     devices by default, where one kernel per stage instead of dozens of elementwise
-    passes over float64 and int64 temporaries is most of the speed. The environment
-    variable XBARSIM_FUSED = 0 runs them eagerly everywhere, 1 compiles them on any
-    device (the CPU included: the tests compare the two)."""
-    setting = os.environ.get(FUSED_ENV, "auto")
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"{FUSED_ENV} = {setting!r} is invalid: expected 'auto', '0' or '1'")
-    return setting == "1" or (setting == "auto" and device.type == "cuda")
+    passes over float64 and int64 temporaries is most of the speed, unless compiling
+    failed there earlier in the process. The environment variable XBARSIM_FUSED = 0
+    runs them eagerly everywhere, 1 compiles them on any device (the CPU included: the
+    tests compare the two), a failure to compile being an error then."""
+    setting = fused_setting()
+    if setting == "auto":
+        return device.type in FUSED_BY_DEFAULT and device.type not in _COMPILE_FAILED
+    return setting == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,13 +87,20 @@ def fused_version(fn):
     a grid of one row block, a layer of one pixel and the rest each compile a variant
     (resnet56 on the CPU: 11 compiled graphs, now 6, and 80 s of compiling, now 66 s).
     A size-1 operand that a graph would need to broadcast is still told apart: torch
-    then checks, or specializes, rather than assume."""
+    then checks, or specializes, rather than assume.
+
+    Where the kernels cannot be built (an old GPU, no Triton, no C compiler), the stages
+    run uncompiled instead, with a warning, unless XBARSIM_FUSED = 1 asked for them
+    compiled (:func:`_uncompiled_after`)."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = _compiled(fn)
+    failed_on = set()  # device types where it did not compile: a caller's loop may hold on to this call
 
     @functools.wraps(fn)
     def call(*args):
+        if failed_on and _device_type(args) in failed_on and fused_setting() == "auto":
+            return fn(*args)
         # views as tensors of their own (a view is guarded on its base's sizes and strides
         # too); only views: a detach costs 0.6 us, the test 0.1 us, and a read-out takes ~15 tensors
         args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args)
@@ -89,11 +111,61 @@ def fused_version(fn):
                 setattr(_SHAPE_CONFIG, name, value)
             try:
                 return compiled(*args)
+            except Exception as error:
+                if isinstance(error, torch.cuda.OutOfMemoryError) or fused_setting() != "auto":
+                    raise
+                result = _uncompiled_after(error, fn, args)
+                failed_on.add(_device_type(args))
+                return result
             finally:
                 for (name, _), value in zip(_SHAPE_SETTINGS, saved):
                     setattr(_SHAPE_CONFIG, name, value)
 
     return call
+
+
+def _compiled(fn):
+    """torch.compile of ``fn``, or a function raising why torch refuses to compile here
+    (its dynamo does not run on every Python version), which a call then handles as it
+    handles a failure to build the kernels."""
+    try:
+        return torch.compile(fn, dynamic=True, fullgraph=True)
+    except Exception as error:
+        refusal = error  # (the except clause unbinds its own name)
+
+        def refused(*args):
+            raise refusal
+        return refused
+
+
+def _device_type(args: tuple) -> str:
+    """The device type of a fused call's first tensor argument."""
+    return next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+
+
+def _uncompiled_after(error: Exception, fn, args: tuple):
+    """``fn(*args)`` run eagerly after its compiled version failed with ``error``, and
+    eager stages on that device type for the rest of the process, with one warning.
+
+    Building the kernels fails on machines the default cannot know about: a GPU too old
+    for Triton (compute capability below 7.0), no Triton, no C compiler for Triton's
+    launcher. The eager stages compute the same chip and noise (the tests hold the two
+    equal), more slowly and with more memory. An error of the inputs' own is raised by
+    the eager call itself, as it would be without compiling."""
+    result = fn(*args)
+    device_type = _device_type(args)
+    if device_type in _COMPILE_FAILED:
+        return result  # (said once)
+    while isinstance(getattr(error, "inner_exception", None), Exception):
+        error = error.inner_exception  # what dynamo's BackendCompilerFailed wraps: the cause
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    cause = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    warnings.warn(f"torch.compile could not build xbarsim's fused kernels for {device_type} ({cause}); they run "
+                  f"uncompiled there for the rest of this process: the same chip and noise, more slowly and "
+                  f"with more memory. {FUSED_ENV}=0 skips the attempt; {FUSED_ENV}=1 makes it an error, "
+                  f"with torch's whole message", RuntimeWarning)
+    _COMPILE_FAILED[device_type] = cause  # (after the warning, which an error filter raises)
+    return result
 
 
 def _shape_settings() -> tuple:

@@ -29,6 +29,7 @@ from .conv import AnalogConv2d
 from .conv3d import AnalogConv3d
 from .conv_transpose import AnalogConvTranspose2d
 from .layers import NOT_CALLED_WHY, AnalogLayer, AnalogLinear
+from .matrix import AnalogMatrix
 from .recurrent import AnalogRNNBase, AnalogRNNCellBase
 from .devices import module_device, resolve_device
 from .graphs import PassGraphs
@@ -146,8 +147,11 @@ class AnalogModel(nn.Module):
         layers = self.analog_layers()
         for _, layer in layers:
             layer.called = False
-        with torch.no_grad(), fused_fast_paths_off(), ieee_float32():
-            out = fn()
+        try:
+            with torch.no_grad(), fused_fast_paths_off(), ieee_float32():
+                out = fn()
+        except torch.cuda.OutOfMemoryError as error:
+            raise torch.cuda.OutOfMemoryError(f"{error}\n{self._memory_hint()}") from error
         uncalled = [(name, layer) for name, layer in layers if not layer.called]
         allowed = self._skippable_layers() if uncalled else set()
         skipped = [name or type(layer).__name__ for name, layer in uncalled if id(layer) not in allowed]
@@ -156,6 +160,15 @@ class AnalogModel(nn.Module):
                                f"{'were' if len(skipped) > 1 else 'was'} not called during the {what}: "
                                f"{NOT_CALLED_WHY}")
         return out
+
+    def _memory_hint(self) -> str:
+        """What an analog pass that ran out of GPU memory can hold less of."""
+        budget = next((m.mapping.gpu_chunk_mb for m in self.modules() if isinstance(m, AnalogMatrix)), None)
+        held = "" if budget is None else f" (here {budget} MiB)"
+        return (f"xbarsim: an analog layer's read-out holds up to mapping.gpu_chunk_mb{held} on the GPU besides "
+                f"the model's own activations: convert with mapping=MappingConfig(gpu_chunk_mb=...) lower (or set "
+                f"gpu_chunk_mb under [mapping] in a --config file), or use a smaller batch; outputs do not depend "
+                f"on gpu_chunk_mb")
 
     def allow_skipping(self, *layers: str) -> "AnalogModel":
         """Let the analog layers named (module paths, or patterns such as ``"heads.*"``

@@ -196,6 +196,24 @@ def test_convert_refuses_a_device_it_cannot_use():
             converted(presets.ideal(rows=16, cols=16), device="cuda")
 
 
+class _OutOfMemory(nn.Module):
+    """A digital layer that runs out of GPU memory, as a pass on a small GPU can."""
+
+    def forward(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_pass_out_of_gpu_memory_says_what_holds_less():
+    from mapping import MappingConfig
+
+    model = nn.Sequential(nn.Linear(8, 4), _OutOfMemory()).eval()
+    analog = convert(model, presets.ideal(rows=16, cols=16), seed=0, mapping=MappingConfig(gpu_chunk_mb=512))
+    with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+        analog.calibrate([torch.randn(4, 8)])
+    assert str(caught.value).startswith("CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    assert "mapping.gpu_chunk_mb (here 512 MiB)" in str(caught.value) and "smaller batch" in str(caught.value)
+
+
 @needs_cuda
 def test_on_cuda_a_model_runs_without_leaving_the_device():
     config = presets.pcm(rows=32, cols=16, read_sigma_abs=0.0)

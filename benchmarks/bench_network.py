@@ -17,7 +17,8 @@ in a process of its own). The last line is JSON: ``ratio`` (the worst model),
 time of calibration and the first forward, in which the fused kernels of a GPU (or of
 ``XBARSIM_FUSED=1``) compile unless torch's compile cache of an earlier process holds
 them, and ``compiled_graphs_<model>``, how many variants that compiled (0 where nothing
-is compiled: the CPU's Numba engine) (targets: every ratio <= 2.5,
+is compiled: the CPU's Numba engine; ``uncompiled_because_<model>`` where the fused
+kernels failed to build and the stages ran eagerly) (targets: every ratio <= 2.5,
 every memory ratio <= 2.0 on the CPU, the transformer's ratio <= 3.0; on a GPU at batch
 1024, every ratio <= 3.0 and every memory ratio <= 3.0).
 
@@ -143,7 +144,7 @@ def run_float(name: str, batch: int, repeats: int, device: torch.device, float_p
 def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
                engine: str = "auto", cuda_graphs: bool = False, float_precision: str = "default") -> dict:
     import mapping
-    from crossbar import presets
+    from crossbar import presets, torch_engine
 
     model, x = build(name), inputs(name, batch)
     config = presets.pcm(rows=256, cols=256, dac_bits=8, adc_bits=8)
@@ -186,6 +187,9 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
               "images_per_s": batch / analog_s}
     if device.type == "cuda":
         result["startup_peak_mb"] = max(startup_peak, peak)
+    uncompiled = torch_engine._COMPILE_FAILED.get(device.type)
+    if uncompiled is not None:  # the fused kernels failed to build: these are the eager stages' times
+        result["uncompiled_because"] = uncompiled
     if profile:
         print(_profiles(lambda: analog(x), device, sync), file=sys.stderr)
     return result
@@ -288,6 +292,9 @@ def main() -> None:
         summary[f"images_per_s_{name}"] = result["images_per_s"]
         summary[f"startup_s_{name}"] = result["calibrate_s"] + result["first_forward_s"]
         summary[f"compiled_graphs_{name}"] = result["compiled_graphs"]
+        if "uncompiled_because" in result:
+            print(f"{name:9s} ran uncompiled: torch.compile failed ({result['uncompiled_because']})", flush=True)
+            summary[f"uncompiled_because_{name}"] = result["uncompiled_because"]
         summary["float_settings"] = result["float_settings"]
     summary["ratio"] = max(summary[f"ratio_{name}"] for name in models)
     summary["memory_ratio"] = max(summary[f"memory_ratio_{name}"] for name in models)

@@ -166,9 +166,8 @@ class AnalogModel(nn.Module):
         budget = next((m.mapping.gpu_chunk_mb for m in self.modules() if isinstance(m, AnalogMatrix)), None)
         held = "" if budget is None else f" (here {budget} MiB)"
         return (f"xbarsim: an analog layer's read-out holds up to mapping.gpu_chunk_mb{held} on the GPU besides "
-                f"the model's own activations: convert with mapping=MappingConfig(gpu_chunk_mb=...) lower (or set "
-                f"gpu_chunk_mb under [mapping] in a --config file), or use a smaller batch; outputs do not depend "
-                f"on gpu_chunk_mb")
+                f"the model's own activations: lower it (convert(..., mapping=MappingConfig(gpu_chunk_mb=...)), or "
+                f"gpu_chunk_mb under [mapping] in a --config file) or the batch; outputs do not depend on it")
 
     def allow_skipping(self, *layers: str) -> "AnalogModel":
         """Let the analog layers named (module paths, or patterns such as ``"heads.*"``
@@ -347,7 +346,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     module = plain_copy(model).cpu().float()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
-    report, digital = [], []
+    report, digital, digital_types = [], [], {}
     targets, refused = mapped_modules(module)
     paths = shared_paths(module, [name for name, _, _ in targets])
     analog_names = set()
@@ -380,12 +379,12 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
         own = list(m.parameters(recurse=False))
         if own:
             digital.append(name)
+            digital_types[name] = type(m).__name__
             report.append({"layer": name, "type": type(m).__name__, "where": "digital",
                            "parameters": sum(p.numel() for p in own)})
     if digital:
-        types = {name: type(m).__name__ for name, m in module.named_modules(remove_duplicate=False)}
         # the reason a subclass stays digital names its type; the model itself has no name of its own
-        named = [f"{name or 'the model'} ({refused.get(name, types[name])})" for name in digital]
+        named = [f"{name or 'the model'} ({refused.get(name, digital_types[name])})" for name in digital]
         # stacklevel 3: the caller of convert, past normal_tensors' wrapper
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=3)
     # in eval mode as a whole, as the copy was put: the analog layers are new modules

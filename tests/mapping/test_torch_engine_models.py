@@ -211,7 +211,7 @@ def test_a_pass_out_of_gpu_memory_says_what_holds_less():
     with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
         analog.calibrate([torch.randn(4, 8)])
     assert str(caught.value).startswith("CUDA out of memory. Tried to allocate 2.00 GiB\n")
-    assert "mapping.gpu_chunk_mb (here 512 MiB)" in str(caught.value) and "smaller batch" in str(caught.value)
+    assert "mapping.gpu_chunk_mb (here 512 MiB)" in str(caught.value) and "or the batch" in str(caught.value)
 
 
 @needs_cuda

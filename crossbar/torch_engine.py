@@ -95,11 +95,11 @@ def fused_version(fn):
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
     compiled = _compiled(fn)
-    failed_on = set()  # device types where it did not compile: a caller's loop may hold on to this call
 
     @functools.wraps(fn)
     def call(*args):
-        if failed_on and _device_type(args) in failed_on and fused_setting() == "auto":
+        # (use_fused is false there by now, but a caller's loop may hold on to this call)
+        if _COMPILE_FAILED and _device_type(args) in _COMPILE_FAILED and fused_setting() == "auto":
             return fn(*args)
         # views as tensors of their own (a view is guarded on its base's sizes and strides
         # too); only views: a detach costs 0.6 us, the test 0.1 us, and a read-out takes ~15 tensors
@@ -114,9 +114,7 @@ def fused_version(fn):
             except Exception as error:
                 if isinstance(error, torch.cuda.OutOfMemoryError) or fused_setting() != "auto":
                     raise
-                result = _uncompiled_after(error, fn, args)
-                failed_on.add(_device_type(args))
-                return result
+                return _uncompiled_after(error, fn, args)
             finally:
                 for (name, _), value in zip(_SHAPE_SETTINGS, saved):
                     setattr(_SHAPE_CONFIG, name, value)
@@ -154,8 +152,6 @@ def _uncompiled_after(error: Exception, fn, args: tuple):
     the eager call itself, as it would be without compiling."""
     result = fn(*args)
     device_type = _device_type(args)
-    if device_type in _COMPILE_FAILED:
-        return result  # (said once)
     while isinstance(getattr(error, "inner_exception", None), Exception):
         error = error.inner_exception  # what dynamo's BackendCompilerFailed wraps: the cause
     lines = [line for line in str(error).splitlines() if line.strip()]

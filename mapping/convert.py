@@ -346,7 +346,7 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
     module = plain_copy(model).cpu().float()
     if fold_batchnorm:
         module = _fold_batchnorm(module)
-    report, digital, digital_types = [], [], {}
+    report, digital = [], {}  # digital: {module path: type name}
     targets, refused = mapped_modules(module)
     paths = shared_paths(module, [name for name, _, _ in targets])
     analog_names = set()
@@ -378,19 +378,18 @@ def convert(model: nn.Module, tile_config: TileConfig, seed: SeedLike = None,
         reported.add(id(m))
         own = list(m.parameters(recurse=False))
         if own:
-            digital.append(name)
-            digital_types[name] = type(m).__name__
+            digital[name] = type(m).__name__
             report.append({"layer": name, "type": type(m).__name__, "where": "digital",
                            "parameters": sum(p.numel() for p in own)})
     if digital:
         # the reason a subclass stays digital names its type; the model itself has no name of its own
-        named = [f"{name or 'the model'} ({refused.get(name, digital_types[name])})" for name in digital]
+        named = [f"{name or 'the model'} ({refused.get(name, kind)})" for name, kind in digital.items()]
         # stacklevel 3: the caller of convert, past normal_tensors' wrapper
         warnings.warn(f"layers kept digital (not mapped to tiles): {', '.join(named)}", stacklevel=3)
     # in eval mode as a whole, as the copy was put: the analog layers are new modules
     # (torch makes them in training mode), and an attention's or a recurrent layer's
     # dropout acts in training mode
-    analog_model = AnalogModel(module, report, digital).eval()
+    analog_model = AnalogModel(module, report, list(digital)).eval()
     return analog_model if device is None else analog_model.to(device)
 
 

@@ -45,6 +45,11 @@ def _add_data_model_options(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (they are shown only when stderr is a terminal)")
 
 
+def _add_cuda_graphs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --device cuda: replay each chip's passes as CUDA graphs, which cuts the host's "
+                        "share of a pass; the same results (not yet checked bitwise on a GPU, so opt-in)")
+
 def _progress(args) -> bool:
     # bars are for people watching a terminal; in a log file they are carriage-return noise
     return not args.no_progress and sys.stderr.isatty()
@@ -134,7 +139,7 @@ def _run(args) -> int:
     from .config import RunConfig, load_run_config
     from .datasets import default_cache_dir, load_dataset
     from mapping.devices import resolve_device
-    from .experiment import run_experiment
+    from .experiment import check_cuda_graphs, run_experiment
     from .hwa import describe
     from .outputs import check_writable_dir
     from .plots import plot_accuracy_vs_time, plot_histograms
@@ -148,6 +153,7 @@ def _run(args) -> int:
         if value is not None:  # an option given on the command line wins over --config
             config = config.with_path(key, value)
     device = resolve_device(args.device)  # before any training: a bad --device fails at once
+    check_cuda_graphs(args.cuda_graphs, device, ("--cuda-graphs", "--device"))
     _note_compiling(device)
     out = check_writable_dir(args.out, "--out")
     data = load_dataset(args.dataset, args.data_dir)
@@ -172,7 +178,8 @@ def _run(args) -> int:
                "seed": config.seed, "fold_batchnorm": args.fold_batchnorm, "config": config.to_dict(),
                "versions": versions()}
     results.update(run_experiment(model, data.batches("test"), data.batches("train"), config,
-                                  fold_batchnorm=args.fold_batchnorm, progress=progress, device=args.device))
+                                  fold_batchnorm=args.fold_batchnorm, progress=progress, device=args.device,
+                                  cuda_graphs=args.cuda_graphs))
     paths = write_results(results, out)
     plot_accuracy_vs_time(results, out / "accuracy_vs_time.png")
     plot_histograms(results["histograms"], out / "histograms.png")
@@ -183,19 +190,21 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .experiment import check_cuda_graphs
     from .outputs import check_writable_dir
     from .sweep import run_sweep
     from .sweep_plot import plot_sweep
     from .sweep_spec import load_spec
 
     spec = load_spec(args.spec)  # every point validated before any work starts
+    check_cuda_graphs(args.cuda_graphs, args.device, ("--cuda-graphs", "--device"))
     check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
     _note_compiling(args.device)  # (on a Dask cluster, the workers' GPUs compile)
     try:
         summary = run_sweep(spec, args.out, workers=args.workers, progress=_progress(args),
                             scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout,
-                            device=args.device)
+                            device=args.device, cuda_graphs=args.cuda_graphs)
     except KeyboardInterrupt:
         print(f"xbarsim sweep: interrupted; finished points are in {args.out}/results.csv. "
               f"Run the same command again to complete the rest.", file=sys.stderr)
@@ -235,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where the job computes: cpu (default), cuda or cuda:N: the analog chips, "
                                     "the float model and the baselines, and training if the model is not "
                                     "cached; the same chips for a seed on any device")
+    _add_cuda_graphs_option(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("train", help="train a model (plainly or for the chip) and save a checkpoint")
@@ -262,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Dask cluster of --workers processes; needs the 'distributed' extra")
     p.add_argument("--scheduler-timeout", type=float, default=10.0,
                    help="seconds to wait for the Dask scheduler (default 10)")
+    _add_cuda_graphs_option(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal)")
     p.set_defaults(func=_sweep)

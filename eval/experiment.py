@@ -70,13 +70,27 @@ def float_accuracy(model: nn.Module, test: list, device=None) -> float:
 
 
 def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchnorm: bool, device=None,
-             allow_skipping: Sequence[str] = ()):
+             allow_skipping: Sequence[str] = (), cuda_graphs: bool = False):
     # layers left digital are recorded in the results rather than warned about per repeat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         analog = mapping.convert(model, tile, seed=seed, fold_batchnorm=fold_batchnorm, mapping=mapping_cfg,
                                  device=device)
+    if cuda_graphs:
+        analog.use_cuda_graphs()
     return analog.allow_skipping(*skipping_patterns(allow_skipping))
+
+
+def check_cuda_graphs(cuda_graphs, device, names: tuple = ("cuda_graphs", "device")) -> bool:
+    """``cuda_graphs``, checked: True only with ``device`` (a name or a torch device;
+    None: the CPU) on CUDA, where the chips' passes can replay as CUDA graphs
+    (``AnalogModel.use_cuda_graphs``). ``names``: the two parameters' names in errors."""
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"{names[0]} = {cuda_graphs!r} is invalid: expected True or False")
+    if cuda_graphs and not str(device or "cpu").startswith("cuda"):
+        raise ValueError(f"{names[0]} needs {names[1]} on a CUDA GPU ('cuda' or 'cuda:N'), where passes replay as "
+                         f"CUDA graphs; {names[1]} is {str(device or 'cpu')!r}")
+    return cuda_graphs
 
 
 def skipping_patterns(allow_skipping) -> tuple:
@@ -128,19 +142,23 @@ def _rates(counts: dict) -> dict:
 def evaluate_analog(model: nn.Module, tile: TileConfig, mapping_cfg, test: list, calibration: list,
                     times, repeats: int, seed: int, fold_batchnorm: bool = False,
                     progress: bool = True, histograms: bool = False, stream: int = _ANALOG,
-                    device=None, allow_skipping: Sequence[str] = ()) -> dict:
+                    device=None, allow_skipping: Sequence[str] = (), cuda_graphs: bool = False) -> dict:
     """Per time: accuracies of ``repeats`` freshly programmed chips, summed counts,
     the effective eta of the first chip; plus the conversion report (with the first
     chip's calibration fallbacks per layer). Chip r is programmed from sub-stream
     (stream, r) of ``seed``; ``device`` (a torch device, None: the CPU engine) is where
     the chips compute, the same chips on any device; ``allow_skipping``: the analog
-    layers a pass may leave uncalled (``AnalogModel.allow_skipping``)."""
+    layers a pass may leave uncalled (``AnalogModel.allow_skipping``); ``cuda_graphs``:
+    each chip's passes replay as CUDA graphs (``AnalogModel.use_cuda_graphs``: the
+    same outputs and counts, less of the host's time; captured anew at each time)."""
     test, calibration = _on_device(test, device), _on_device(calibration, device)
     per_time = {t: {"accuracies": [], "counts": {}, "effective_eta": None} for t in times}
     report, digital, hist, fallbacks = None, [], {}, {}
     bar = tqdm(total=repeats * len(times), desc="analog chips", unit="eval", disable=not progress, leave=False)
     for r in range(repeats):
-        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm, device, allow_skipping)
+        analog = None  # the last chip, and its graphs' memory, let go before the next is made
+        analog = _convert(model, tile, mapping_cfg, derive(seed, stream, r), fold_batchnorm, device, allow_skipping,
+                          cuda_graphs)
         report, digital = analog.report, analog.digital_layers
         analog.calibrate(calibration)
         if r == 0:
@@ -206,7 +224,7 @@ def equivalent_sigmas(model: nn.Module, tile: TileConfig) -> dict:
 
 def validation_check(model: nn.Module, test: list, calibration: list, cfg: ValidationConfig,
                      tile: TileConfig, repeats: int, seed: int, progress: bool = True, device=None,
-                     allow_skipping: Sequence[str] = ()) -> dict:
+                     allow_skipping: Sequence[str] = (), cuda_graphs: bool = False) -> dict:
     """Crossbar (``tile``, normally validation_tile_config) against the baseline at the
     equivalent sigma, as an equivalence test (eval.stats.equivalence): PASSED when the
     95% CI of the difference of mean accuracies lies within +-tolerance, FAILED when it
@@ -214,7 +232,7 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
     mapping_cfg = mapping.MappingConfig(scale="layer", clip="max", drift_compensation=False)
     crossbar = evaluate_analog(model, tile, mapping_cfg, test, calibration, (0.0,), repeats, seed,
                                progress=progress, stream=_VALIDATION_CROSSBAR, device=device,
-                               allow_skipping=allow_skipping)["rows"][0]
+                               allow_skipping=allow_skipping, cuda_graphs=cuda_graphs)["rows"][0]
     sigmas = equivalent_sigmas(model, tile)
     accs = []
     model, test = _float_on(model, device), _on_device(test, device)
@@ -232,7 +250,7 @@ def validation_check(model: nn.Module, test: list, calibration: list, cfg: Valid
 def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches: Iterable,
                    config: Optional[RunConfig] = None, fold_batchnorm: bool = False,
                    progress: bool = True, histograms: bool = True, device: Optional[str] = None,
-                   allow_skipping: Sequence[str] = ()) -> dict:
+                   allow_skipping: Sequence[str] = (), cuda_graphs: bool = False) -> dict:
     """The main job for any model and data: ideal, analog over time, baseline, validation.
 
     ``test_batches`` and ``calibration_batches`` yield (inputs, labels), e.g. DataLoaders.
@@ -241,11 +259,14 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     chips; the same chips and noisy weights for a seed on every device). The inputs are
     moved there once. ``allow_skipping`` names
     the analog layers a pass may leave uncalled, for models that choose their layers per
-    call (``mapping.AnalogModel.allow_skipping``)."""
+    call (``mapping.AnalogModel.allow_skipping``). ``cuda_graphs`` (with ``device`` on
+    CUDA): the chips' passes replay as CUDA graphs, which cuts the host's share of a
+    pass (``mapping.graphs``); the results are the same."""
     config = config or RunConfig()
     if not isinstance(config, RunConfig):
         raise ValueError(f"config = {config!r} is invalid: expected an eval.RunConfig")
     on = resolve_device(device, "device")
+    check_cuda_graphs(cuda_graphs, on)
     allow_skipping = skipping_patterns(allow_skipping)  # (a bad value fails before any work)
     start = _time.perf_counter()
     # a copy: the caller's model keeps its device, dtype and training mode (a training
@@ -256,7 +277,7 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     results = {"ideal_accuracy": float_accuracy(model, test, on), "test_samples": sum(len(y) for _, y in test)}
     analog = evaluate_analog(model, config.tile, config.mapping, test, calibration, config.times,
                              config.repeats, config.seed, fold_batchnorm, progress, histograms, device=on,
-                             allow_skipping=allow_skipping)
+                             allow_skipping=allow_skipping, cuda_graphs=cuda_graphs)
     results.update(analog=analog["rows"], report=analog["report"], digital_layers=analog["digital_layers"],
                    calibration_fallbacks=analog["calibration_fallbacks"])
     results["baseline"] = (evaluate_baseline(model, test, config.baseline, config.repeats, config.seed, progress,
@@ -264,9 +285,10 @@ def run_experiment(model: nn.Module, test_batches: Iterable, calibration_batches
     results["validation"] = (validation_check(model, test, calibration, config.validation,
                                               validation_tile_config(config.tile, config.validation),
                                               config.repeats, config.seed, progress, device=on,
-                                              allow_skipping=allow_skipping)
+                                              allow_skipping=allow_skipping, cuda_graphs=cuda_graphs)
                              if config.validation.enabled else {"verdict": None, "passed": None, "skipped": True})
     results["histograms"] = analog["histograms"]
     results["device"] = str(on or "cpu")
+    results["cuda_graphs"] = cuda_graphs
     results["elapsed_s"] = _time.perf_counter() - start
     return results

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from mapping.devices import resolve_device
 
 from .datasets import Dataset, default_cache_dir, load_dataset
-from .experiment import evaluate_analog, evaluate_baseline, float_accuracy
+from .experiment import check_cuda_graphs, evaluate_analog, evaluate_baseline, float_accuracy
 from .results import atomic_write
 from .stats import ci_bounds
 from .sweep_spec import POINT_FIELDS, SpecError, SweepSpec
@@ -43,6 +43,7 @@ class SweepContext:
     models: dict      # (name, batchnorm) -> nn.Module
     ideal: dict       # (name, batchnorm) -> accuracy
     device: Optional[str] = None  # where the chips and the float models compute (None: the CPU)
+    cuda_graphs: bool = False  # the chips' passes replay as CUDA graphs (device on CUDA)
 
 
 def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool, device=None) -> dict:
@@ -58,17 +59,18 @@ def prepare_models(spec: SweepSpec, cache_dir: Path, progress: bool, device=None
 
 
 def load_context(spec: SweepSpec, checkpoints: dict, device: Optional[str] = None,
-                 ideal_on_device: bool = True) -> SweepContext:
+                 ideal_on_device: bool = True, cuda_graphs: bool = False) -> SweepContext:
     """The data, the models and their ideal accuracy, computed on ``device`` (a local
     worker), or on this process's CPU with ``ideal_on_device=False`` (a Dask client,
-    which may have no GPU of its own, makes the context and sends it to the workers)."""
+    which may have no GPU of its own, makes the context and sends it to the workers);
+    ``cuda_graphs``: the points' chips replay their passes as CUDA graphs."""
     data = load_dataset(spec.dataset, spec.data_dir)
     models, ideal = {}, {}
     test = data.batches("test", limit=spec.eval_samples or None)
     for key, path in checkpoints.items():
         models[key], _ = load_checkpoint(path)
         ideal[key] = float_accuracy(models[key], test, resolve_device(device) if ideal_on_device else None)
-    return SweepContext(data, models, ideal, device)
+    return SweepContext(data, models, ideal, device, cuda_graphs)
 
 
 def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) -> dict:
@@ -80,7 +82,8 @@ def evaluate_point(ctx: SweepContext, spec: SweepSpec, index: int, point: dict) 
     test = ctx.data.batches("test", limit=spec.eval_samples or None)
     calibration = ctx.data.batches("train", limit=cfg.calibration_samples)
     a = evaluate_analog(model, cfg.tile, cfg.mapping, test, calibration, cfg.times, cfg.repeats, seed,
-                        spec.fold_batchnorm, progress=False, device=resolve_device(ctx.device))["rows"][0]
+                        spec.fold_batchnorm, progress=False, device=resolve_device(ctx.device),
+                        cuda_graphs=ctx.cuda_graphs)["rows"][0]
     row = {"point": index, **{p: point[p] for p in spec.swept if p in point},
            **{f: spec.setting(point, f) for f in POINT_FIELDS if f not in spec.swept},
            "ideal_accuracy": ctx.ideal[key], "accuracy_mean": a["accuracy_mean"], "accuracy_std": a["accuracy_std"],
@@ -162,30 +165,30 @@ class ResultsFile:
 _WORKER_CONTEXT: Optional[SweepContext] = None  # per worker process, loaded once by the initializer
 
 
-def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, device: Optional[str]) -> None:
+def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, device: Optional[str], cuda_graphs: bool) -> None:
     global _WORKER_CONTEXT
     import numba
     import torch
 
     torch.set_num_threads(threads)  # workers share the cores: no oversubscription
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    _WORKER_CONTEXT = load_context(spec, checkpoints, device)
+    _WORKER_CONTEXT = load_context(spec, checkpoints, device, cuda_graphs=cuda_graphs)
 
 
 def _worker_point(spec: SweepSpec, index: int, point: dict) -> dict:
     return evaluate_point(_WORKER_CONTEXT, spec, index, point)
 
 
-def _run_local(spec, todo, checkpoints, workers, device=None) -> Iterator[dict]:
+def _run_local(spec, todo, checkpoints, workers, device=None, cuda_graphs: bool = False) -> Iterator[dict]:
     if workers == 1:
-        ctx = load_context(spec, checkpoints, device)
+        ctx = load_context(spec, checkpoints, device, cuda_graphs=cuda_graphs)
         for index, point in todo:
             yield evaluate_point(ctx, spec, index, point)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: forking a process that already runs OpenMP/TBB thread pools can hang
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(spec, checkpoints, threads, device)) as pool:
+                             initargs=(spec, checkpoints, threads, device, cuda_graphs)) as pool:
         pending = {pool.submit(_worker_point, spec, i, p) for i, p in todo}
         try:
             while pending:
@@ -199,11 +202,13 @@ def _run_local(spec, todo, checkpoints, workers, device=None) -> Iterator[dict]:
 
 
 def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True, cache_dir=None,
-              scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None) -> dict:
+              scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None,
+              cuda_graphs: bool = False) -> dict:
     """Evaluate every point not yet in DIR/results.csv; returns counts of points.
     ``device``: where the chips, the float models and the baseline compute ("cuda" on a
     Dask worker: the GPU it was given), and, for local runs, where models not yet cached
-    are trained."""
+    are trained; ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA
+    graphs, with the same results (``AnalogModel.use_cuda_graphs``)."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
     if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
@@ -211,6 +216,7 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     # a bad --device fails before any work (a cluster's workers check their own, and the
     # client, which may have no GPU, trains on its CPU)
     training_device = resolve_device(device) if scheduler is None else None
+    check_cuda_graphs(cuda_graphs, device, ("--cuda-graphs", "--device"))
     store = ResultsFile(out_dir, spec)
     todo = [(i, p) for i, p in enumerate(spec.points) if spec.point_key(p) not in store.done]
     summary = {"points": len(spec.points), "already_done": len(spec.points) - len(todo), "evaluated": 0}
@@ -226,9 +232,10 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     try:
         checkpoints = prepare_models(spec, Path(cache_dir or default_cache_dir()), progress, training_device)
         if runner is None:
-            rows = _run_local(spec, todo, checkpoints, workers, device)
+            rows = _run_local(spec, todo, checkpoints, workers, device, cuda_graphs)
         else:
-            rows = runner.rows(load_context(spec, checkpoints, device, ideal_on_device=False), spec, todo)
+            rows = runner.rows(load_context(spec, checkpoints, device, ideal_on_device=False, cuda_graphs=cuda_graphs),
+                               spec, todo)
         bar = tqdm(total=len(spec.points), initial=summary["already_done"], desc="sweep points", unit="point",
                    disable=not progress)
         for row in rows:

@@ -6,24 +6,11 @@ from torch import nn
 from crossbar import TileConfig
 from eval.baseline import noisy_copy
 from eval.config import BaselineConfig, RunConfig, ValidationConfig, run_config_from_dict
-from eval.datasets import load_digits
 from eval.experiment import run_experiment, validation_check, validation_tile_config
 from eval.models import build_model
 from eval.stats import difference_ci, summarize
-from eval.train import load_checkpoint, save_checkpoint, seeded_model, train, training_record
+from eval.train import load_checkpoint, save_checkpoint, train, training_record
 from tests.mapping.test_skipping import MultiTask
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def trained_mlp(digits):
-    model = seeded_model("mlp", digits, False, seed=0)  # the same weights whatever ran before
-    train(model, digits, 8, seed=0, progress=False)
-    return model
 
 
 def test_summary_statistics_on_known_values():

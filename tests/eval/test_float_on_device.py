@@ -7,7 +7,6 @@ import torch
 from crossbar import precision
 from eval.cli import main
 from eval.config import BaselineConfig, ValidationConfig
-from eval.datasets import load_digits
 from eval.experiment import evaluate_baseline, float_accuracy, validation_check, validation_tile_config
 from eval.hwa import HWAConfig, WeightNoise
 from eval.sweep import load_context, prepare_models
@@ -17,11 +16,6 @@ from mapping import convert
 from mapping.devices import module_device
 from crossbar import presets
 from tests.conftest import ieee, needs_cuda
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,11 @@ import eval.train as training
 from crossbar import presets
 from eval.cli import main
 from eval.config import ValidationConfig, load_run_config
-from eval.datasets import load_digits
 from eval.experiment import validation_tile_config
 from eval.hwa import HWAConfig, WeightNoise, describe, load_hwa_config, straight_through_converters
 from eval.train import load_checkpoint, seeded_model, train, train_or_load
 from mapping import MappingConfig, convert
 from tests.conftest import z_bound
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 def wide_mlp():

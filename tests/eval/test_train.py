@@ -5,13 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from eval.datasets import load_digits
 from eval.train import accuracy, load_checkpoint, save_checkpoint, seeded_model, train, train_or_load, training_record
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 def test_same_seed_same_weights_bitwise_and_the_global_rng_untouched(digits, tmp_path):

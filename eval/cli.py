@@ -50,6 +50,7 @@ def _add_cuda_graphs_option(p: argparse.ArgumentParser) -> None:
                    help="with --device cuda: replay each chip's passes as CUDA graphs, which cuts the host's "
                         "share of a pass; the same results (not yet checked bitwise on a GPU, so opt-in)")
 
+
 def _progress(args) -> bool:
     # bars are for people watching a terminal; in a log file they are carriage-return noise
     return not args.no_progress and sys.stderr.isatty()

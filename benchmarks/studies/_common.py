@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 from eval.datasets import default_cache_dir, load_dataset
+from eval.experiment import check_cuda_graphs
 from eval.stats import ci_bounds
 from eval.train import train_or_load
 from mapping.devices import resolve_device
 
 
-def parser(description: str, out: str) -> argparse.ArgumentParser:
+def parser(description: str, out: str, chips: bool = True) -> argparse.ArgumentParser:
+    """The studies' common options; ``chips``: the study evaluates crossbar chips (and
+    takes --cuda-graphs), not the additive baseline alone."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "cifar100"])
     p.add_argument("--data-dir", help="MNIST idx or CIFAR pickle directory")
@@ -23,12 +26,18 @@ def parser(description: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--device", help="where models train (when not cached) and evaluate, chips included: cpu "
                                     "(default), cuda or cuda:N")
+    if chips:
+        p.add_argument("--cuda-graphs", action="store_true",
+                       help="with --device cuda: the chips' passes replay as CUDA graphs (xbarsim run --cuda-graphs)")
     return p
 
 
 def device_of(args):
-    """The torch device of --device (None: the CPU engine); a bad one fails before any work."""
-    return resolve_device(args.device)
+    """The torch device of --device (None: the CPU engine); a bad one, or --cuda-graphs
+    off a GPU, fails before any work."""
+    device = resolve_device(args.device)
+    check_cuda_graphs(getattr(args, "cuda_graphs", False), device, ("--cuda-graphs", "--device"))
+    return device
 
 
 def data_and_models(args, pairs):

@@ -46,7 +46,8 @@ def main() -> None:
         for scale in NOISE_SCALES:
             tile = presets.pcm(prog_noise_scale=scale)
             a = evaluate_analog(model, tile, MappingConfig(), test, calibration, (86400.0,), args.repeats,
-                                args.seed, fold_batchnorm=bn, progress=False, device=device)["rows"][0]
+                                args.seed, fold_batchnorm=bn, progress=False, device=device,
+                                cuda_graphs=args.cuda_graphs)["rows"][0]
             rows.append(dict(model=name, batchnorm=bn, kind="crossbar", level=scale, ideal=ideal,
                              **summary(a)))
         print(f"{name} batchnorm={bn}: done", flush=True)

@@ -64,7 +64,7 @@ def main() -> None:
              f"accuracy loss in percentage points.", ""]
     ir_out = out / "ir_drop"
     run_sweep(parse_spec(_spec(args, ir_drop_points())), ir_out, workers=args.workers, progress=sys.stderr.isatty(),
-              device=args.device)
+              device=args.device, cuda_graphs=args.cuda_graphs)
     rows, _, _ = read_sweep(ir_out)
     lines += ["IR drop (rows: tile size; columns: ohms per wire segment):",
               "size  " + "".join(f"{r:>8g}" for r in WIRE_OHMS)]
@@ -73,7 +73,7 @@ def main() -> None:
         lines.append(f"{n:4d}  " + "".join(f"{cells[r]:8.2f}" for r in WIRE_OHMS))
     slice_out = out / "slicing"
     run_sweep(parse_spec(_spec(args, slicing_points())), slice_out, workers=args.workers,
-              progress=sys.stderr.isatty(), device=args.device)
+              progress=sys.stderr.isatty(), device=args.device, cuda_graphs=args.cuda_graphs)
     rows, _, _ = read_sweep(slice_out)
     lines += ["", f"ADC bits x weight slices ({WEIGHT_BITS}-bit weights; rows: slices; columns: ADC bits):",
               "slices" + "".join(f"{b:>8d}" for b in ADC_BITS)]

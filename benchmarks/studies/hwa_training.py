@@ -68,7 +68,8 @@ def main() -> None:
             common = dict(model=name, training=training, ideal=ideal)
             for scale in NOISE_SCALES:
                 result = evaluate_analog(model, presets.pcm(prog_noise_scale=scale), MappingConfig(), test,
-                                         calibration, TIMES, args.repeats, args.seed, progress=False, device=device)
+                                         calibration, TIMES, args.repeats, args.seed, progress=False, device=device,
+                                         cuda_graphs=args.cuda_graphs)
                 for row in result["rows"]:
                     rows.append(dict(common, kind="crossbar", noise_scale=scale, time=row["time"], level=scale,
                                      **summary(row)))

@@ -26,7 +26,7 @@ ETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], "study-results")
+    p = parser(__doc__.splitlines()[0], "study-results", chips=False)
     p.add_argument("--batchnorm", action="store_true", default=True)
     p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
     args = p.parse_args()

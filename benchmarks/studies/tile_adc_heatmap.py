@@ -34,7 +34,8 @@ def main() -> None:
                        "base": {"preset": "pcm", "tile": {"cols": 256}},
                        "grid": {"tile.rows": ROWS, "tile.adc.bits": ADC_BITS}})
     out = Path(args.out)
-    run_sweep(spec, out, workers=args.workers, progress=sys.stderr.isatty(), device=args.device)
+    run_sweep(spec, out, workers=args.workers, progress=sys.stderr.isatty(), device=args.device,
+              cuda_graphs=args.cuda_graphs)
     plots = plot_sweep(out)
     rows, _, _ = read_sweep(out)
     lines = [f"Tile rows x ADC bits for {args.model} on {args.dataset} (PCM, 8-bit DAC, 1 day, {args.repeats} repeats).",

@@ -81,16 +81,15 @@ def _convert(model: nn.Module, tile: TileConfig, mapping_cfg, seed, fold_batchno
     return analog.allow_skipping(*skipping_patterns(allow_skipping))
 
 
-def check_cuda_graphs(cuda_graphs, device, names: tuple = ("cuda_graphs", "device")) -> bool:
-    """``cuda_graphs``, checked: True only with ``device`` (a name or a torch device;
-    None: the CPU) on CUDA, where the chips' passes can replay as CUDA graphs
-    (``AnalogModel.use_cuda_graphs``). ``names``: the two parameters' names in errors."""
+def check_cuda_graphs(cuda_graphs, device, names: tuple = ("cuda_graphs", "device")) -> None:
+    """Refuse ``cuda_graphs`` unless it is False, or True with ``device`` (a name or a
+    torch device; None: the CPU) on CUDA, where the chips' passes can replay as CUDA
+    graphs (``AnalogModel.use_cuda_graphs``). ``names``: the two parameters' names in errors."""
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"{names[0]} = {cuda_graphs!r} is invalid: expected True or False")
     if cuda_graphs and not str(device or "cpu").startswith("cuda"):
         raise ValueError(f"{names[0]} needs {names[1]} on a CUDA GPU ('cuda' or 'cuda:N'), where passes replay as "
                          f"CUDA graphs; {names[1]} is {str(device or 'cpu')!r}")
-    return cuda_graphs
 
 
 def skipping_patterns(allow_skipping) -> tuple:

@@ -115,7 +115,7 @@ class CapturedPass:
 
         try:
             # the module's result, the pass's deferred flags (None: none), per grid its device counts
-            self.outputs, self.failed, device_counts = self._record(device_pass)
+            self.outputs, self.failed, device_counts = self._record(device_pass, model.device)
             self.reads = []  # per grid: (vectors, host counts, device counts) of a pass
             for grid, state, counts in zip(self.grids, before, device_counts):
                 vectors, host, _ = grid.read_state()
@@ -129,11 +129,14 @@ class CapturedPass:
             for layer, was in zip(self.layers, called_before):
                 layer.called = was
 
-    def _record(self, device_pass: Callable) -> tuple:
+    def _record(self, device_pass: Callable, device: torch.device) -> tuple:
         """Capture device_pass() into a CUDA graph (nothing runs on the device yet): its
-        outputs, which each replay writes."""
+        outputs, which each replay writes. The capture stream is the model's device's:
+        torch.cuda.graph's default stream is made once, on whichever GPU was current,
+        and a pass of a model on another GPU (cuda:1 in a process whose current GPU is
+        cuda:0) would launch its kernels outside the capture."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device)):
             return device_pass()
 
     def _replay(self) -> None:

@@ -37,7 +37,7 @@ CONFIG = presets.pcm(rows=32, cols=16).with_path("adc.noise_sigma", 0.5)
 class EmulatedPass(CapturedPass):
     """A captured pass whose graph is the pass itself, run again at each replay."""
 
-    def _record(self, device_pass):
+    def _record(self, device_pass, device):
         self._device_pass = device_pass
         self.replays = 0
         held = [c.clone() for c in self.counters]
@@ -330,6 +330,18 @@ def test_on_cuda_graph_replays_equal_eager_passes_bitwise():
         x = x.cuda()
         assert torch.equal(graphed(x), eager(x)), i
     assert graphed.counts() == eager.counts()
+    assert graphed._graphs.captures == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"needs two CUDA GPUs ({torch.cuda.device_count()} here)")
+def test_a_model_on_a_gpu_that_is_not_the_current_one_replays_its_own_passes():
+    """The capture stream is the model's GPU's: with cuda:0 current, a model on cuda:1
+    replays what its eager passes compute."""
+    eager, graphed = torch_model().to("cuda:1"), torch_model().to("cuda:1").use_cuda_graphs()
+    assert torch.cuda.current_device() == 0
+    for i, x in enumerate(inputs(3)):
+        x = x.to("cuda:1")
+        assert torch.equal(graphed(x), eager(x)), i
     assert graphed._graphs.captures == 1
 
 

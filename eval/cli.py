@@ -125,6 +125,22 @@ def _note_compiling(device_name: Optional[str]) -> None:
               "(XBARSIM_FUSED=0 runs them uncompiled, more slowly)", file=sys.stderr)
 
 
+def _note_shared_gpus(args) -> None:
+    """Say, on stderr, how a sweep's local workers (or local Dask cluster's) share the
+    machine's GPUs when --device cuda spreads them over several."""
+    from .sweep import worker_device
+
+    if args.workers < 2 or args.scheduler not in (None, "local") or not str(args.device).startswith("cuda"):
+        return
+    try:
+        gpus = sorted({str(worker_device(args.device, n)) for n in range(args.workers)})
+    except RuntimeError:
+        return  # a bad name is refused, by name, where the sweep resolves it
+    if len(gpus) > 1:
+        print(f"note: the {args.workers} workers share {len(gpus)} GPUs, worker n on cuda:(n mod {len(gpus)}) "
+              f"(--device cuda:N puts them all on one)", file=sys.stderr)
+
+
 def _check_checkpoint_options(args, meta: dict) -> None:
     """Options that describe the trained model must agree with the checkpoint's record."""
     given = {"--model": (args.model, meta.get("model")),
@@ -202,6 +218,7 @@ def _sweep(args) -> int:
     check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
     _note_compiling(args.device)  # (on a Dask cluster, the workers' GPUs compile)
+    _note_shared_gpus(args)
     try:
         summary = run_sweep(spec, args.out, workers=args.workers, progress=_progress(args),
                             scheduler=args.scheduler, scheduler_timeout=args.scheduler_timeout,
@@ -266,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="sweep specification, TOML (see eval/sweep_spec.py)")
     p.add_argument("--out", required=True, help="results directory; rerunning resumes it")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    p.add_argument("--device", help="where the points compute: cpu (default), cuda or cuda:N (on a Dask "
-                                    "worker, cuda is the GPU the worker was given; a local sweep also trains "
-                                    "models not yet cached there)")
+    p.add_argument("--device", help="where the points compute: cpu (default), cuda or cuda:N (cuda spreads "
+                                    "--workers over the machine's GPUs, worker n on cuda:(n mod GPUs); on a "
+                                    "Dask cluster started elsewhere, cuda is the GPU each worker was given; "
+                                    "a local sweep also trains models not yet cached there)")
     p.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:8786), or 'local' for a local "
                                        "Dask cluster of --workers processes; needs the 'distributed' extra")
     p.add_argument("--scheduler-timeout", type=float, default=10.0,

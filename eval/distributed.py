@@ -20,14 +20,23 @@ def _import_distributed():
 
 
 def _point_task(ctx, spec, index: int, point: dict, threads: Optional[int]) -> dict:
-    from .sweep import evaluate_point
+    """One point on a worker. ``threads``: set only on the local cluster this client
+    started, whose workers (named 0, 1, ...) also share the machine's GPUs
+    (:func:`~eval.sweep.worker_device`); a cluster's own workers use the GPU they were
+    given."""
+    from .sweep import evaluate_point, use_worker_device, worker_device
 
     if threads:
+        import dataclasses
+
         import numba
         import torch
 
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        device = worker_device(ctx.device, int(_import_distributed().get_worker().name))
+        use_worker_device(device)
+        ctx = dataclasses.replace(ctx, device=device)
     return evaluate_point(ctx, spec, index, point)
 
 

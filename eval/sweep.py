@@ -15,6 +15,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
 from tqdm import tqdm
 
 from mapping.devices import resolve_device
@@ -165,13 +166,34 @@ class ResultsFile:
 _WORKER_CONTEXT: Optional[SweepContext] = None  # per worker process, loaded once by the initializer
 
 
-def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, device: Optional[str], cuda_graphs: bool) -> None:
+def worker_device(device, number: int):
+    """Where worker ``number`` (0, 1, ...) of a sweep's local workers or local Dask
+    cluster computes: with a bare "cuda" on a machine with several GPUs, the workers
+    take the GPUs in turn (worker n on cuda:(n mod GPUs)), so that they share all of
+    them rather than all crowd the first; any other device is every worker's."""
+    if device is None or torch.device(device) != torch.device("cuda"):
+        return device
+    gpus = torch.cuda.device_count()
+    return f"cuda:{number % gpus}" if gpus > 1 else device
+
+
+def use_worker_device(device) -> None:
+    """Make a worker's GPU (cuda:N) its current one, where CUDA's defaults (a stream, a
+    capture's memory pool) are made."""
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+
+
+def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, devices, cuda_graphs: bool) -> None:
+    """A local worker's start: its share of the cores, its device (the next of the
+    queue ``devices``: one per worker, :func:`worker_device`) and the sweep's context."""
     global _WORKER_CONTEXT
     import numba
-    import torch
 
     torch.set_num_threads(threads)  # workers share the cores: no oversubscription
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    device = devices.get()
+    use_worker_device(device)
     _WORKER_CONTEXT = load_context(spec, checkpoints, device, cuda_graphs=cuda_graphs)
 
 
@@ -187,8 +209,12 @@ def _run_local(spec, todo, checkpoints, workers, device=None, cuda_graphs: bool 
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: forking a process that already runs OpenMP/TBB thread pools can hang
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(spec, checkpoints, threads, device, cuda_graphs)) as pool:
+    spawn = get_context("spawn")
+    devices = spawn.Queue()  # each worker takes one as it starts (at most `workers` of them start)
+    for number in range(workers):
+        devices.put(worker_device(device, number))
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker,
+                             initargs=(spec, checkpoints, threads, devices, cuda_graphs)) as pool:
         pending = {pool.submit(_worker_point, spec, i, p) for i, p in todo}
         try:
             while pending:
@@ -205,9 +231,10 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
               scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None,
               cuda_graphs: bool = False) -> dict:
     """Evaluate every point not yet in DIR/results.csv; returns counts of points.
-    ``device``: where the chips, the float models and the baseline compute ("cuda" on a
-    Dask worker: the GPU it was given), and, for local runs, where models not yet cached
-    are trained; ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA
+    ``device``: where the chips, the float models and the baseline compute (a bare "cuda"
+    spreads local workers, and a local Dask cluster's, over the machine's GPUs:
+    :func:`worker_device`; on a cluster started elsewhere, the GPU each worker was
+    given), and, for local runs, where models not yet cached are trained; ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA
     graphs, with the same results (``AnalogModel.use_cuda_graphs``)."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")

@@ -1,7 +1,10 @@
 import csv
+import queue
+from types import SimpleNamespace
 
 import matplotlib.image as mpimg
 import pytest
+import torch
 
 import eval.sweep as sweep_module
 from eval.cli import main
@@ -174,3 +177,66 @@ def test_a_device_model_axis_starts_each_point_from_that_devices_preset(tmp_path
     assert devices[2].device.t0 == 300.0 and devices[1].device.drift and not devices[1].device.read_noise_1f
     assert all(d.adc.bits == 6 for d in devices)  # [base]'s own overrides stay
     assert devices[3].device.table_csv == table.read_text()  # recorded with the point's configuration
+
+
+@pytest.fixture
+def three_gpus(monkeypatch):
+    """torch reports three CUDA GPUs; the GPUs made current are recorded."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    return current
+
+
+def test_a_bare_cuda_spreads_workers_over_the_gpus_and_any_other_device_is_everyones(three_gpus):
+    assert [sweep_module.worker_device("cuda", n) for n in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0",
+                                                                         "cuda:1"]
+    assert sweep_module.worker_device(torch.device("cuda"), 4) == "cuda:1"
+    for device in (None, "cpu", "cuda:2", torch.device("cuda:0")):
+        assert [sweep_module.worker_device(device, n) for n in range(3)] == [device] * 3
+
+
+def test_one_gpu_keeps_every_worker_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [sweep_module.worker_device("cuda", n) for n in range(3)] == ["cuda"] * 3
+
+
+def test_each_local_worker_takes_its_own_gpu_and_makes_it_current(three_gpus, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(sweep_module, "load_context", lambda spec, checkpoints, device, cuda_graphs: loaded.append(
+        (device, cuda_graphs)))
+    devices = queue.Queue()
+    for n in range(2):
+        devices.put(sweep_module.worker_device("cuda", n))
+    for _ in range(2):
+        sweep_module._init_worker(None, {}, 1, devices, True)
+    assert loaded == [("cuda:0", True), ("cuda:1", True)]
+    assert three_gpus == ["cuda:0", "cuda:1"]
+
+
+def test_a_local_dask_workers_point_runs_on_the_gpu_its_number_gives(three_gpus, monkeypatch):
+    """Only the cluster this client started (threads set) spreads its workers; a cluster
+    started elsewhere keeps "cuda", the GPU each worker was given."""
+    import distributed
+
+    from eval import distributed as runner_module
+
+    seen = []
+    monkeypatch.setattr(sweep_module, "evaluate_point", lambda ctx, spec, index, point: seen.append(ctx.device))
+    monkeypatch.setattr(distributed, "get_worker", lambda: SimpleNamespace(name=4))
+    ctx = sweep_module.SweepContext(None, {}, {}, "cuda")
+    runner_module._point_task(ctx, None, 0, {}, threads=1)
+    runner_module._point_task(ctx, None, 0, {}, threads=None)
+    assert seen == ["cuda:1", "cuda"] and ctx.device == "cuda"
+    assert three_gpus == ["cuda:1"]
+
+
+@pytest.mark.parametrize("device,workers,scheduler,noted", [
+    ("cuda", 4, None, True), ("cuda", 4, "local", True), ("cuda", 4, "tcp://host:8786", False),
+    ("cuda:1", 4, None, False), ("cuda", 1, None, False), (None, 4, None, False), ("gpu", 4, None, False)])
+def test_a_sweep_says_when_its_workers_share_several_gpus(three_gpus, capsys, device, workers, scheduler, noted):
+    from eval.cli import _note_shared_gpus
+
+    _note_shared_gpus(SimpleNamespace(device=device, workers=workers, scheduler=scheduler))
+    expected = "note: the 4 workers share 3 GPUs, worker n on cuda:(n mod 3) (--device cuda:N puts them all on one)\n"
+    assert capsys.readouterr().err == (expected if noted else "")

@@ -408,12 +408,13 @@ def steps(full_scale, half: int) -> tuple:
 
 def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
     """``kernels.quantize`` on a float64 tensor (half >= 0; full_scale a float or a
-    tensor that broadcasts): (values, mask of values beyond the range)."""
+    tensor that broadcasts): (values, mask of values beyond the range). A NaN stays NaN
+    (:func:`_read_fast` marks an output to read again so)."""
     a = v.abs()
     clipped = a > full_scale
     if half == 0:  # (a fill, not torch.as_tensor: no copy from the host on a GPU)
         fs = full_scale if isinstance(full_scale, torch.Tensor) else torch.full_like(v, full_scale)
-        return torch.where(v >= 0, fs, -fs).expand_as(v).clone(), clipped
+        return torch.where(v >= 0, fs, torch.where(v < 0, -fs, v)), clipped
     step, inv_step = steps(full_scale, half)
     q = torch.clamp(torch.floor(a * inv_step + 0.5), max=float(half)) * step
     return torch.where(v >= 0, q, -q), clipped
@@ -588,7 +589,9 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     streams, factors = tuple(streams), tuple(factors)
     kn, wn, _ = _tables(device)
     read = fused_version(_read_fast) if fused else _read_fast
-    values, hits, rejected = read(*args, streams, factors, first_vector, columns.width, columns.offset, kn, wn)
+    numbers = first_vector + torch.arange(batch, device=device)  # each vector's number
+    values, hits, rejected = read(*args, streams, factors, numbers, columns.width, columns.offset, kn, wn)
+    del numbers
     if rejected is not None:
         if checks is None:
             flat = rejected.nonzero().view(-1)
@@ -673,22 +676,23 @@ class _ReadArgs(NamedTuple):
 
 
 def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
-               keys: tuple, factors: tuple, first_vector: torch.Tensor, width, col_offset, kn, wn) -> tuple:
+               keys: tuple, factors: tuple, numbers: torch.Tensor, width, col_offset, kn, wn) -> tuple:
     """The read-out of every tile output (R, vectors, n_out), each normal from the
-    ziggurat's fast path: normal (first_vector + i) * width + offset of output column
-    j's tile stream for vector i. ``keys``: per stream (per-read noise, ADC noise) the
+    ziggurat's fast path: normal numbers[i] * width + offset of output column j's tile
+    stream for vector i (``numbers``: each vector's number, int64; a tensor, not an
+    arange made here: inductor indexes the ziggurat's tables with an int32 copy of an
+    arange, which differs from the int64 one the values use, and a GPU kernel then
+    computed every hash twice). ``keys``: per stream (per-read noise, ADC noise) the
     (R, n_out) key of each column, its normals times ``factors``. Returns (values,
     ADC range mask, each (R, vectors x n_out + 1) with a spare column, and the mask
     of the tile outputs that drew a rejected normal (None without noise) in the same
     layout, flat)."""
-    vectors = torch.arange(partial.shape[1], dtype=torch.int64, device=partial.device)[:, None]
-    counters = (vectors + first_vector) * width + col_offset
-    rejected = None
+    counters = numbers[:, None] * width + col_offset
     drawn = []
     for key, factor in zip(keys, factors):
         x, accepted, _, _ = _fast(counter_hash(key[:, None, :], counters), kn, wn)
+        x = torch.where(accepted, x, math.nan)  # NaN through to the value: see the return
         drawn.append(x if factor == 1.0 else factor * x)
-        rejected = ~accepted if rejected is None else rejected | ~accepted
     z, zeta = _by_stream(drawn, var is not None or var_rows is not None)
 
     def per_column(a):  # (R, n_out) -> (R, 1, n_out)
@@ -699,7 +703,13 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
 
     values, hits = read_values(partial, var, per_vector(var_rows), z, per_column(fs), half, per_column(gain),
                                per_column(offset), zeta, nonlinearity, per_vector(scales), per_column(divisor))
-    return _spare_column(values), _spare_column(hits), None if rejected is None else _spare_column(rejected).view(-1)
+    # the outputs that drew a rejected normal are those whose value is NaN (every stage
+    # carries a NaN through; partials, variances, ranges and divisors are finite, and
+    # ranges and divisors > 0). Read from the values, the mask is written by the values'
+    # kernel: computed from `accepted`, it took a kernel of its own on GPUs (Triton's
+    # scheduler fuses nodes that share a buffer), which hashed every counter again
+    rejected = _spare_column(values.isnan()).view(-1) if drawn else None
+    return _spare_column(values), _spare_column(hits), rejected
 
 
 def _spare_column(a: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -832,7 +842,9 @@ def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> 
     need no more, and a float64 map of every image would cost two passes over eight
     bytes per input value."""
     xd = x.double()
-    bad = (~torch.isfinite(xd)).sum()
+    # counted per pixel and channel first, as the clips are: on a GPU the two sums then
+    # share one pass over x (a sum over all of x took a pass of its own)
+    bad = (~torch.isfinite(xd)).sum(0).sum()
     if half >= 0:
         q, hits = quantize(xd, full_scale, half)
         clips = hits.double().sum(0)

@@ -167,7 +167,8 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
     keys = (torch.arange(blocks * n_out, dtype=torch.int64).view(blocks, n_out) * 7919 + 3,)
     columns = torch_engine.column_map([0, 2, 3], "cpu")
     first = torch.tensor(4, dtype=torch.int64)
-    fast, _, rejected = torch_engine._read_fast(*args, keys, (1.0,), first, columns.width, columns.offset,
+    fast, _, rejected = torch_engine._read_fast(*args, keys, (1.0,), first + torch.arange(vectors),
+                                                columns.width, columns.offset,
                                                 *torch_engine._tables(torch.device("cpu"))[:2])
     width = vectors * n_out + 1
     taken = [f for f in range(width, 2 * width - 1) if not rejected[f]]  # row block 1, fast path taken
@@ -177,6 +178,44 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
                                         fused=False)
     assert alone.shape == (1,) and torch.equal(alone, among[1:2])
     assert torch.equal(alone[0], fast.view(-1)[one[0]])
+
+
+@pytest.mark.parametrize("half,errors,scaled,read_noise", [
+    (127, False, False, True), (0, False, False, True), (-1, False, False, True), (7, True, True, True),
+    (0, True, False, False), (127, True, False, True)])
+def test_the_outputs_read_again_are_those_whose_normals_the_hashes_reject(half, errors, scaled, read_noise):
+    """The fast read-out marks an output that drew a rejected normal by a NaN carried to
+    its value, and finds the outputs to read again by their NaNs: for every ADC setting
+    (a 1-bit ADC's sign, errors, nonlinearity, per-vector scales, none at all) they are
+    exactly the outputs whose hashes the ziggurat rejects, and no value is NaN else."""
+    generator = torch.Generator().manual_seed(9)
+    blocks, vectors, n_out = 2, 60, 7
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    args = torch_engine._ReadArgs(
+        torch.randn(blocks, vectors, n_out, generator=generator) * 3, None,
+        uniform(blocks, vectors) if read_noise else None, uniform(blocks, n_out) + 1.0, half,
+        1.0 + 0.05 * uniform(blocks, n_out) if errors else None, 0.3 * uniform(blocks, n_out) if errors else None,
+        0.4 if errors else 0.0, uniform(blocks, vectors) + 0.5 if scaled else None,
+        torch.rand(blocks, n_out, generator=generator) + 0.5)
+    streams = [torch.arange(blocks * n_out, dtype=torch.int64).view(blocks, n_out) * 7919 + s for s in (3, 11)]
+    keys, factors = (streams, (1.0, 0.5)) if read_noise else (streams[1:], (0.5,))
+    if not errors:
+        keys, factors = keys[:1], factors[:1]
+    columns = torch_engine.column_map([0, 3, 7], "cpu")
+    numbers = 10 ** 9 + torch.arange(vectors)
+    kn, wn, _ = torch_engine._tables(torch.device("cpu"))
+    values, _, rejected = torch_engine._read_fast(*args, tuple(keys), factors, numbers, columns.width,
+                                                  columns.offset, kn, wn)
+    counters = numbers[:, None] * columns.width + columns.offset
+    want = torch.zeros(blocks, vectors, n_out, dtype=torch.bool)
+    for key in keys:
+        want |= ~torch_engine._fast(torch_engine.counter_hash(key[:, None, :], counters), kn, wn)[1]
+    want = torch.cat([want.view(blocks, -1), torch.zeros(blocks, 1, dtype=torch.bool)], dim=1).view(-1)
+    assert want.sum() >= 10  # about 2.7% of each stream's 840 normals
+    assert torch.equal(rejected, want) and torch.equal(values.isnan().view(-1), want)
 
 
 def _step_differences(got, want, grid):

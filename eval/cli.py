@@ -207,6 +207,8 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from mapping.devices import resolve_device
+
     from .experiment import check_cuda_graphs
     from .outputs import check_writable_dir
     from .sweep import run_sweep
@@ -214,6 +216,8 @@ def _sweep(args) -> int:
     from .sweep_spec import load_spec
 
     spec = load_spec(args.spec)  # every point validated before any work starts
+    if args.scheduler is None:  # (a cluster's workers check their own --device)
+        resolve_device(args.device)  # before --out is made
     check_cuda_graphs(args.cuda_graphs, args.device, ("--cuda-graphs", "--device"))
     check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")

@@ -240,3 +240,14 @@ def test_a_sweep_says_when_its_workers_share_several_gpus(three_gpus, capsys, de
     _note_shared_gpus(SimpleNamespace(device=device, workers=workers, scheduler=scheduler))
     expected = "note: the 4 workers share 3 GPUs, worker n on cuda:(n mod 3) (--device cuda:N puts them all on one)\n"
     assert capsys.readouterr().err == (expected if noted else "")
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "--device = 'gpu' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"),
+                                            ("cuda:7", "--device = 'cuda:7' is invalid")])
+def test_a_sweep_refuses_a_bad_device_by_name_before_it_makes_its_directory(spec_file, tmp_path, capsys, device,
+                                                                            message):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["sweep", str(spec_file), "--out", str(tmp_path / "out"), "--device", device, "--workers", "2"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -211,13 +211,14 @@ def _sweep(args) -> int:
 
     from .experiment import check_cuda_graphs
     from .outputs import check_writable_dir
-    from .sweep import run_sweep
+    from .sweep import check_workers, run_sweep
     from .sweep_plot import plot_sweep
     from .sweep_spec import load_spec
 
     spec = load_spec(args.spec)  # every point validated before any work starts
+    check_workers(args.workers)  # these before --out is made
     if args.scheduler is None:  # (a cluster's workers check their own --device)
-        resolve_device(args.device)  # before --out is made
+        resolve_device(args.device)
     check_cuda_graphs(args.cuda_graphs, args.device, ("--cuda-graphs", "--device"))
     check_writable_dir(args.out, "--out")
     print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")

@@ -227,6 +227,12 @@ def _run_local(spec, todo, checkpoints, workers, device=None, cuda_graphs: bool 
             raise
 
 
+def check_workers(workers) -> None:
+    """Refuse a --workers that is not an integer >= 1, by name."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
+
+
 def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True, cache_dir=None,
               scheduler: Optional[str] = None, scheduler_timeout: float = 10.0, device: Optional[str] = None,
               cuda_graphs: bool = False) -> dict:
@@ -236,8 +242,7 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     :func:`worker_device`; on a cluster started elsewhere, the GPU each worker was
     given), and, for local runs, where models not yet cached are trained; ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA
     graphs, with the same results (``AnalogModel.use_cuda_graphs``)."""
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
+    check_workers(workers)
     if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
     # a bad --device fails before any work (a cluster's workers check their own, and the

@@ -242,12 +242,15 @@ def test_a_sweep_says_when_its_workers_share_several_gpus(three_gpus, capsys, de
     assert capsys.readouterr().err == (expected if noted else "")
 
 
-@pytest.mark.parametrize("device,message", [("gpu", "--device = 'gpu' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"),
-                                            ("cuda:7", "--device = 'cuda:7' is invalid")])
-def test_a_sweep_refuses_a_bad_device_by_name_before_it_makes_its_directory(spec_file, tmp_path, capsys, device,
-                                                                            message):
+@pytest.mark.parametrize("device,workers,message", [
+    ("gpu", "2", "--device = 'gpu' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"),
+    ("cuda:7", "2", "--device = 'cuda:7' is invalid"),
+    ("cpu", "0", "--workers = 0 is invalid: expected an integer >= 1")])
+def test_a_sweep_refuses_a_bad_device_or_workers_by_name_before_it_makes_its_directory(spec_file, tmp_path, capsys,
+                                                                                       device, workers, message):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    assert main(["sweep", str(spec_file), "--out", str(tmp_path / "out"), "--device", device, "--workers", "2"]) == 2
+    assert main(["sweep", str(spec_file), "--out", str(tmp_path / "out"), "--device", device,
+                 "--workers", workers]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

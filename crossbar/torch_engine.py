@@ -412,9 +412,8 @@ def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
     (:func:`_read_fast` marks an output to read again so)."""
     a = v.abs()
     clipped = a > full_scale
-    if half == 0:  # (a fill, not torch.as_tensor: no copy from the host on a GPU)
-        fs = full_scale if isinstance(full_scale, torch.Tensor) else torch.full_like(v, full_scale)
-        return torch.where(v >= 0, fs, torch.where(v < 0, -fs, v)), clipped
+    if half == 0:  # the sign's full scale (a float is a scalar to where: no copy from the host on a GPU)
+        return torch.where(v >= 0, full_scale, torch.where(v < 0, -full_scale, v)), clipped
     step, inv_step = steps(full_scale, half)
     q = torch.clamp(torch.floor(a * inv_step + 0.5), max=float(half)) * step
     return torch.where(v >= 0, q, -q), clipped
@@ -591,7 +590,6 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
     read = fused_version(_read_fast) if fused else _read_fast
     numbers = first_vector + torch.arange(batch, device=device)  # each vector's number
     values, hits, rejected = read(*args, streams, factors, numbers, columns.width, columns.offset, kn, wn)
-    del numbers
     if rejected is not None:
         if checks is None:
             flat = rejected.nonzero().view(-1)

@@ -180,8 +180,9 @@ def worker_device(device, number: int):
 def use_worker_device(device) -> None:
     """Make a worker's GPU (cuda:N) its current one, where CUDA's defaults (a stream, a
     capture's memory pool) are made."""
-    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
-        torch.cuda.set_device(torch.device(device))
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def _init_worker(spec: SweepSpec, checkpoints: dict, threads: int, devices, cuda_graphs: bool) -> None:

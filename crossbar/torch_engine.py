@@ -831,14 +831,23 @@ def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tu
                        args.nonlinearity, args.scales, args.divisor)
 
 
-def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> tuple:
+def dac_values(x: torch.Tensor, full_scale: float, half: int, segment_matrix: Optional[torch.Tensor]) -> tuple:
     """A DAC over a layer input x (images, pixels, channels) with one range: (converted
-    float32, their squares in float64 (exact; None unless asked), per pixel and channel
-    the count over the images of values beyond the range (pixels, channels) float64,
-    count of non-finite values as a tensor); half < 0 passes values through. The clip
-    counts are summed over images here, not kept per image: the layer's clip counts
-    need no more, and a float64 map of every image would cost two passes over eight
-    bytes per input value."""
+    float32, per image and pixel the sums of the converted values squared over each
+    channel segment of ``segment_matrix`` (channels, segments) float64, 1 where a channel
+    is in a segment, as float32 (None without it), per pixel and channel the count over
+    the images of values beyond the range (pixels, channels) float64, count of
+    non-finite values as a tensor); half < 0 passes values through. The clip counts are
+    summed over images here, not kept per image: the layer's clip counts need no more,
+    and a float64 map of every image would cost two passes over eight bytes per input
+    value.
+
+    The squares are exact in float64 and summed in float64 (in an order that may
+    differ from the Numba kernel's, which float32 rounds away but for rare ties).
+    Compiled, each segment's sum is a reduction of the kernel that converts: the float64
+    squares of every input are never written (they were, 8 bytes per input, then read
+    by a matrix product); eager, it is that product (the compiled reduction's broadcast
+    would hold a float64 copy of the input per segment)."""
     xd = x.double()
     # counted per pixel and channel first, as the clips are: on a GPU the two sums then
     # share one pass over x (a sum over all of x took a pass of its own)
@@ -849,10 +858,15 @@ def dac_values(x: torch.Tensor, full_scale: float, half: int, squares: bool) -> 
     else:
         q, clips = xd, torch.zeros(xd.shape[1:], dtype=torch.float64, device=xd.device)
     q = q.float()
-    if not squares:  # (eager, the float64 copy would be made for nothing)
+    if segment_matrix is None:
         return q, None, clips, bad
     qd = q.double()
-    return q, qd * qd, clips, bad
+    if torch.compiler.is_compiling():
+        # where, not a product: a NaN's square times 0 would make every segment NaN
+        sums = torch.where(segment_matrix > 0, qd.square()[..., None], 0.0).sum(dim=-2)
+    else:
+        sums = torch.mm(qd.square().view(-1, qd.shape[-1]), segment_matrix).view(*qd.shape[:2], -1)
+    return q, sums.float(), clips, bad
 
 
 def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,
@@ -862,11 +876,9 @@ def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segmen
     a segment. Returns (converted float32, per image, pixel and channel segment the sum
     of the converted values squared (float32; None unless asked), per pixel and segment
     the values beyond the range summed over the images (pixels, segments) float64, the
-    count of non-finite values as a device tensor). Each segment sum is one matrix
-    product, whatever the number of segments: on a GPU, a kernel per segment costs more
-    host time than the sums."""
+    count of non-finite values as a device tensor). Each segment sum is a sum against
+    the matrix, whatever the number of segments: on a GPU, a kernel per segment costs
+    more host time than the sums."""
     convert = fused_version(dac_values) if use_fused(images.device) else dac_values
-    xq, squares, clips, bad = convert(images, float(full_scale), half, want_squares)
-    if want_squares:
-        squares = torch.mm(squares.view(-1, squares.shape[-1]), segment_matrix).float().view(*images.shape[:2], -1)
+    xq, squares, clips, bad = convert(images, float(full_scale), half, segment_matrix if want_squares else None)
     return xq, squares, torch.mm(clips, segment_matrix), bad

@@ -241,8 +241,9 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     ``device``: where the chips, the float models and the baseline compute (a bare "cuda"
     spreads local workers, and a local Dask cluster's, over the machine's GPUs:
     :func:`worker_device`; on a cluster started elsewhere, the GPU each worker was
-    given), and, for local runs, where models not yet cached are trained; ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA
-    graphs, with the same results (``AnalogModel.use_cuda_graphs``)."""
+    given), and, for local runs, where models not yet cached are trained;
+    ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA graphs, with the
+    same results (``AnalogModel.use_cuda_graphs``)."""
     check_workers(workers)
     if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import os
 import sys
@@ -39,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_network  # noqa: E402
 
 MIB = 2 ** 20
-# the torch engine's stages, named in the profile where they run (in the operations at a peak)
-_MARKED = ("dac_convert", "pixel_dac_convert", "row_sum_squares", "readout")
+# the torch engine's stages, by module, named in the profile where they run (in the operations at a peak)
+_MARKED = (("crossbar.torch_dac", ("dac_convert", "pixel_dac_convert", "row_sum_squares")),
+           ("crossbar.torch_engine", ("readout",)))
 
 
 @contextlib.contextmanager
@@ -72,16 +74,15 @@ def _marked(module, name: str):
 
 @contextlib.contextmanager
 def marked_functions():
-    from crossbar import torch_engine
-
-    saved = {name: getattr(torch_engine, name) for name in _MARKED}
-    for name in saved:
-        setattr(torch_engine, name, _marked(torch_engine, name))
+    modules = [(importlib.import_module(module), names) for module, names in _MARKED]
+    saved = [(module, name, getattr(module, name)) for module, names in modules for name in names]
+    for module, name, _ in saved:
+        setattr(module, name, _marked(module, name))
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch_engine, name, fn)
+        for module, name, fn in saved:
+            setattr(module, name, fn)
 
 
 def transient_peak(fn) -> tuple:

@@ -144,7 +144,7 @@ def run_float(name: str, batch: int, repeats: int, device: torch.device, float_p
 def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch.device,
                engine: str = "auto", cuda_graphs: bool = False, float_precision: str = "default") -> dict:
     import mapping
-    from crossbar import presets, torch_engine
+    from crossbar import fused, presets
 
     model, x = build(name), inputs(name, batch)
     config = presets.pcm(rows=256, cols=256, dac_bits=8, adc_bits=8)
@@ -187,7 +187,7 @@ def run_analog(name: str, batch: int, repeats: int, profile: bool, device: torch
               "images_per_s": batch / analog_s}
     if device.type == "cuda":
         result["startup_peak_mb"] = max(startup_peak, peak)
-    uncompiled = torch_engine._COMPILE_FAILED.get(device.type)
+    uncompiled = fused._COMPILE_FAILED.get(device.type)
     if uncompiled is not None:  # the fused kernels failed to build: these are the eager stages' times
         result["uncompiled_because"] = uncompiled
     if profile:

@@ -12,7 +12,7 @@ cut, and a device keeps its draws however many of the tile's rows and columns a 
 uses. Each stream's key comes from the tile's seed and the effect's tag (``grid.py``).
 The host computes them with the Numba functions here, one tile at a time; a grid on
 another torch device computes them there, one row of tiles at a time
-(:func:`row_block_hashes` into ``torch_engine.normals_from_hash`` and
+(:func:`row_block_hashes` into ``torch_normals.normals_from_hash`` and
 ``uniforms_from_hash``), to the same bits.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numba import njit, uint64
 
-from . import torch_engine
+from . import torch_engine, torch_normals
 from .rng import _uniform, counter_hash, normal_from_hash
 
 # Which draws name a chip: 1 was numpy's PCG64 streams of each tile's seed (xbarsim
@@ -58,4 +58,4 @@ def row_block_hashes(keys: torch.Tensor, columns: torch_engine.ColumnMap, arrays
     p = torch.arange(arrays, dtype=torch.int64, device=device)[:, None, None]
     i = torch.arange(rows, dtype=torch.int64, device=device)[None, :, None]
     counters = (p * tile_shape[0] + i) * tile_shape[1] + columns.offset.to(torch.int64)[None, None, :]
-    return torch_engine.counter_hash(keys[None, None, :], counters)
+    return torch_normals.counter_hash(keys[None, None, :], counters)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .chip_draws import row_block_hashes
-from .torch_engine import column_keys, normals_from_hash, uniforms_from_hash
+from .torch_engine import column_keys
+from .torch_normals import normals_from_hash, uniforms_from_hash
 from .wires import effective_conductance_torch, pair_read_variance
 
 

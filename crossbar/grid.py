@@ -23,8 +23,8 @@ them; what ``at(t)`` derives from them is not saved.
 Two engines run the chip. On the CPU the Numba kernels of ``kernels.py``; where the
 grid's buffers live on another torch device (``grid.to("cuda")``, or a grid made there:
 ``grids_made_on``), or with ``engine = "torch"``, the same arithmetic in torch
-(``torch_engine.py``), on that device, without leaving it. So do programming, ``at(t)``
-and the ADC calibration: the Numba engine's on the host, a tile at a time (the tiles of
+(``torch_dac.py``, ``torch_engine.py``), on that device, without leaving it. So do
+programming, ``at(t)`` and the ADC calibration: the Numba engine's on the host, a tile at a time (the tiles of
 a large grid on host threads, ``host_threads.py``), the torch engine's on the grid's
 device, a row of tiles at a time (``chip_on_device.py``). Both compute in float64 with
 the same device models and the same counter-based draws (``chip_draws.py``), so a seed
@@ -47,7 +47,7 @@ from .chip_draws import tile_draws
 from .config import TileConfig
 from .devices import make_device
 from .host_threads import map_tiles
-from . import deferred, torch_engine
+from . import deferred, torch_dac, torch_engine
 from .percentile import percentile
 from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
 from .precision import ieee_float32, moves_only
@@ -251,7 +251,7 @@ class TileGrid(CountsChanges, nn.Module):
         device = self.g_prog.device
         if self._columns is None or self._columns.tile.device != device:
             self._columns = torch_engine.column_map(self.col_starts, device)
-            self._block_matrix = torch_engine.block_matrix(self.row_starts, device)
+            self._block_matrix = torch_dac.block_matrix(self.row_starts, device)
         return self._columns
 
     def _host_array(self, i: int) -> Optional[np.ndarray]:
@@ -822,14 +822,14 @@ class TileGrid(CountsChanges, nn.Module):
         if self._var is not None:
             var = self._block_products(xq * xq, self._var)
         elif self._var_uniform is not None:
-            var_rows = torch_engine.row_sum_squares(xq, self.row_starts) * self._var_uniform
+            var_rows = torch_dac.row_sum_squares(xq, self.row_starts) * self._var_uniform
         return partial, var, var_rows
 
     def _convert_inputs_torch(self, x: torch.Tensor) -> tuple:
         r_in = self._require_input_range()
-        xq, scales, clipped, bad = torch_engine.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
-                                                            self.config.dac.range_mode == "per_vector",
-                                                            self.row_starts, self._block_matrix)
+        xq, scales, clipped, bad = torch_dac.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
+                                                         self.config.dac.range_mode == "per_vector",
+                                                         self.row_starts, self._block_matrix)
         checks = deferred.current()
         if checks is not None:  # the pass runs again, checked, and refuses x then
             checks.flag(bad)

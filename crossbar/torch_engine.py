@@ -1,18 +1,10 @@
-"""The tile grid's hot path in torch, for any torch device (CUDA in particular).
+"""The tile grid's read-out in torch, for any torch device (CUDA in particular).
 
-The same stages as the Numba kernels of ``kernels.py`` (DAC, per-read noise, ADC, the
-digital sum over row blocks), with the same arithmetic, so that a seed names the same
-outputs on either engine:
-
-- the counter-based normals of ``rng.py`` (SplitMix64 hash of (key, counter) into a
-  128-layer ziggurat), computed on int64 tensors: multiplication and addition wrap
-  modulo 2^64 exactly as uint64 does, and a logical right shift is an arithmetic one
-  masked to the bits that remain. The rare rejections (2.7% of normals) run the
-  ziggurat's slow path on the rejected elements only, step by step, as
-  ``rng.normal_rejected`` does;
-- converters in float64 with the same step, inverse step and round half away from zero;
-- float32 division by the digital scale and float32 accumulation over row blocks, in
-  row-block order.
+The same stages as the Numba kernels of ``kernels.py``, with the same arithmetic, so
+that a seed names the same outputs on either engine: per-read noise from the
+counter-based normals of ``torch_normals.py``, the ADC (``torch_dac.quantize``), float32
+division by the digital scale and float32 accumulation over row blocks, in row-block
+order. The DAC is ``torch_dac.py``; ``fused.py`` compiles the stages into fused kernels.
 
 Within a converted model's forward pass (``crossbar.deferred``) nothing is read from the
 device until the pass ends: the outputs to read again exactly are compacted into a
@@ -24,252 +16,21 @@ engines, so with per-read noise on, a value on an ADC step edge can round the ot
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
-import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from .rng import FN, GOLDEN, KN_FLOAT, MIX1, MIX2, REJECTION_RATE, TAIL_FAILURE, WN, ZIGGURAT_R
-from .tensor_mode import normal_tensors
+from .fused import fused_version, use_fused
+from .rng import REJECTION_RATE, TAIL_FAILURE
+from .torch_dac import quantize, steps
+from .torch_normals import (DONE, ROUNDS, as_int64_keys, counter_hash, fast_path, finish_walks, rejection_rounds,
+                            start_walks, steps_at_once, tables)
 
-
-FUSED_ENV = "XBARSIM_FUSED"
-_VARIANTS = 64  # compiled variants allowed per fused function
-# device types whose stages are compiled unless XBARSIM_FUSED says otherwise
-FUSED_BY_DEFAULT = ("cuda",)
-# device type -> why torch.compile failed there in this process; by default the stages
-# then run eagerly there (see fused_version)
-_COMPILE_FAILED: dict = {}
-
-
-def fused_setting() -> str:
-    """XBARSIM_FUSED: 'auto' (the default), '0' or '1'."""
-    setting = os.environ.get(FUSED_ENV, "auto")
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"{FUSED_ENV} = {setting!r} is invalid: expected 'auto', '0' or '1'")
-    return setting
-
-
-def use_fused(device: torch.device) -> bool:
-    """Whether the elementwise stages run as fused kernels (torch.compile): on CUDA
-    devices by default, where one kernel per stage instead of dozens of elementwise
-    passes over float64 and int64 temporaries is most of the speed, unless compiling
-    failed there earlier in the process. The environment variable XBARSIM_FUSED = 0
-    runs them eagerly everywhere, 1 compiles them on any device (the CPU included: the
-    tests compare the two), a failure to compile being an error then."""
-    setting = fused_setting()
-    if setting == "auto":
-        return device.type in FUSED_BY_DEFAULT and device.type not in _COMPILE_FAILED
-    return setting == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def fused_version(fn):
-    """``fn`` compiled into fused kernels, once per process (shapes are dynamic, so
-    layers of other sizes reuse it). The arithmetic is fn's: integer hashing wraps as
-    in eager torch, and float64 stays float64. Each combination of the stages that are
-    on (noise, ADC errors, scales) is a variant of its own: dynamo's default limit of 8
-    per function is raised so that none of them falls back to eager.
-
-    Compiling dominates a GPU run's start (resnet56: over two minutes on an H100), so
-    calls avoid what would compile a variant again for nothing: they run without
-    autograd (no gradient flows through a chip; a grad mode is part of a compiled
-    variant's guards, so calibration, run with autograd on, compiled every variant a
-    second time), with views passed as tensors of their own (a view's base is guarded
-    on too), and with two of torch's symbolic-shape settings (:data:`_SHAPE_SETTINGS`):
-    duck shaping off, which would otherwise tie sizes that happen to be equal in the
-    first call (a 128-entry ziggurat table and 128 vectors, say) and compile again when
-    they differ, and sizes of 1 not specialized (``backed_size_oblivious``): otherwise
-    a grid of one row block, a layer of one pixel and the rest each compile a variant
-    (resnet56 on the CPU: 11 compiled graphs, now 6, and 80 s of compiling, now 66 s).
-    A size-1 operand that a graph would need to broadcast is still told apart: torch
-    then checks, or specializes, rather than assume.
-
-    Where the kernels cannot be built (an old GPU, no Triton, no C compiler), the stages
-    run uncompiled instead, with a warning, unless XBARSIM_FUSED = 1 asked for them
-    compiled (:func:`_uncompiled_after`)."""
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _VARIANTS))
-    compiled = _compiled(fn)
-
-    @functools.wraps(fn)
-    def call(*args):
-        # (use_fused is false there by now, but a caller's loop may hold on to this call)
-        if _COMPILE_FAILED and _device_type(args) in _COMPILE_FAILED and fused_setting() == "auto":
-            return fn(*args)
-        # views as tensors of their own (a view is guarded on its base's sizes and strides
-        # too); only views: a detach costs 0.6 us, the test 0.1 us, and a read-out takes ~15 tensors
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args)
-        with torch.no_grad():
-            # set and restored by hand: the config's patch() cost 35 us a call, this 3 us a setting
-            saved = [getattr(_SHAPE_CONFIG, name) for name, _ in _SHAPE_SETTINGS]
-            for name, value in _SHAPE_SETTINGS:
-                setattr(_SHAPE_CONFIG, name, value)
-            try:
-                return compiled(*args)
-            except Exception as error:
-                if isinstance(error, torch.cuda.OutOfMemoryError) or fused_setting() != "auto":
-                    raise
-                return _uncompiled_after(error, fn, args)
-            finally:
-                for (name, _), value in zip(_SHAPE_SETTINGS, saved):
-                    setattr(_SHAPE_CONFIG, name, value)
-
-    return call
-
-
-def _compiled(fn):
-    """torch.compile of ``fn``, or a function raising why torch refuses to compile here
-    (its dynamo does not run on every Python version), which a call then handles as it
-    handles a failure to build the kernels."""
-    try:
-        return torch.compile(fn, dynamic=True, fullgraph=True)
-    except Exception as error:
-        refusal = error  # (the except clause unbinds its own name)
-
-        def refused(*args):
-            raise refusal
-        return refused
-
-
-def _device_type(args: tuple) -> str:
-    """The device type of a fused call's first tensor argument."""
-    return next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-
-
-def _uncompiled_after(error: Exception, fn, args: tuple):
-    """``fn(*args)`` run eagerly after its compiled version failed with ``error``, and
-    eager stages on that device type for the rest of the process, with one warning.
-
-    Building the kernels fails on machines the default cannot know about: a GPU too old
-    for Triton (compute capability below 7.0), no Triton, no C compiler for Triton's
-    launcher. The eager stages compute the same chip and noise (the tests hold the two
-    equal), more slowly and with more memory. An error of the inputs' own is raised by
-    the eager call itself, as it would be without compiling."""
-    result = fn(*args)
-    device_type = _device_type(args)
-    while isinstance(getattr(error, "inner_exception", None), Exception):
-        error = error.inner_exception  # what dynamo's BackendCompilerFailed wraps: the cause
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    cause = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-    warnings.warn(f"torch.compile could not build xbarsim's fused kernels for {device_type} ({cause}); they run "
-                  f"uncompiled there for the rest of this process: the same chip and noise, more slowly and "
-                  f"with more memory. {FUSED_ENV}=0 skips the attempt; {FUSED_ENV}=1 makes it an error, "
-                  f"with torch's whole message", RuntimeWarning)
-    _COMPILE_FAILED[device_type] = cause  # (after the warning, which an error filter raises)
-    return result
-
-
-def _shape_settings() -> tuple:
-    """torch's symbolic-shape settings module and the (name, value) pairs a fused call
-    runs under, those of them this torch has (older ones duck-shape and specialize
-    sizes of 1 always)."""
-    try:
-        from torch.fx.experimental import _config
-    except ImportError:
-        return None, ()
-    wanted = (("use_duck_shape", False), ("backed_size_oblivious", True))
-    return _config, tuple((name, value) for name, value in wanted if hasattr(_config, name))
-
-
-_SHAPE_CONFIG, _SHAPE_SETTINGS = _shape_settings()
-
-
-def _signed(c: int) -> int:
-    """The int64 with the bits of the uint64 c."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def as_int64_keys(keys: np.ndarray) -> torch.Tensor:
-    """uint64 stream keys as int64 tensors of the same bits."""
-    return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64))
-
-
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shr(z, 30)) * _signed(MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(MIX2)
-    return z ^ _shr(z, 31)
-
-
-def counter_hash(key: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return mix64(key ^ (n * _signed(GOLDEN)))
-
-
-def uniforms_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """A uniform in (0, 1] (float64) from each 64-bit hash's top 53 bits (exact):
-    ``rng._uniform``."""
-    return (_shr(h, 11) + 1).double() * (1.0 / 9007199254740992.0)
-
-
-@functools.lru_cache(maxsize=None)
-@normal_tensors
-def _tables(device: torch.device) -> tuple:
-    """The ziggurat tables (KN as float64, WN, FN) on one device, made once per device
-    (normal tensors even if first made in a torch.inference_mode() block)."""
-    return tuple(torch.from_numpy(a).to(device) for a in (KN_FLOAT, WN, FN))
-
-
-def _fast(h: torch.Tensor, kn: torch.Tensor, wn: torch.Tensor) -> tuple:
-    hz = (h >> 32).double()  # the top 32 bits as a signed int32 (an arithmetic shift)
-    iz = h & 127
-    return hz * wn[iz], hz.abs() < kn[iz], hz, iz
-
-
-def normals_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """A standard normal (float64) from each 64-bit hash: ``rng.normal_from_hash``."""
-    kn, wn, fn = _tables(h.device)
-    x, accepted, _, _ = _fast(h, kn, wn)
-    rejected = (~accepted).view(-1).nonzero().view(-1)  # flat indices, whatever h's shape
-    if rejected.numel():
-        x.view(-1)[rejected] = _rejected(h.reshape(-1)[rejected], kn, wn, fn)
-    return x
-
-
-def _rejected(h: torch.Tensor, kn, wn, fn) -> torch.Tensor:
-    """``rng.normal_rejected`` on a vector of hashes. Every element walks the same steps
-    (wedge tests and tail draws at its own k) until it is accepted; here all of them
-    step together, masked, a few rounds per (fused) call, so that the number of
-    kernels and device syncs does not grow with the elements' longest walk."""
-    return _finish_walks(_start_walks(h), kn, wn, fn)
-
-
-def _start_walks(h: torch.Tensor) -> tuple:
-    """The walks' state (h, k, phase, out, positive) before their first step."""
-    return (h, torch.ones_like(h), torch.zeros(h.shape, dtype=torch.int8, device=h.device),  # phase _WEDGES
-            torch.zeros(h.shape, dtype=torch.float64, device=h.device),
-            torch.zeros(h.shape, dtype=torch.bool, device=h.device))
-
-
-def _finish_walks(state: tuple, kn, wn, fn) -> torch.Tensor:
-    """Step every walk until all are done (their steps are unchanged once done): the
-    normals."""
-    rounds = fused_version(_rejection_rounds) if use_fused(state[0].device) else _rejection_rounds
-    while True:
-        state = rounds(*state, kn, wn, fn)
-        if not bool((state[2] != _DONE).any()):  # one sync per _ROUNDS steps; rarely more than one
-            return state[3]
-
-
-_WEDGES, _TAIL, _DONE = 0, 1, 2
-# Steps per call. A walk outlasts k steps mostly in the tail: it is entered by 5.7e-4 of
-# all normals, and each of its steps fails with probability TAIL_FAILURE = 0.0689, so k
-# steps are outlasted by about 5.7e-4 x 0.0689^(k-1) of normals: 8.8e-10 for 6 steps, 9.4e-17
-# for 12. An exact re-read walks 12 steps (_EXACT_CALLS x _ROUNDS), since a pass of 10^9
-# normals (resnet56 at batch 1024) meets one of 6 or more in one pass of two, and one of
-# 12 in one pass of 10^7: a deferred pass flags it (and runs again, checked), a checked
-# read finishes the walk. Checked and deferred reads walk the same steps, so that one
-# compiled variant serves both.
-_ROUNDS = 6
-_EXACT_CALLS = 2
+# An exact re-read walks the steps of two calls of rejection_rounds (the reasons for that
+# length are given at torch_normals.ROUNDS)
+_EXACT_STEPS = 2 * ROUNDS
 # An exact re-read walks every normal _OPEN_STEPS steps, then only the walks still going,
 # compacted into a buffer of late_walk_bound(walks): 99% of the walks end within two
 # steps, and the remaining steps on all of them were most of a re-read's work.
@@ -295,184 +56,6 @@ def _binomial_bound(n: int, p: float) -> int:
     10^20 draws."""
     mean = n * p
     return min(n, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 16.0))
-
-
-def _rejection_rounds(h, k, phase, out, positive, kn, wn, fn, steps: Optional[int] = None) -> tuple:
-    """``steps`` (default ``_ROUNDS``) steps of ``rng.normal_rejected`` for every
-    element, masked by its phase: the ziggurat (fast test, then the wedge test with the
-    uniform of h + k; a miss re-hashes h + k + 1), or the tail (two uniforms at k,
-    k + 1) with the sign of the hash that entered it. Elements that are done keep
-    their state."""
-    for _ in range(_ROUNDS if steps is None else steps):
-        in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
-        x, accepted, hz, iz = _fast(h, kn, wn)
-        a, tail_accepts = _tail_attempt(h, k)
-        tail_ok = in_tail & tail_accepts
-        wedge = in_wedges & ~accepted & (iz != 0)
-        inside = wedge & _under_wedge(h, k, x, iz, fn)
-        enter_tail = in_wedges & ~accepted & (iz == 0)
-        take_x = in_wedges & accepted | inside
-        out = torch.where(take_x, x, torch.where(tail_ok, torch.where(positive, ZIGGURAT_R + a, -ZIGGURAT_R - a), out))
-        positive = torch.where(enter_tail, hz > 0, positive)
-        missed = wedge & ~inside
-        k_next = torch.where(missed | in_tail, k + 2, k)
-        h = torch.where(missed, mix64(h + k + 1), h)
-        k = k_next
-        phase = torch.where(take_x | tail_ok, torch.full_like(phase, _DONE),
-                            torch.where(enter_tail, torch.full_like(phase, _TAIL), phase))
-    return h, k, phase, out, positive
-
-
-def _under_wedge(h, k, x, iz, fn) -> torch.Tensor:
-    """The ziggurat's wedge test of x in layer iz with the uniform of h + k: whether x
-    lies under the density (iz = 0, the tail's layer, is tested as layer 1: unused)."""
-    layer = torch.where(iz == 0, torch.ones_like(iz), iz)
-    return fn[layer] + uniforms_from_hash(mix64(h + k)) * (fn[layer - 1] - fn[layer]) < torch.exp(-0.5 * x * x)
-
-
-def _tail_attempt(h, k) -> tuple:
-    """Marsaglia's tail attempt with the uniforms of h + k and h + k + 1: (a, whether
-    it is accepted); the normal is R + a, signed."""
-    a = -torch.log(uniforms_from_hash(mix64(h + k))) / ZIGGURAT_R
-    b = -torch.log(uniforms_from_hash(mix64(h + k + 1)))
-    return a, b + b >= a * a
-
-
-def _steps_at_once(h, k, phase, out, positive, kn, wn, fn, steps: int) -> tuple:
-    """``steps`` steps of :func:`_rejection_rounds`, the same state after them, with the
-    steps side by side, not one after another: compiled, the rounds' code is unrolled
-    once per step (about 4 s of compiling a step on 2 CPU cores), and an exact
-    re-read's 10 late steps were most of a cold start's compiling: its walks took 49 s
-    to compile for resnet56, 27 s with these. A walk's steps are laid out in advance,
-    since each is a function of the walk's state where its phase began: in the
-    ziggurat, a missed wedge test re-hashes (h + k + 1) and takes k + 2, so the hashes
-    it would try form a chain, and each step's outcome follows from its hash alone; in
-    the tail, attempt m draws at k + 2 m. The first step that ends a phase ends it.
-    Each walk computes every step, needed or not: for the few walks still going after
-    the open steps (:func:`_late_rounds`), not for all of them."""
-    at = torch.arange(steps, device=h.device)
-    hs, ks = [h], [k]
-    for _ in range(steps):  # the chain: the hash and k of every step the walk would take in the ziggurat
-        hs.append(mix64(hs[-1] + ks[-1] + 1))
-        ks.append(ks[-1] + 2)
-    chain_h, chain_k = torch.stack(hs[:steps], dim=-1), torch.stack(ks[:steps], dim=-1)  # (walks, steps)
-    x, accepted, hz, iz = _fast(chain_h, kn, wn)
-    inside = ~accepted & (iz != 0) & _under_wedge(chain_h, chain_k, x, iz, fn)
-    enters = ~accepted & (iz == 0)
-    # the step at which each walk leaves the ziggurat (steps: none does)
-    first = torch.where(accepted | inside | enters, at, steps).amin(dim=-1)
-    ending = first.clamp(max=steps - 1)[..., None]
-
-    def at_end(a):
-        return a.gather(-1, ending).squeeze(-1)
-
-    end_h, end_k, ends_in_tail = at_end(chain_h), at_end(chain_k), at_end(enters)
-    in_wedges, in_tail = phase == _WEDGES, phase == _TAIL
-    leaves = in_wedges & (first < steps)
-    takes_x = leaves & ~ends_in_tail
-    to_tail = leaves & ends_in_tail
-    # the tail: its hash and first k, and the attempts left to it within the steps
-    tail_h = torch.where(to_tail, end_h, h)
-    tail_k = torch.where(to_tail, end_k, k)
-    tries = torch.where(to_tail, steps - 1 - first, steps)
-    positive = torch.where(to_tail, at_end(hz) > 0, positive)
-    a, accepts = _tail_attempt(tail_h[..., None], tail_k[..., None] + 2 * at)
-    success = torch.where(accepts & (at < tries[..., None]), at, steps).amin(dim=-1)
-    tailing = in_tail | to_tail
-    tail_done = tailing & (success < steps)
-    tail_a = a.gather(-1, success.clamp(max=steps - 1)[..., None]).squeeze(-1)
-    out = torch.where(takes_x, at_end(x), torch.where(
-        tail_done, torch.where(positive, ZIGGURAT_R + tail_a, -ZIGGURAT_R - tail_a), out))
-    still_wedges = in_wedges & ~leaves
-    h = torch.where(still_wedges, hs[steps], torch.where(leaves, end_h, h))  # a walk keeps its hash in the tail
-    k = torch.where(still_wedges, ks[steps], torch.where(takes_x, end_k, torch.where(
-        tailing, tail_k + 2 * torch.where(tail_done, success + 1, tries), k)))
-    phase = torch.where(takes_x | tail_done, torch.full_like(phase, _DONE),
-                        torch.where(tailing, torch.full_like(phase, _TAIL), phase))
-    return h, k, phase, out, positive
-
-
-def counter_normals(key: int, offset: int, n: int, device="cpu") -> torch.Tensor:
-    """Normals number offset .. offset + n - 1 of stream ``key``: ``rng.counter_normals``."""
-    k = torch.tensor(_signed(int(key)), dtype=torch.int64, device=device)
-    counters = torch.arange(n, dtype=torch.int64, device=device) + _signed(int(offset) % (1 << 64))
-    return normals_from_hash(counter_hash(k, counters))
-
-
-def steps(full_scale, half: int) -> tuple:
-    """(step, inv_step), float64, as ``kernels.steps`` computes them (tensor or float)."""
-    if half <= 0:
-        return full_scale, 1.0
-    return full_scale / half, half / full_scale
-
-
-def quantize(v: torch.Tensor, full_scale, half: int) -> tuple:
-    """``kernels.quantize`` on a float64 tensor (half >= 0; full_scale a float or a
-    tensor that broadcasts): (values, mask of values beyond the range). A NaN stays NaN
-    (:func:`_read_fast` marks an output to read again so)."""
-    a = v.abs()
-    clipped = a > full_scale
-    if half == 0:  # the sign's full scale (a float is a scalar to where: no copy from the host on a GPU)
-        return torch.where(v >= 0, full_scale, torch.where(v < 0, -full_scale, v)), clipped
-    step, inv_step = steps(full_scale, half)
-    q = torch.clamp(torch.floor(a * inv_step + 0.5), max=float(half)) * step
-    return torch.where(v >= 0, q, -q), clipped
-
-
-def dac_convert(x: torch.Tensor, full_scale: float, half: int, per_vector: bool, row_starts,
-                block_matrix: torch.Tensor) -> tuple:
-    """``kernels.grid_dac_convert``: (converted float32 (batch, n_in), per-vector scales
-    (R, batch) float64 or None, clipped values per row block (R,) int64, the count of
-    non-finite values in x as a device tensor). ``block_matrix`` (n_in, R) float64 is 1
-    where an input is in a row block.
-
-    With fused kernels, one range (not per vector) converts in one kernel
-    (:func:`dac_values`), its clips summed per row block by a matrix product: the eager
-    conversion holds float64 temporaries of the whole input, which were a transformer's
-    peak memory (the feed-forward's second layer: 784 MB of working memory against
-    float's peak of 300 MB at batch 256, estimated by ``benchmarks/bench_memory.py``)."""
-    if not per_vector and use_fused(x.device):
-        xq, _, clips, bad = pixel_dac_convert(x.view(x.shape[0], 1, x.shape[1]), full_scale, half, block_matrix,
-                                              False)
-        return xq.view(x.shape), None, clips.view(-1).to(torch.int64), bad
-    xd = x.double()
-    bad = (~torch.isfinite(xd)).sum()
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    n_blocks = len(row_starts) - 1
-    scales = torch.empty((n_blocks, x.shape[0]), dtype=torch.float64, device=x.device) if per_vector else None
-    clipped = torch.zeros(n_blocks, dtype=torch.int64, device=x.device)
-    for r in range(n_blocks):
-        a, b = int(row_starts[r]), int(row_starts[r + 1])
-        v = xd[:, a:b]
-        if per_vector:
-            m = v.abs().amax(dim=1)
-            scales[r] = m
-            v = v * torch.where(m > 0, 1.0 / m, torch.zeros_like(m))[:, None]
-        if half >= 0:
-            v, hits = quantize(v, full_scale, half)
-            clipped[r] = hits.sum()
-        out[:, a:b] = v
-    return out, scales, clipped, bad
-
-
-def block_matrix(bounds, device) -> torch.Tensor:
-    """(n, K) float64: 1 where item i lies in block k, the blocks ``bounds[k] ..
-    bounds[k + 1] - 1`` (a grid's row starts: its inputs' row blocks; a convolution's
-    channel segments)."""
-    bounds = np.asarray(bounds, np.int64)
-    blocks = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
-    out = torch.zeros((int(bounds[-1]), len(bounds) - 1), dtype=torch.float64)
-    out[np.arange(len(blocks)), blocks] = 1.0
-    return out.to(device)
-
-
-def row_sum_squares(xq: torch.Tensor, row_starts) -> torch.Tensor:
-    """(R, batch) float64: each vector's sum of squares over each row block, in
-    row-major memory as the convolutions' sums are (a transposed view would make the
-    fused read-out compile a variant for each layout). Squared a row block at a time:
-    float64 squares of a whole input were a transformer's peak memory."""
-    bounds = [int(b) for b in row_starts]
-    return torch.stack([xq[:, lo:hi].double().square_().sum(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
 class ColumnMap(NamedTuple):
@@ -586,7 +169,7 @@ def readout(partial: torch.Tensor, var, var_rows, columns: ColumnMap, keys: torc
         streams.append(errors.keys)
         factors.append(float(errors.noise_sigma))
     streams, factors = tuple(streams), tuple(factors)
-    kn, wn, _ = _tables(device)
+    kn, wn, _ = tables(device)
     read = fused_version(_read_fast) if fused else _read_fast
     numbers = first_vector + torch.arange(batch, device=device)  # each vector's number
     values, hits, rejected = read(*args, streams, factors, numbers, columns.width, columns.offset, kn, wn)
@@ -688,7 +271,7 @@ def _read_fast(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity
     counters = numbers[:, None] * width + col_offset
     drawn = []
     for key, factor in zip(keys, factors):
-        x, accepted, _, _ = _fast(counter_hash(key[:, None, :], counters), kn, wn)
+        x, accepted, _, _ = fast_path(counter_hash(key[:, None, :], counters), kn, wn)
         x = torch.where(accepted, x, math.nan)  # NaN through to the value: see the return
         drawn.append(x if factor == 1.0 else factor * x)
     z, zeta = _by_stream(drawn, var is not None or var_rows is not None)
@@ -731,7 +314,7 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     """The read-out of the tile outputs at ``flat`` (indices into the (R, vectors x n_out
     + 1) read-out, whose spare column is padding) with exact normals: (their values
     (E,), their ADC range masks (E,) or None). One call walks their normals
-    ``_EXACT_CALLS`` x ``_ROUNDS`` steps (:func:`_walked_normals`), a second reads them
+    ``_EXACT_STEPS`` steps (:func:`_walked_normals`), a second reads them
     (:func:`_read_at`). In the rare case that a walk is longer, the walks are finished
     before the read, or, with ``checks``, that is flagged there.
 
@@ -739,7 +322,7 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     compiles (27 s of resnet56's 44 s on a 2-core CPU), and apart they are the same for
     every read setting (noise, ADC errors, scales), compiled once instead of once per
     variant."""
-    kn, wn, fn = _tables(flat.device)
+    kn, wn, fn = tables(flat.device)
     walk = fused_version(_walked_normals) if fused else _walked_normals
     read = fused_version(_read_at) if fused else _read_at
     late = late_walk_bound(len(keys) * flat.numel())
@@ -753,7 +336,7 @@ def _read_exact(args: _ReadArgs, keys: tuple, factors: tuple, flat: torch.Tensor
     if checks is not None:
         checks.flag(unfinished)
     elif bool(unfinished):
-        normals = _finish_walks(state, kn, wn, fn)
+        normals = finish_walks(state, kn, wn, fn)
     return read(*args, flat, normals, factors)
 
 
@@ -770,19 +353,18 @@ def _located(flat: torch.Tensor, vectors: int, n_out: int) -> tuple:
 def _walked_normals(keys: tuple, flat, first_vector: torch.Tensor, width, col_offset, vectors: int, n_out: int,
                     kn, wn, fn, late: int) -> tuple:
     """The exact normals of the tile outputs at ``flat`` (:func:`_located`), per stream
-    of ``keys`` (each stream's (R, n_out) column keys, flat): walks of ``_EXACT_CALLS``
-    x ``_ROUNDS`` steps, all of them ``_OPEN_STEPS`` steps and the rest on at most
+    of ``keys`` (each stream's (R, n_out) column keys, flat): walks of
+    ``_EXACT_STEPS`` steps, all of them ``_OPEN_STEPS`` steps and the rest on at most
     ``late`` walks still going. Returns (the walks' state, whose normals (streams, E)
     float64 are exact where every walk is done; whether a walk is unfinished)."""
     block, i, j = _located(flat, vectors, n_out)
     counters = (i + first_vector) * width[j] + col_offset[j]
     h = torch.stack([counter_hash(key[block * n_out + j], counters) for key in keys])  # (streams, E)
-    steps = _EXACT_CALLS * _ROUNDS
-    opening = min(steps, _OPEN_STEPS)
-    state = _rejection_rounds(*_start_walks(h), kn, wn, fn, opening)
-    if steps > opening:
-        state = _late_rounds(state, late, kn, wn, fn, steps - opening)
-    return state, (state[2] != _DONE).any()
+    opening = min(_EXACT_STEPS, _OPEN_STEPS)
+    state = rejection_rounds(*start_walks(h), kn, wn, fn, opening)
+    if _EXACT_STEPS > opening:
+        state = _late_rounds(state, late, kn, wn, fn, _EXACT_STEPS - opening)
+    return state, (state[2] != DONE).any()
 
 
 def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: float, scales, divisor,
@@ -795,12 +377,12 @@ def _read_at(partial, var, var_rows, fs, half: int, gain, offset, nonlinearity: 
 
 
 def _late_rounds(state: tuple, size: int, kn, wn, fn, steps: int) -> tuple:
-    """``steps`` more steps (:func:`_steps_at_once`) of the walks in ``state`` that
+    """``steps`` more steps (:func:`steps_at_once`) of the walks in ``state`` that
     are still going, at most ``size`` of them (the first ones; the others are left as
     they are), compacted first. Padding repeats the first walk: its copies take the
     same steps, so that whichever write lands, the value is the same."""
-    at = torch.nonzero_static(state[2].reshape(-1) != _DONE, size=size, fill_value=0).view(-1)
-    late = _steps_at_once(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
+    at = torch.nonzero_static(state[2].reshape(-1) != DONE, size=size, fill_value=0).view(-1)
+    late = steps_at_once(*(a.reshape(-1)[at] for a in state), kn, wn, fn, steps)
     return tuple(a.reshape(-1).index_put((at,), b).view(a.shape) for a, b in zip(state, late))
 
 
@@ -829,56 +411,3 @@ def _read_gathered(args: _ReadArgs, normals: torch.Tensor, factors: tuple) -> tu
     z, zeta = _by_stream(drawn, args.var is not None or args.var_rows is not None)
     return read_values(args.partial, args.var, args.var_rows, z, args.fs, args.half, args.gain, args.offset, zeta,
                        args.nonlinearity, args.scales, args.divisor)
-
-
-def dac_values(x: torch.Tensor, full_scale: float, half: int, segment_matrix: Optional[torch.Tensor]) -> tuple:
-    """A DAC over a layer input x (images, pixels, channels) with one range: (converted
-    float32, per image and pixel the sums of the converted values squared over each
-    channel segment of ``segment_matrix`` (channels, segments) float64, 1 where a channel
-    is in a segment, as float32 (None without it), per pixel and channel the count over
-    the images of values beyond the range (pixels, channels) float64, count of
-    non-finite values as a tensor); half < 0 passes values through. The clip counts are
-    summed over images here, not kept per image: the layer's clip counts need no more,
-    and a float64 map of every image would cost two passes over eight bytes per input
-    value.
-
-    The squares are exact in float64 and summed in float64 (in an order that may
-    differ from the Numba kernel's, which float32 rounds away but for rare ties).
-    Compiled, each segment's sum is a reduction of the kernel that converts: the float64
-    squares of every input are never written (they were, 8 bytes per input, then read
-    by a matrix product); eager, it is that product (the compiled reduction's broadcast
-    would hold a float64 copy of the input per segment)."""
-    xd = x.double()
-    # counted per pixel and channel first, as the clips are: on a GPU the two sums then
-    # share one pass over x (a sum over all of x took a pass of its own)
-    bad = (~torch.isfinite(xd)).sum(0).sum()
-    if half >= 0:
-        q, hits = quantize(xd, full_scale, half)
-        clips = hits.double().sum(0)
-    else:
-        q, clips = xd, torch.zeros(xd.shape[1:], dtype=torch.float64, device=xd.device)
-    q = q.float()
-    if segment_matrix is None:
-        return q, None, clips, bad
-    qd = q.double()
-    if torch.compiler.is_compiling():
-        # where, not a product: a NaN's square times 0 would make every segment NaN
-        sums = torch.where(segment_matrix > 0, qd.square()[..., None], 0.0).sum(dim=-2)
-    else:
-        sums = torch.mm(qd.square().view(-1, qd.shape[-1]), segment_matrix).view(*qd.shape[:2], -1)
-    return q, sums.float(), clips, bad
-
-
-def pixel_dac_convert(images: torch.Tensor, full_scale: float, half: int, segment_matrix: torch.Tensor,
-                      want_squares: bool) -> tuple:
-    """``kernels.pixel_dac_convert``: a layer input (images, pixels, channels) through one
-    DAC range. ``segment_matrix`` (channels, segments) float64 is 1 where a channel is in
-    a segment. Returns (converted float32, per image, pixel and channel segment the sum
-    of the converted values squared (float32; None unless asked), per pixel and segment
-    the values beyond the range summed over the images (pixels, segments) float64, the
-    count of non-finite values as a device tensor). Each segment sum is a sum against
-    the matrix, whatever the number of segments: on a GPU, a kernel per segment costs
-    more host time than the sums."""
-    convert = fused_version(dac_values) if use_fused(images.device) else dac_values
-    xq, squares, clips, bad = convert(images, float(full_scale), half, segment_matrix if want_squares else None)
-    return xq, squares, torch.mm(clips, segment_matrix), bad

@@ -115,7 +115,7 @@ def _note_compiling(device_name: Optional[str]) -> None:
     empty compile cache)."""
     import torch
 
-    from crossbar.torch_engine import use_fused
+    from crossbar.fused import use_fused
 
     if device_name is None or not str(device_name).startswith("cuda"):
         return  # (a bad name is refused, by name, where the job resolves it)

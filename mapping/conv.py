@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossbar import deferred, torch_engine
+from crossbar import deferred, torch_dac
 from crossbar.kernels import pixel_dac_convert
 from crossbar.precision import ieee_float32
 from crossbar.seeding import derive
@@ -296,9 +296,9 @@ class AnalogConv2d(AnalogLayer):
         full_scale = 1.0 if r_in is None else r_in
         images, height, width, channels = xg.shape
         if on_torch:
-            xq, sq, clips, n_bad = torch_engine.pixel_dac_convert(xg.reshape(images, -1, channels), full_scale,
-                                                                  grid._dac_half, row_blocks.segment_matrix,
-                                                                  squares)
+            xq, sq, clips, n_bad = torch_dac.pixel_dac_convert(xg.reshape(images, -1, channels), full_scale,
+                                                               grid._dac_half, row_blocks.segment_matrix,
+                                                               squares)
             if checks is not None:  # the pass runs again, checked, and refuses x then
                 checks.flag(n_bad)
             else:
@@ -368,7 +368,7 @@ class AnalogConv2d(AnalogLayer):
             block_taps[r, np.searchsorted(segments, full_lo):np.searchsorted(segments, full_hi)] = 1.0
             for channel, mask in edges:
                 block_taps[r, np.searchsorted(segments, channel)] = mask
-        cut = _RowBlocks(grid._gdiff, blocks, segments, torch_engine.block_matrix(segments, device), block_taps, {})
+        cut = _RowBlocks(grid._gdiff, blocks, segments, torch_dac.block_matrix(segments, device), block_taps, {})
         self._kernels[g] = cut
         return cut
 

@@ -12,7 +12,7 @@ import torch
 import mapping
 from crossbar import DeviceConfig, presets
 from crossbar.chip_draws import row_block_hashes, tile_draws
-from crossbar.torch_engine import normals_from_hash, uniforms_from_hash
+from crossbar.torch_normals import normals_from_hash, uniforms_from_hash
 from crossbar.devices import DEVICE_MODELS
 from crossbar.devices.table import table_csv
 from crossbar.grid import TileGrid, grids_made_on

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossbar import deferred, presets, torch_engine
+from crossbar import deferred, presets, torch_engine, torch_normals
 from crossbar.rng import REJECTION_RATE, TAIL_FAILURE, ZIGGURAT_R
 from tests.conftest import z_bound
 from tests.crossbar.test_grid import programmed_grid
@@ -63,7 +63,7 @@ def test_what_the_checked_read_would_catch_is_flagged_and_the_grid_rewinds(cause
     if cause == "buffer":
         monkeypatch.setattr(torch_engine, "rejected_bound", lambda outputs, draws: min(outputs, 5))
     elif cause == "walks":  # two steps in all: many walks outlast them
-        monkeypatch.setattr(torch_engine, "_ROUNDS", 1)
+        monkeypatch.setattr(torch_engine, "_EXACT_STEPS", 2)
     elif cause == "late walks":  # room for one walk after the first two steps
         monkeypatch.setattr(torch_engine, "late_walk_bound", lambda walks: 1)
     else:
@@ -101,13 +101,13 @@ def test_rejected_outputs_are_as_many_as_the_bound_assumes(monkeypatch):
 def fast_path(key: int, n: int) -> tuple:
     """(hashes of counters 0 .. n - 1 of stream ``key``, whether the ziggurat's fast path
     takes each), and the ziggurat's tables."""
-    h = torch_engine.counter_hash(torch.tensor(key, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
-    kn, wn, fn = torch_engine._tables(torch.device("cpu"))
-    return h, torch_engine._fast(h, kn, wn)[1], (kn, wn, fn)
+    h = torch_normals.counter_hash(torch.tensor(key, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
+    kn, wn, fn = torch_normals.tables(torch.device("cpu"))
+    return h, torch_normals.fast_path(h, kn, wn)[1], (kn, wn, fn)
 
 
 def test_the_late_steps_taken_side_by_side_equal_the_steps_taken_in_turn():
-    """The exact re-read's late steps (:func:`torch_engine._steps_at_once`) against the
+    """The exact re-read's late steps (:func:`torch_normals.steps_at_once`) against the
     rounds they stand in for, on walks of the hashes that left the fast path (of a
     million) after 0 to 3 rounds and for 1 to 12 steps: the whole state after them,
     bitwise. Between them the cases cover every way a step can leave a walk: still in
@@ -115,14 +115,14 @@ def test_the_late_steps_taken_side_by_side_equal_the_steps_taken_in_turn():
     h, accepted, tables = fast_path(4242, 1_000_000)
     seen = set()
     for before in range(4):
-        state = torch_engine._rejection_rounds(*torch_engine._start_walks(h[~accepted]), *tables, before)
+        state = torch_normals.rejection_rounds(*torch_normals.start_walks(h[~accepted]), *tables, before)
         for steps in range(1, 13):
-            in_turn = torch_engine._rejection_rounds(*state, *tables, steps)
-            side_by_side = torch_engine._steps_at_once(*state, *tables, steps)
+            in_turn = torch_normals.rejection_rounds(*state, *tables, steps)
+            side_by_side = torch_normals.steps_at_once(*state, *tables, steps)
             for name, a, b in zip(("h", "k", "phase", "out", "positive"), in_turn, side_by_side):
                 assert torch.equal(a, b), f"{name} after {before} rounds and {steps} steps"
             seen |= set(zip(state[2].tolist(), in_turn[2].tolist()))
-    wedges, tail, done = torch_engine._WEDGES, torch_engine._TAIL, torch_engine._DONE
+    wedges, tail, done = torch_normals.WEDGES, torch_normals.TAIL, torch_normals.DONE
     assert {(wedges, wedges), (wedges, tail), (wedges, done), (tail, tail), (tail, done)} <= seen
 
 
@@ -132,8 +132,8 @@ def test_walks_still_going_after_the_open_steps_are_as_few_as_the_bound_assumes(
     tail step's failure rate, which that share takes, is Marsaglia's (10^6 steps)."""
     h, accepted, tables = fast_path(777, 4_000_000)
     walks = h[~accepted]
-    state = torch_engine._rejection_rounds(*torch_engine._start_walks(walks), *tables, torch_engine._OPEN_STEPS)
-    going = int((state[2] != torch_engine._DONE).sum())
+    state = torch_normals.rejection_rounds(*torch_normals.start_walks(walks), *tables, torch_engine._OPEN_STEPS)
+    going = int((state[2] != torch_normals.DONE).sum())
     share = torch_engine.LATE_WALK_SHARE
     assert going / len(walks) <= share + z_bound(len(walks)) * math.sqrt(share * (1 - share))
     assert going <= torch_engine.late_walk_bound(len(walks))

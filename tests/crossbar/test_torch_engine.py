@@ -1,32 +1,17 @@
 """The torch engine (what runs on GPUs) against the Numba engine on the CPU device: the
-same normals bitwise, the same outputs and counts bitwise with noise off, and with
-per-read noise on equal but for values on an ADC step edge (float64 variance sums in
-another order), which are counted. Tests that need CUDA skip without it."""
+same outputs and counts bitwise with noise off, and with per-read noise on equal but
+for values on an ADC step edge (float64 variance sums in another order), which are
+counted; the exact re-read of the outputs whose normals the fast path rejected. Tests
+that need CUDA skip without it."""
 import numpy as np
 import pytest
 import torch
 
-from crossbar import deferred, presets, rng, torch_engine
+from crossbar import deferred, fused, presets, rng, torch_engine, torch_normals
 from tests.conftest import needs_cuda
 from tests.crossbar.test_grid import programmed_grid
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.mark.parametrize("key,offset", [(0, 0), (12345, 10 ** 12), (2 ** 64 - 1, 2 ** 63 + 5)])
-def test_normals_equal_the_numba_generator_bitwise_rejections_included(key, offset):
-    n = 200_000  # about 2,600 rejections, some of them in the tail
-    want = rng.counter_normals(np.uint64(key), np.uint64(offset), n)
-    got = torch_engine.counter_normals(key, offset, n).numpy()
-    assert np.array_equal(got, want)
-
-
-def test_hash_equals_the_numba_hash_on_extreme_words():
-    words = np.array([0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 0x9E3779B97F4A7C15], np.uint64)
-    key = torch_engine.as_int64_keys(np.full(len(words), 0xDEADBEEF, np.uint64))
-    got = torch_engine.counter_hash(key, torch_engine.as_int64_keys(words)).numpy().view(np.uint64)
-    want = np.array([rng.counter_hash(np.uint64(0xDEADBEEF), w) for w in words], np.uint64)
-    assert np.array_equal(got, want)
 
 
 def both_engines(config, n_in, n_out, x, t=3600.0, calibrate=True):
@@ -131,20 +116,21 @@ def test_torch_engine_refuses_inputs_it_cannot_take():
 
 def test_walks_longer_than_one_call_are_finished_and_read_again(monkeypatch):
     """Outputs that drew a rejected normal are read again with exact normals, their
-    walks stepped _ROUNDS times in one call; the rare longer walks are finished
-    after it. With one step per round many walks outlast the call: the outputs and
-    counts must not change."""
+    walks stepped _EXACT_STEPS times in one call; the rare longer walks are finished
+    after it. With two steps, and then one step per round, many walks outlast the
+    call: the outputs and counts must not change."""
     config = presets.pcm(rows=32, cols=24).with_path("adc.noise_sigma", 0.5)  # both noise streams
     x = np.random.default_rng(11).uniform(-1, 1, (120, 70)).astype(np.float32)
     grid, *_ = programmed_grid(config, 70, 50, seed=8)
     grid.calibrate(x[:40])
     grid.engine = "torch"
     finished = []
-    original = torch_engine._finish_walks
-    monkeypatch.setattr(torch_engine, "_finish_walks", lambda *a: finished.append(1) or original(*a))
+    original = torch_normals.finish_walks
+    monkeypatch.setattr(torch_engine, "finish_walks", lambda *a: finished.append(1) or original(*a))
     results = []
-    for rounds in (torch_engine._ROUNDS, 1):
-        monkeypatch.setattr(torch_engine, "_ROUNDS", rounds)
+    for exact_steps, rounds in ((torch_engine._EXACT_STEPS, torch_normals.ROUNDS), (2, 1)):
+        monkeypatch.setattr(torch_engine, "_EXACT_STEPS", exact_steps)
+        monkeypatch.setattr(torch_normals, "ROUNDS", rounds)
         grid.at(60.0)
         grid.reset_counts()
         results.append((grid.product(torch.from_numpy(x)), grid.count_totals(), len(finished)))
@@ -169,7 +155,7 @@ def test_an_exact_re_read_of_one_output_equals_its_re_read_among_others_and_its_
     first = torch.tensor(4, dtype=torch.int64)
     fast, _, rejected = torch_engine._read_fast(*args, keys, (1.0,), first + torch.arange(vectors),
                                                 columns.width, columns.offset,
-                                                *torch_engine._tables(torch.device("cpu"))[:2])
+                                                *torch_normals.tables(torch.device("cpu"))[:2])
     width = vectors * n_out + 1
     taken = [f for f in range(width, 2 * width - 1) if not rejected[f]]  # row block 1, fast path taken
     one = torch.tensor([taken[len(taken) // 2]])
@@ -206,13 +192,13 @@ def test_the_outputs_read_again_are_those_whose_normals_the_hashes_reject(half, 
         keys, factors = keys[:1], factors[:1]
     columns = torch_engine.column_map([0, 3, 7], "cpu")
     numbers = 10 ** 9 + torch.arange(vectors)
-    kn, wn, _ = torch_engine._tables(torch.device("cpu"))
+    kn, wn, _ = torch_normals.tables(torch.device("cpu"))
     values, _, rejected = torch_engine._read_fast(*args, tuple(keys), factors, numbers, columns.width,
                                                   columns.offset, kn, wn)
     counters = numbers[:, None] * columns.width + columns.offset
     want = torch.zeros(blocks, vectors, n_out, dtype=torch.bool)
     for key in keys:
-        want |= ~torch_engine._fast(torch_engine.counter_hash(key[:, None, :], counters), kn, wn)[1]
+        want |= ~torch_normals.fast_path(torch_normals.counter_hash(key[:, None, :], counters), kn, wn)[1]
     want = torch.cat([want.view(blocks, -1), torch.zeros(blocks, 1, dtype=torch.bool)], dim=1).view(-1)
     assert want.sum() >= 10  # about 2.7% of each stream's 840 normals
     assert torch.equal(rejected, want) and torch.equal(values.isnan().view(-1), want)
@@ -247,129 +233,6 @@ def test_on_cuda_the_grid_equals_the_cpu_engine(read_sigma_abs):
     assert steps <= 1.0 + 1e-6, steps
 
 
-def test_fused_setting_is_checked(monkeypatch):
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "yes")
-    with pytest.raises(ValueError, match="XBARSIM_FUSED = 'yes' is invalid: expected 'auto', '0' or '1'"):
-        torch_engine.use_fused(torch.device("cpu"))
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "auto")
-    assert not torch_engine.use_fused(torch.device("cpu")) and torch_engine.use_fused(torch.device("cuda"))
-
-
-@pytest.fixture
-def compiling_fails(monkeypatch):
-    """Fused stages by default on the CPU, as on a GPU, whose kernels torch.compile
-    fails to build (as on a GPU too old for Triton); yields the list of the stages
-    whose compiled version was called, and the exception those calls raise (settable)."""
-    too_old = RuntimeError("Found Tesla P100 which is too old to be supported by the triton GPU compiler\n(and more)")
-    # as torch raises it: dynamo wraps the backend's error
-    attempts = {"names": [], "error": torch._dynamo.exc.BackendCompilerFailed(torch.compile, too_old, None)}
-
-    def failing_compile(fn, **options):
-        def compiled(*args):
-            attempts["names"].append(fn.__name__)
-            raise attempts["error"]
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", failing_compile)
-    monkeypatch.setattr(torch_engine, "FUSED_BY_DEFAULT", ("cpu",))
-    monkeypatch.setattr(torch_engine, "_COMPILE_FAILED", {})
-    monkeypatch.delenv(torch_engine.FUSED_ENV, raising=False)
-    torch_engine.fused_version.cache_clear()
-    yield attempts
-    torch_engine.fused_version.cache_clear()
-
-
-def _noisy_products(config, x: torch.Tensor) -> tuple:
-    """Two products of a fresh torch-engine grid, and its counts."""
-    grid, *_ = programmed_grid(config, 100, 90, seed=6)
-    grid.calibrate(x[:64].numpy())
-    grid.engine = "torch"
-    grid.at(3600.0)
-    return grid.product(x), grid.product(x), grid.count_totals()
-
-
-def test_where_compiling_fails_by_default_the_stages_run_eagerly_after_one_warning(compiling_fails, monkeypatch):
-    config = presets.pcm(rows=48, cols=40)
-    x = torch.from_numpy(np.random.default_rng(10).uniform(-1.2, 1.2, (300, 100)).astype(np.float32))
-    with pytest.warns(RuntimeWarning) as caught:
-        fallen_back = _noisy_products(config, x)
-    assert [str(w.message) for w in caught] == [
-        "torch.compile could not build xbarsim's fused kernels for cpu (RuntimeError: Found Tesla P100 which is too "
-        "old to be supported by the triton GPU compiler); they run uncompiled there for the rest of this process: "
-        "the same chip and noise, more slowly and with more memory. XBARSIM_FUSED=0 skips the attempt; "
-        "XBARSIM_FUSED=1 makes it an error, with torch's whole message"]
-    assert len(compiling_fails["names"]) == 1  # the first stage to compile; no later one tried
-    assert not torch_engine.use_fused(torch.device("cpu"))
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "0")
-    eager = _noisy_products(config, x)
-    assert torch.equal(fallen_back[0], eager[0]) and torch.equal(fallen_back[1], eager[1])
-    assert fallen_back[2] == eager[2] and eager[2]["dac_clipped"] > 0
-
-
-def test_where_compiling_is_asked_for_or_runs_out_of_memory_its_error_is_raised(compiling_fails, monkeypatch):
-    x = torch.from_numpy(np.random.default_rng(10).uniform(-1, 1, (300, 100)).astype(np.float32))
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "1")
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="too old to be supported"):
-        _noisy_products(presets.pcm(rows=48, cols=40), x)
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "auto")
-    compiling_fails["error"] = torch.cuda.OutOfMemoryError("CUDA out of memory")
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        _noisy_products(presets.pcm(rows=48, cols=40), x)
-    assert torch_engine._COMPILE_FAILED == {} and torch_engine.use_fused(torch.device("cpu"))
-
-
-def test_where_torch_refuses_to_compile_at_all_the_stages_run_eagerly(compiling_fails, monkeypatch):
-    def refusing_compile(fn, **options):
-        raise RuntimeError("Dynamo is not supported on Python 3.99+")
-
-    monkeypatch.setattr(torch, "compile", refusing_compile)
-    x, table = torch.ones(3, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match=r"for cpu \(RuntimeError: Dynamo is not supported on Python 3.99\+\)"):
-        assert torch.equal(torch_engine.fused_version(_scaled_sum)(x, table, 0.5), _scaled_sum(x, table, 0.5))
-
-
-def test_an_error_of_the_inputs_own_is_the_uncompiled_stages_error(compiling_fails):
-    fused = torch_engine.fused_version(_scaled_sum)
-    with pytest.raises(RuntimeError, match="size of tensor a"):  # torch's own error for the mismatched shapes
-        fused(torch.ones(3, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64), torch.ones(5))
-    assert compiling_fails["names"] == ["_scaled_sum"] and torch_engine._COMPILE_FAILED == {}
-    x, table = torch.ones(3, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="could not build"):  # a good call still tries to compile
-        assert torch.equal(fused(x, table, 0.5), _scaled_sum(x, table, 0.5))
-    assert torch.equal(fused(x, table, 0.5), _scaled_sum(x, table, 0.5))  # then runs it uncompiled: no warning
-    assert compiling_fails["names"] == ["_scaled_sum"] * 2 and "cpu" in torch_engine._COMPILE_FAILED
-
-
-@pytest.mark.slow
-def test_fused_convolution_dac_equals_the_eager_one_and_counts_clips_over_images(monkeypatch):
-    """The convolution DAC's fused kernel against the eager one: converted values, the
-    clip map summed over the images (held also against a plain count) and the count of
-    non-finite values bitwise; the sums of squares per channel segment (a reduction
-    compiled, a matrix product eager: float64 sums in other orders) within a float32
-    rounding, and against the squares summed segment by segment."""
-    images = torch.rand(5, 36, 10, generator=torch.Generator().manual_seed(3)) * 2.4 - 1.2
-    images[2, 7, 3] = float("nan")
-    segment_of = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-    segment_matrix = torch.zeros(10, 3, dtype=torch.float64)
-    segment_matrix[torch.arange(10), segment_of] = 1.0
-    results = []
-    for setting in ("0", "1"):
-        monkeypatch.setenv(torch_engine.FUSED_ENV, setting)
-        results.append(torch_engine.pixel_dac_convert(images, 1.0, 127, segment_matrix, True))
-    finite = images.isfinite().all(-1)  # a NaN pixel's segments are NaN or not as a matrix product has it
-    for name, eager, fused in zip(("values", "squares", "clips", "bad"), *results):
-        if name == "squares":
-            eager, fused = eager[finite], fused[finite]
-        tolerance = 2.0 ** -23 if name == "squares" else 0.0
-        torch.testing.assert_close(fused, eager, rtol=tolerance, atol=0, equal_nan=True, msg=name)
-    xq, squares, clips, bad = results[0]
-    by_segment = torch.stack([xq[..., segment_of == s].double().square().sum(-1) for s in range(3)], -1)
-    torch.testing.assert_close(squares[finite], by_segment.float()[finite], rtol=2.0 ** -23, atol=0)
-    want = torch.zeros(36, 3, dtype=torch.float64)
-    want.index_add_(1, segment_of, (images.abs() > 1.0).sum(0).double())
-    assert torch.equal(clips, want) and int(bad) == 1 and 0 < want.sum() < images.numel()
-
-
 @pytest.mark.slow
 def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     """The GPU's fused kernels (torch.compile), compiled here for the CPU, against the
@@ -384,11 +247,11 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     grid.engine = "torch"
     results, clipped = [], []
     for setting in ("0", "1"):
-        monkeypatch.setenv(torch_engine.FUSED_ENV, setting)
+        monkeypatch.setenv(fused.FUSED_ENV, setting)
         grid.at(3600.0)
         grid.reset_counts()
         results.append((grid.product(torch.from_numpy(x)), grid.count_totals(),
-                        torch_engine.counter_normals(77, 2 ** 40, 100_000)))
+                        torch_normals.counter_normals(77, 2 ** 40, 100_000)))
         clipped.append(grid.counts["dac_clipped"][:, 0].copy())  # per row block
     grid.at(3600.0)  # and compiled, with the checks deferred (the bounded exact re-read)
     grid.reset_counts()
@@ -401,38 +264,6 @@ def test_fused_kernels_equal_the_eager_engine_bitwise(monkeypatch):
     assert torch.equal(y0, y2) and grid.count_totals() == c0
     assert torch.equal(z0, z1) and np.array_equal(z1.numpy(), rng.counter_normals(np.uint64(77), np.uint64(2 ** 40),
                                                                                    100_000))
-
-
-def _scaled_sum(x: torch.Tensor, table: torch.Tensor, factor: float) -> torch.Tensor:
-    """A stand-in for a fused stage: a product with a fixed-size table and a reduction."""
-    return (x * factor).sum(dim=1) + table.sum()
-
-
-def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_sizes(monkeypatch):
-    """What the compiled variants are guarded on but the arithmetic does not depend on
-    (autograd's mode, whether an input is a view, sizes that happen to be equal in the
-    first call, a size of 1) compiles no second variant (resnet20's calibration and
-    first pass: 16 variants before the first three were cut, 11 before sizes of 1 were,
-    now 6). Without torch's compile caches: a graph cached by a process that
-    specialized sizes of 1 brings its guards along."""
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-
-    fused = torch_engine.fused_version(_scaled_sum)
-    table = torch.arange(8, dtype=torch.float64)
-    before = counters["stats"]["unique_graphs"]
-    base = torch.rand(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    outputs = [fused(base, table, 0.5)]  # autograd on; 8 rows like the table's 8 entries
-    with torch.no_grad():
-        outputs.append(fused(base, table, 0.5))
-    longer = torch.rand(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    outputs.append(fused(longer[1:], table, 0.5))  # a view, 5 rows
-    outputs.append(fused(longer[:1], table, 0.5))  # one row (a size of 1 is not specialized on)
-    assert counters["stats"]["unique_graphs"] - before == 1
-    for out, x in zip(outputs, (base, base, longer[1:], longer[:1])):
-        assert torch.allclose(out, _scaled_sum(x, table, 0.5), rtol=1e-12, atol=0)  # (sums in another order)
 
 
 def test_the_exact_re_reads_walks_compile_once_whatever_the_read_settings_and_row_blocks(monkeypatch):
@@ -453,8 +284,8 @@ def test_the_exact_re_reads_walks_compile_once_whatever_the_read_settings_and_ro
         return real_compile(fn, backend=backend, **options)
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "1")
-    torch_engine.fused_version.cache_clear()
+    monkeypatch.setenv(fused.FUSED_ENV, "1")
+    fused.fused_version.cache_clear()
     torch._dynamo.reset()  # no variant compiled by an earlier test is reused
     try:
         x = np.random.default_rng(12).uniform(-1, 1, (200, 90)).astype(np.float32)
@@ -471,7 +302,7 @@ def test_the_exact_re_reads_walks_compile_once_whatever_the_read_settings_and_ro
                 grid.product(torch.from_numpy(x))
             assert not checks.failed()
     finally:
-        torch_engine.fused_version.cache_clear()
+        fused.fused_version.cache_clear()
         torch._dynamo.reset()
     # a read compiles a variant with ADC errors and one without, each for one row block and several
     assert variants["_read_fast"] == variants["_read_at"] == 2

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from crossbar import deferred, presets, torch_engine
+from crossbar import deferred, fused, presets
 from crossbar.grid import TileGrid
 from mapping import convert
 from mapping.graphs import CapturedPass, PassGraphs, state_fingerprint
@@ -247,7 +247,7 @@ def test_a_pass_issues_the_same_operations_and_host_values_every_time(monkeypatc
     and the only read of the device is the checks' one at the end. The stages run
     eagerly, whatever XBARSIM_FUSED says: the operations are logged by a dispatch mode,
     under which torch.compile does not run."""
-    monkeypatch.setenv(torch_engine.FUSED_ENV, "0")
+    monkeypatch.setenv(fused.FUSED_ENV, "0")
     analog = torch_model()
     xs = inputs(3)
     analog(xs[0])

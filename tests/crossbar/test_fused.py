@@ -108,28 +108,30 @@ def _scaled_sum(x: torch.Tensor, table: torch.Tensor, factor: float) -> torch.Te
     return (x * factor).sum(dim=1) + table.sum()
 
 
-def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_sizes(monkeypatch):
+def test_a_fused_stage_compiles_once_whatever_grad_mode_views_and_coinciding_sizes():
     """What the compiled variants are guarded on but the arithmetic does not depend on
     (autograd's mode, whether an input is a view, sizes that happen to be equal in the
     first call, a size of 1) compiles no second variant (resnet20's calibration and
     first pass: 16 variants before the first three were cut, 11 before sizes of 1 were,
     now 6). Without torch's compile caches: a graph cached by a process that
-    specialized sizes of 1 brings its guards along."""
+    specialized sizes of 1 brings its guards along. The caches are turned off with the
+    config modules' own patch(), not monkeypatch: pytest 9.2's monkeypatch deletes an
+    attribute that is not in the module's __dict__ on undo, which hides a torch config
+    entry, and every later compile of the process then failed on it."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-
-    compiled = fused.fused_version(_scaled_sum)
-    table = torch.arange(8, dtype=torch.float64)
-    before = counters["stats"]["unique_graphs"]
-    base = torch.rand(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    outputs = [compiled(base, table, 0.5)]  # autograd on; 8 rows like the table's 8 entries
-    with torch.no_grad():
-        outputs.append(compiled(base, table, 0.5))
-    longer = torch.rand(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    outputs.append(compiled(longer[1:], table, 0.5))  # a view, 5 rows
-    outputs.append(compiled(longer[:1], table, 0.5))  # one row (a size of 1 is not specialized on)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = fused.fused_version(_scaled_sum)
+        table = torch.arange(8, dtype=torch.float64)
+        before = counters["stats"]["unique_graphs"]
+        base = torch.rand(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        outputs = [compiled(base, table, 0.5)]  # autograd on; 8 rows like the table's 8 entries
+        with torch.no_grad():
+            outputs.append(compiled(base, table, 0.5))
+        longer = torch.rand(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        outputs.append(compiled(longer[1:], table, 0.5))  # a view, 5 rows
+        outputs.append(compiled(longer[:1], table, 0.5))  # one row (a size of 1 is not specialized on)
     assert counters["stats"]["unique_graphs"] - before == 1
     for out, x in zip(outputs, (base, base, longer[1:], longer[:1])):
         assert torch.allclose(out, _scaled_sum(x, table, 0.5), rtol=1e-12, atol=0)  # (sums in another order)

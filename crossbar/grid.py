@@ -24,13 +24,14 @@ Two engines run the chip. On the CPU the Numba kernels of ``kernels.py``; where 
 grid's buffers live on another torch device (``grid.to("cuda")``, or a grid made there:
 ``grids_made_on``), or with ``engine = "torch"``, the same arithmetic in torch
 (``torch_dac.py``, ``torch_engine.py``), on that device, without leaving it. So do
-programming, ``at(t)`` and the ADC calibration: the Numba engine's on the host, a tile at a time (the tiles of
-a large grid on host threads, ``host_threads.py``), the torch engine's on the grid's
-device, a row of tiles at a time (``chip_on_device.py``). Both compute in float64 with
-the same device models and the same counter-based draws (``chip_draws.py``), so a seed
-names the same chip on either engine and device: bitwise on the CPU, and on CUDA but
-for the last bit of a float64 logarithm or power, which float32 rounds away. Through
-wires (IR drop) the two solve the same network with other factorisations, 1e-12 apart.
+programming, ``at(t)`` and the ADC calibration: the Numba engine's on the host, a tile
+at a time (the tiles of a large grid on host threads, ``host_threads.py``), the torch
+engine's on the grid's device, a row of tiles at a time (``chip_on_device.py``). Both
+compute in float64 with the same device models and the same counter-based draws
+(``chip_draws.py``), so a seed names the same chip on either engine and device: bitwise
+on the CPU, and on CUDA but for the last bit of a float64 logarithm or power, which
+float32 rounds away. Through wires (IR drop) the two solve the same network with other
+factorisations, 1e-12 apart.
 """
 from __future__ import annotations
 

@@ -18,13 +18,6 @@ from crossbar import presets
 from tests.conftest import ieee, needs_cuda
 
 
-@pytest.fixture(scope="module")
-def trained_mlp(digits):
-    model = seeded_model("mlp", digits, False, seed=0)
-    train(model, digits, 4, seed=0, progress=False)
-    return model
-
-
 def recording(model):
     """The model, with every forward pass recording the precision settings it ran under
     (a deep copy, as the baseline's noisy copies are, keeps the hook)."""

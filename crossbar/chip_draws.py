@@ -9,10 +9,10 @@ the tile) in the stream of 64-bit ``key`` is a function of (key, n) alone, with
 
 so a tile draws the same numbers whichever device computes them, in whatever order or
 cut, and a device keeps its draws however many of the tile's rows and columns a matrix
-uses. Each stream's key comes from the tile's seed and the effect's tag (``grid.py``).
-The host computes them with the Numba functions here, one tile at a time; a grid on
-another torch device computes them there, one row of tiles at a time
-(:func:`row_block_hashes` into ``torch_normals.normals_from_hash`` and
+uses. Each stream's key comes from the tile's seed and the effect's tag
+(``grid_programming.py``). The host computes them with the Numba functions here, one
+tile at a time; a grid on another torch device computes them there, one row of tiles at
+a time (:func:`row_block_hashes` into ``torch_normals.normals_from_hash`` and
 ``uniforms_from_hash``), to the same bits.
 """
 from __future__ import annotations

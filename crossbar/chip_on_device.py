@@ -1,12 +1,12 @@
 """Programming and ``at(t)`` with torch, on the device that holds a grid's chip.
 
-The same computation as the tile grid's host path (``grid.py``): the same device models
-(``devices/``, written for numpy and torch alike), the same counter-based draws
-(``chip_draws.py``) and the same float64 arithmetic, rounded to float32 where the chip
-is stored. It runs a row of tiles at a time, every column tile of it at once, so that
-the float64 temporaries stay near 8 bytes x 2 x rows x n_out each and a GPU does one set
-of kernels per row of tiles, not per tile. Per-tile counts are summed on the device and
-read once at the end.
+The same computation as the tile grid's host path (``grid_programming.py``): the same
+device models (``devices/``, written for numpy and torch alike), the same counter-based
+draws (``chip_draws.py``) and the same float64 arithmetic, rounded to float32 where the
+chip is stored. It runs a row of tiles at a time, every column tile of it at once, so
+that the float64 temporaries stay near 8 bytes x 2 x rows x n_out each and a GPU does
+one set of kernels per row of tiles, not per tile. Per-tile counts are summed on the
+device and read once at the end.
 
 A seed names the same chip on both paths: identical draws, identical elementwise
 operations in the same order. Only the libraries' float64 logarithms, exponentials and

@@ -20,6 +20,12 @@ The arrays that define a programmed chip (programmed conductances, drift exponen
 converter ranges) are torch buffers, so ``state_dict()``/``load_state_dict()`` carry
 them; what ``at(t)`` derives from them is not saved.
 
+This file holds the grid's state, its device and engine, its checks and its
+persistence; the rest of ``TileGrid`` is written by concept in mixins: programming and
+``at(t)`` (``grid_programming.py``), the converters' ranges and their calibration
+(``grid_ranges.py``), the product (``grid_product.py``, the Numba engine's; the torch
+engine's in ``grid_torch.py``) and the counts (``grid_counts.py``).
+
 Two engines run the chip. On the CPU the Numba kernels of ``kernels.py``; where the
 grid's buffers live on another torch device (``grid.to("cuda")``, or a grid made there:
 ``grids_made_on``), or with ``engine = "torch"``, the same arithmetic in torch
@@ -37,45 +43,32 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import chip_on_device
-from .chip_draws import tile_draws
+from . import torch_dac, torch_engine
 from .config import TileConfig
 from .devices import make_device
-from .host_threads import map_tiles
-from . import deferred, torch_dac, torch_engine
-from .percentile import percentile
-from .kernels import IDEAL, grid_dac_convert, grid_readout, grid_row_sum_squares, levels_per_side
-from .precision import ieee_float32, moves_only
-from .rng import stream_key
-from .wires import effective_conductance, pair_read_variance
-from .seeding import as_seed_sequence, derive
+from .grid_counts import CONVERSION_COUNTS, PROGRAM_COUNTS, Counts
+from .grid_product import NO_KEYS, Product
+from .grid_programming import Programming
+from .grid_ranges import ConverterRanges
+from .grid_torch import TorchProduct
+from .kernels import levels_per_side
+from .precision import moves_only
 from .state_changes import CountsChanges
 from .tensor_mode import normal_tensors
 
-# Sub-stream tags of each tile's seed: each physical effect draws from its own stream, so
-# switching one effect on or off leaves the samples of the others unchanged.
-_PROGRAM, _FAULTS, _DRIFT, _SLOW_NOISE, _READS, _CALIBRATION_READS, _ADC_ERRORS, _ADC_NOISE = range(8)
 # Targets a hair outside [g_min, g_max] from float rounding in the weight mapping are
 # accepted and pulled in; anything further out is an error.
 _RANGE_TOLERANCE = 1e-6
-# the weights from which a grid works its tiles on several host threads
-_THREADED_WEIGHTS = 2 ** 16
-_EMPTY_3D = np.empty((0, 0, 0), dtype=np.float32)
-_EMPTY_2D = np.empty((0, 0), dtype=np.float64)
-_EMPTY_DIVISOR = np.empty((0, 0), dtype=np.float32)
-_NO_KEYS = np.zeros((0, 0), np.uint64)
 
 ENGINES = ("auto", "numba", "torch")
 # (torch device, engine) of the grids made without a device of their own: see grids_made_on
 _MADE_ON: ContextVar = ContextVar("xbarsim_grids_made_on", default=(None, "auto"))
-PROGRAM_COUNTS = ("devices", "prog_clamped", "stuck_min", "stuck_max", "read_clamped", "adc_range_fallback")
-CONVERSION_COUNTS = ("dac_converted", "dac_clipped", "adc_converted", "adc_saturated")
 
 
 @contextmanager
@@ -107,25 +100,7 @@ def block_starts(n: int, size: int) -> np.ndarray:
     return np.append(np.arange(0, n, size), n).astype(np.int64)
 
 
-def time_bits(t: float) -> int:
-    """The float64 bits of t: the tag that makes every random draw at time t its own."""
-    return int(np.float64(t).view(np.uint64))
-
-
-def inference_time(t) -> float:
-    """``t``, s since programming, as a float: a finite real number >= 0, given as a
-    Python or numpy number or a one-element real tensor (``torch.logspace``'s, say)."""
-    value = t
-    if isinstance(t, torch.Tensor) and t.numel() == 1 and not (t.is_complex() or t.dtype == torch.bool):
-        value = t.item()
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
-            or not np.isfinite(value) or value < 0):
-        raise ValueError(f"t = {t!r} is invalid: expected a finite time >= 0 s, as a real number "
-                         f"or a one-element real tensor")
-    return float(value)
-
-
-class TileGrid(CountsChanges, nn.Module):
+class TileGrid(Programming, ConverterRanges, Product, TorchProduct, Counts, CountsChanges, nn.Module):
     """The tiles of one (n_in x n_out) conductance matrix, programmed and read together.
 
     Typical use (``mapping.AnalogMatrix`` does this for a weight matrix)::
@@ -177,7 +152,7 @@ class TileGrid(CountsChanges, nn.Module):
         self._var_uniform: Optional[float] = None
         self._read_at_time: Optional[tuple] = None  # (the chip and time, what at(t) derived: see at)
         self._keys = np.zeros((rows, cols), np.uint64)
-        self._adc_keys = _NO_KEYS  # the ADC noise's streams (noise_sigma > 0 only)
+        self._adc_keys = NO_KEYS  # the ADC noise's streams (noise_sigma > 0 only)
         self._vectors_read = 0
         # _vectors_read on the grid's device, where the torch engine reads it (a CUDA
         # graph's replay then draws new noise), and the count the host knows it holds
@@ -199,7 +174,6 @@ class TileGrid(CountsChanges, nn.Module):
             self.to(device)
         self.engine = engine
 
-    # -- engine and device -------------------------------------------------------------------
     @property
     def engine(self) -> str:
         """"numba" or "torch": the one that runs products now ("auto" picks Numba on the
@@ -297,7 +271,6 @@ class TileGrid(CountsChanges, nn.Module):
             self._host_copies[name] = found
         return found[2]
 
-    # -- programming and time --------------------------------------------------------------
     @property
     def programmed(self) -> bool:
         return self.g_prog.numel() > 0
@@ -308,604 +281,6 @@ class TileGrid(CountsChanges, nn.Module):
             for c in range(self.grid_shape[1]):
                 yield (r, c, slice(self.row_starts[r], self.row_starts[r + 1]),
                        slice(self.col_starts[c], self.col_starts[c + 1]))
-
-    @normal_tensors
-    def program(self, g_plus, g_minus, seeds: Sequence) -> "TileGrid":
-        """Program target conductances (uS), each (n_in, n_out); tile k (row-major) draws
-        from ``seeds[k]`` (an int or SeedSequence per tile). The torch engine programs on
-        the grid's device (``chip_on_device``), the Numba engine on the host: the same chip."""
-        targets = self._check_targets(g_plus, g_minus)
-        n_tiles = self.grid_shape[0] * self.grid_shape[1]
-        if len(seeds) != n_tiles:
-            raise ValueError(f"{self.name}: {len(seeds)} seeds for {n_tiles} tiles")
-        self.seeds = [as_seed_sequence(s) for s in seeds]
-        for name in PROGRAM_COUNTS:
-            self.counts[name][:] = 0
-        self.counts["devices"][:] = 2 * np.diff(self.row_starts)[:, None] * np.diff(self.col_starts)[None, :]
-        device = self.g_prog.device
-        if self._derives_on_device():
-            self.g_prog, nu, counts = chip_on_device.program(self, chip_on_device.as_targets(targets, device),
-                                                             _PROGRAM, _FAULTS, _DRIFT)
-            for name, value in counts.items():
-                self.counts[name][:] = value
-        else:
-            g, nu = self._program_on_host(targets)
-            self.g_prog = torch.from_numpy(g).to(device)
-            nu = None if nu is None else torch.from_numpy(nu).to(device)
-        self.nu = torch.zeros(0, dtype=torch.float32, device=device) if nu is None else nu
-        self.adc_gain, self.adc_offset = (torch.from_numpy(a).to(device) for a in self._draw_adc_errors())
-        self.reset_counts()
-        return self.at(0.0)
-
-    def _program_on_host(self, targets: tuple) -> tuple:
-        """(g_prog, nu or None) as numpy float32, programmed on the host tile by tile;
-        sets the programming counts."""
-        dev = self.config.device
-        g = np.empty((2, *self.shape), np.float32)
-        nu = np.zeros(g.shape, np.float32) if dev.drift else None
-
-        def program_tile(item) -> None:
-            k, (r, c, rs, cs) = item
-            block = np.stack([np.clip(target[rs, cs], dev.g_min, dev.g_max) for target in targets])
-            shape = block.shape
-            prog = self.device.program(block, lambda: self._tile_draws(k, shape, _PROGRAM),
-                                       lambda: self._tile_draws(k, shape, _FAULTS, uniform=True))
-            g[:, rs, cs] = prog.g
-            if nu is not None:
-                exps = self.device.drift_exponents(block, lambda: self._tile_draws(k, shape, _DRIFT))
-                if prog.stuck is not None:
-                    exps[prog.stuck] = self.device.stuck_drift_state  # a stuck device keeps its conductance
-                nu[:, rs, cs] = exps
-            self.counts["prog_clamped"][r, c] = prog.clamped
-            self.counts["stuck_min"][r, c] = prog.stuck_min
-            self.counts["stuck_max"][r, c] = prog.stuck_max
-
-        map_tiles(program_tile, list(enumerate(self.tiles())), self._host_threads())
-        return g, nu
-
-    def _draw_adc_errors(self) -> tuple:
-        """(gain, offset in LSB) of every tile column's ADC, each (R, n_out), from each
-        tile's own stream; empty where the config has no fixed ADC errors. Both are
-        drawn whatever is on, so that turning one on leaves the other's samples alone."""
-        adc = self.config.adc
-        if not adc.has_fixed_errors:
-            return np.zeros(0), np.zeros(0)
-        gain = np.empty((self.grid_shape[0], self.shape[1]))
-        offset = np.empty_like(gain)
-        for k, (r, _, _, cs) in enumerate(self.tiles()):
-            z = self._tile_draws(k, (2, 1, cs.stop - cs.start), _ADC_ERRORS)
-            offset[r, cs] = adc.offset_sigma * z[0, 0]
-            gain[r, cs] = 1.0 + adc.gain_sigma * z[1, 0]
-        return gain, offset
-
-    @normal_tensors
-    def at(self, t: float) -> "TileGrid":
-        """Set the inference time, s since programming: drift, and the 1/f sample frozen
-        for every read at this time (the same t always gives the same sample)."""
-        self._require_programmed("at")
-        t = inference_time(t)
-        self.device.check_time(t)
-        bits = time_bits(t)
-        # what the chip reads as at t is a function of t and the programmed state alone:
-        # kept from the last at(t), it serves the same t again while g_prog and nu are
-        # unchanged (calibration sets t = 0 twice after programming did)
-        chip = (bits, self.g_prog, self.g_prog._version, self.nu, self.nu._version)
-        found = self._read_at_time
-        if found is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(found[0], chip)):
-            if self._derives_on_device():
-                derived = chip_on_device.conductances_at(self, t, (_SLOW_NOISE, bits))
-            else:
-                derived = self._conductances_at(t, bits)
-            found = self._read_at_time = (chip, derived)
-        g_read, gdiff, var, self._var_uniform, clamped = found[1]
-        self._derived = (g_read, gdiff, var)
-        self.counts["read_clamped"][:] = clamped
-        self.time = t
-        self._keys = self.stream_keys(_READS, bits)
-        self._adc_keys = self.stream_keys(_ADC_NOISE, bits) if self._adc_noise_on() else _NO_KEYS
-        self._upload()
-        self._vectors_read = 0
-        return self
-
-    def _conductances_at(self, t: float, bits: int) -> tuple:
-        """What the chip reads as at time t, from its programmed state, tile by tile:
-        (G+ and G- read (2, n_in, n_out) float32, G+ - G- through the wires (n_in, n_out)
-        float32, the per-pair read variance float32 or None where it is uniform or
-        absent, the uniform variance or None, each tile's devices clamped at 0 (R, C))."""
-        g_prog = self.g_prog.cpu().numpy()
-        nu = self.nu.cpu().numpy() if self.nu.numel() else None
-        g_read = np.empty(g_prog.shape, np.float32)
-        gdiff = np.empty(self.shape, np.float32)
-        clamped = np.zeros(self.grid_shape, np.int64)
-        noisy = self.device.has_fast_noise
-        var = np.empty(self.shape, np.float32) if noisy else None
-
-        def read_tile(item) -> Optional[tuple]:
-            """Tile k's part of the above; where the devices have per-read noise,
-            (whether its read variance is uniform, its first value)."""
-            k, (r, c, rs, cs) = item
-            shape = (2, rs.stop - rs.start, cs.stop - cs.start)
-            g, below = self.device.conductance_at(g_prog[:, rs, cs], None if nu is None else nu[:, rs, cs], t,
-                                                  lambda: self._slow_normals(k, bits, shape))
-            clamped[r, c] = 0 if below is None else int(below.sum())
-            g_read[:, rs, cs] = g
-            g_eff = self._through_wires(g)
-            gdiff[rs, cs] = g_eff[0] - g_eff[1]  # the float64 difference, rounded to float32
-            if not noisy:
-                return None
-            v = pair_read_variance(self.device.read_variance, g, g_eff)
-            var[rs, cs] = v
-            return bool(np.all(v == v.flat[0])), v.flat[0]
-
-        # the wires' solves run BLAS on every core themselves, and their per-row loops hold
-        # the GIL (on threads of their own the tiles took 9% longer): a tile at a time
-        threads = 1 if self.config.ir_drop.on else self._host_threads()
-        uniform = map_tiles(read_tile, list(enumerate(self.tiles())), threads)
-        if noisy and all(same and first == uniform[0][1] for same, first in uniform):
-            # then sum_i x_i^2 var_ij = var * sum_i x_i^2: a row sum, not a second product
-            return g_read, gdiff, None, float(uniform[0][1]), clamped
-        return g_read, gdiff, var, None, clamped
-
-    def _host_threads(self) -> Optional[int]:
-        """Host threads for the per-tile work (None: ``host_threads``' default); one for a
-        small grid, whose tiles take less time than handing them to threads."""
-        return None if self.shape[0] * self.shape[1] >= _THREADED_WEIGHTS else 1
-
-    def _through_wires(self, g: np.ndarray) -> np.ndarray:
-        """(2, rows, cols): the conductances the inputs see through a tile's wires, G_eff
-        of both arrays of the tile whose conductances are g (PHYSICS.md section 8); g
-        itself without."""
-        wires = self.config.ir_drop
-        if not wires.on:
-            return g
-        return np.stack([effective_conductance(g[p], wires.r_row, wires.r_col, self.config.rows) for p in (0, 1)])
-
-    def _slow_normals(self, k: int, bits: int, shape: tuple) -> np.ndarray:
-        """The standard normals of tile k's 1/f sample at the time of ``bits``."""
-        return self._tile_draws(k, shape, _SLOW_NOISE, bits)
-
-    # -- ranges ------------------------------------------------------------------------------
-    @property
-    def input_range(self) -> Optional[float]:
-        """DAC full scale of every tile, normalised volts (1 for per-vector scaling; None
-        until calibrated)."""
-        if self.config.dac.range_mode == "per_vector":
-            return 1.0
-        r = float(self._host("dac_range"))
-        return None if np.isnan(r) else r
-
-    def set_input_range(self, value: float) -> None:
-        self.dac_range.fill_(check_range("input_range", value))
-
-    def output_ranges(self) -> Optional[np.ndarray]:
-        """(R, C) ADC full scales, uS x normalised volts (None until calibrated)."""
-        mode = self.config.adc.range_mode
-        if mode == "worst_case":
-            r_in = self.input_range
-            if r_in is None:
-                return None
-            dev = self.config.device
-            if self.config.dac.cycles > 1:  # the largest input of one cycle
-                r_in *= min(2 ** self.config.dac.bits_per_cycle - 1, self._dac_half) / self._dac_half
-            return np.full(self.grid_shape, self.config.rows * (dev.g_max - dev.g_min) * r_in)
-        ranges = self._host("adc_ranges")
-        return None if np.isnan(ranges).any() else ranges
-
-    def set_output_range(self, value: float, tile: Optional[tuple] = None) -> None:
-        """Set the ADC full scale of one tile (r, c), or of all."""
-        value = check_range("output_range", value)
-        if tile is None:
-            self.adc_ranges.fill_(value)
-        else:
-            self.adc_ranges[tile] = value
-
-    def calibrate(self, x) -> "TileGrid":
-        """Calibrated DAC (one range for the grid) and ADC (one per tile) ranges from
-        sample inputs x (batch, n_in), read now."""
-        if self.config.dac.range_mode == "calibrated":
-            self.calibrate_input(x)
-        if self.config.adc.range_mode == "calibrated":
-            self.calibrate_output(x)
-        return self
-
-    @normal_tensors
-    def calibrate_input(self, x) -> "TileGrid":
-        """Set the DAC range to the configured percentile of |x| (its maximum if the
-        sample is so sparse that the percentile is 0)."""
-        x = self.check_input(x)
-        r = percentile_range(np.abs(x), self.config.dac.percentile)
-        if r is None:
-            raise ValueError(f"{self.name}: cannot calibrate the input range: the sample is all zero; "
-                             f"give non-zero sample data")
-        self.set_input_range(r)
-        return self
-
-    @normal_tensors
-    def calibrate_output(self, x) -> "TileGrid":
-        """Set each tile's ADC range to the configured percentile of its column outputs
-        for inputs x, as read now (noise included) through the DAC and an unclipped ADC.
-
-        A tile whose sample gives no output at all (all its inputs zero, as some tiles of
-        a layer see after ReLU and pooling) takes the largest output that inputs within
-        the DAC range can produce on its conductances, r_in * max_j sum_i |G+_ij - G-_ij|
-        (nothing saturates); ``counts["adc_range_fallback"]`` marks it. The torch engine
-        reads and takes the percentiles on the grid's device, the Numba engine on the host."""
-        keys = self.stream_keys(_CALIBRATION_READS, time_bits(self.time))
-        read = self._row_block_reads_torch if self._derives_on_device() else self._row_block_reads
-        q = self.config.adc.percentile
-        ranges = np.empty(self.grid_shape)
-        for r, y in enumerate(read(x, keys)):
-            for c in range(self.grid_shape[1]):
-                outputs = y[:, self.col_starts[c]:self.col_starts[c + 1]]
-                found = percentile_range(abs(outputs), q)  # numpy or a tensor
-                self.counts["adc_range_fallback"][r, c] = int(found is None)
-                ranges[r, c] = found if found is not None else self._largest_output(r, c)
-        self.adc_ranges.copy_(torch.from_numpy(ranges))  # one copy, wherever the buffer lives
-        return self
-
-    def _row_block_reads(self, x, keys: np.ndarray):
-        """Each row block's outputs (vectors, n_out) for inputs x through the DAC, read
-        now with the streams of ``keys`` (R, C) and no ADC (every bit-serial cycle's
-        inputs a vector of their own), float32 numpy arrays: the Numba engine's, on the
-        host (np.partition finds a percentile's order statistics 2-3x faster there than
-        torch.topk)."""
-        x = self.check_input(x)
-        xq, scales, _ = self._convert_inputs(x)
-        cycles = self._cycles(xq)
-        if len(cycles) > 1:  # the ADC converts every cycle's outputs: calibrate on them all
-            xq = np.concatenate([xc for _, xc in cycles])
-            scales = np.concatenate([scales] * len(cycles), axis=1) if scales.size else scales
-        partial, var, var_rows = self._products(xq)
-        for r in range(self.grid_shape[0]):
-            y = np.empty((xq.shape[0], self.shape[1]), np.float32)
-            grid_readout(partial[r:r + 1], var[r:r + 1], var_rows[r:r + 1], self.col_starts, keys[r:r + 1], 0,
-                         np.ones((1, self.grid_shape[1])), IDEAL, scales[r:r + 1], _EMPTY_DIVISOR, 1.0, y,
-                         _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0)
-            yield y
-
-    def _row_block_reads_torch(self, x, keys: np.ndarray):
-        """:meth:`_row_block_reads` by the torch engine: tensors on the grid's device."""
-        device = self.g_prog.device
-        x = self.check_tensor(torch.as_tensor(x).to(device))
-        xq, scales, _ = self._convert_inputs_torch(x)
-        cycles = self._cycles(xq)
-        if len(cycles) > 1:
-            xq = torch.cat([xc for _, xc in cycles])
-            scales = None if scales is None else torch.cat([scales] * len(cycles), dim=1)
-        partial, var, var_rows = self._products_torch(xq)
-        keys_t = torch_engine.column_keys(keys, self.column_map())
-        first = torch.zeros((), dtype=torch.int64, device=device)
-        ones = torch.ones((1, self.grid_shape[1]), dtype=torch.float64, device=device)
-
-        def rows(a, r):
-            return None if a is None else a[r:r + 1]
-
-        for r in range(self.grid_shape[0]):
-            y, _ = torch_engine.readout(partial[r:r + 1], rows(var, r), rows(var_rows, r), self._columns,
-                                        keys_t[r:r + 1], first, ones, IDEAL, rows(scales, r), None, 1.0)
-            yield y
-
-    def _largest_output(self, r: int, c: int) -> float:
-        rs = slice(self.row_starts[r], self.row_starts[r + 1])
-        cs = slice(self.col_starts[c], self.col_starts[c + 1])
-        r_in = self.input_range or 1.0
-        gdiff = self._g_read[0, rs, cs].astype(np.float64) - self._g_read[1, rs, cs]
-        largest = float(np.abs(gdiff).sum(axis=0).max()) * r_in
-        if largest > 0:
-            return largest
-        dev = self.config.device  # the tile holds zeros: the whole conductance range
-        return (rs.stop - rs.start) * (dev.g_max - dev.g_min) * r_in
-
-    # -- the product -----------------------------------------------------------------------
-    def product(self, x, count: bool = True, divisor: Optional[np.ndarray] = None, alpha: float = 1.0) -> np.ndarray:
-        """Outputs (batch, n_out) for inputs x (batch, n_in), after every tile's ADC:
-        the sum over row blocks of each tile's converted output, divided by
-        ``divisor[r, j]`` (R, n_out; digital scaling to weight units) where given, times
-        ``alpha``. count=False leaves the conversion counts alone (reads that are not
-        inference, such as drift compensation's reference read)."""
-        if self.engine == "torch":
-            if divisor is not None:
-                divisor = torch.as_tensor(divisor, device=self.g_prog.device)
-            return self._product_torch(x, count, divisor, alpha)
-        x = self.check_input(x)
-        ranges = self._require_ranges()
-        xq, scales, clip = self._convert_inputs(x)
-
-        def read(xc, clipped):
-            partial, var, var_rows = self._products(xc)
-            return self.read_out(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
-
-        return self._read_cycles(self._cycles(xq), clip, read)
-
-    def _read_cycles(self, cycles: list, clipped, read):
-        """The digital sum over the input's ``cycles`` (:meth:`_cycles`) of ``read(cycle
-        inputs, clipped per block)`` (one read per cycle, each through the ADCs; numpy or
-        torch): y = sum_t 2^(p t) y_t. A clipped input is counted once, in its first
-        cycle. Each cycle's inputs leave the list as they are read, so that a read that
-        lets go of them once its products are formed can free them before its read-out."""
-        total = None
-        while cycles:
-            weight = cycles[0][0]
-            y = read(cycles.pop(0)[1], clipped)
-            clipped = clipped * 0
-            total = y if total is None else total + y * weight  # a power of two: exact in float32
-        return total
-
-    def _cycles(self, xq):
-        """[(2^(p t), cycle t's inputs)] of DAC outputs xq (numpy or torch, float32):
-        sign(q) digit_t(|q|) step for the DAC code q and p = ``dac.bits_per_cycle``
-        (PHYSICS.md section 9); [(1, xq)] for one cycle."""
-        dac = self.config.dac
-        if dac.cycles == 1:
-            return [(1, xq)]
-        full_scale = 1.0 if dac.range_mode == "per_vector" else self.input_range
-        step, inv_step = full_scale / self._dac_half, self._dac_half / full_scale
-        p = dac.bits_per_cycle
-        lib = torch if isinstance(xq, torch.Tensor) else np
-        magnitude = lib.abs(xq).double() if lib is torch else np.abs(xq).astype(np.float64)
-        codes = lib.floor(magnitude * inv_step + 0.5)  # the integers the DAC produced
-        sign = lib.sign(xq)
-        out = []
-        for t in range(dac.cycles):
-            digit = lib.remainder(lib.floor(codes / float(2 ** (p * t))), float(2 ** p))
-            values = sign * (digit * step)
-            out.append((2 ** (p * t), values.float() if lib is torch else values.astype(np.float32)))
-        return out
-
-    def read_out(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
-                 divisor=None, alpha: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """The read-out/ADC kernel over products already formed (``partial``: R x vectors
-        x n_out), for callers that form the products their own way (convolutions);
-        ``var``, ``var_rows``, ``scales`` and ``divisor`` None where absent.
-        ``clipped_per_block`` (R,): DAC values clipped in each row block's inputs; every
-        tile of that row converted all rows x vectors of them. ``out`` (vectors, n_out),
-        float32, C-contiguous: where to write (a new array if None)."""
-        batch = partial.shape[1]
-        if out is None:
-            out = np.empty((batch, self.shape[1]), np.float32)
-        saturated = grid_readout(partial, _EMPTY_3D if var is None else var, _EMPTY_2D if var_rows is None else var_rows,
-                                 self.col_starts, self._keys, self._vectors_read, ranges, self._adc_half,
-                                 _EMPTY_2D if scales is None else scales,
-                                 _EMPTY_DIVISOR if divisor is None else divisor, float(alpha), out,
-                                 *self._adc_error_args())
-        self._vectors_read += batch
-        if count:
-            self._count_conversions(batch, clipped_per_block, saturated)
-        return out
-
-    def _adc_noise_on(self) -> bool:
-        return self._adc_half != IDEAL and self.config.adc.noise_sigma > 0
-
-    def _adc_error_args(self) -> tuple:
-        """The read-out kernel's ADC-error arguments: (gain, offset, noise keys,
-        noise_sigma, nonlinearity); empty arrays and zeros where off."""
-        adc = self.config.adc
-        if self._adc_half == IDEAL or not adc.has_errors:
-            return _EMPTY_2D, _EMPTY_2D, _NO_KEYS, 0.0, 0.0
-        gain, offset = (self._host(name) if getattr(self, name).numel() else _EMPTY_2D
-                        for name in ("adc_gain", "adc_offset"))
-        return gain, offset, self._adc_keys, float(adc.noise_sigma), float(adc.nonlinearity)
-
-    def _count_conversions(self, batch: int, clipped_per_block, saturated) -> None:
-        """Conversion counts of one product. The torch engine's (device tensors) add up
-        on the device until the counts are read, so a product on a GPU never waits for
-        the host."""
-        rows = np.diff(self.row_starts)[:, None]
-        cols = np.diff(self.col_starts)[None, :]
-        self.counts["dac_converted"] += rows * batch
-        self.counts["adc_converted"] += cols * batch
-        for name, value in (("dac_clipped", clipped_per_block), ("adc_saturated", saturated)):
-            if isinstance(value, torch.Tensor):
-                # a new tensor, never an in-place sum: a deferred pass's rewind keeps the old one
-                running = self._device_counts.get(name)
-                self._device_counts[name] = value if running is None else running + value
-            else:
-                self._add_count(name, np.asarray(value, np.int64))
-
-    def _add_count(self, name: str, value: np.ndarray) -> None:
-        """Add (R,) clipped-input counts (every tile of a row block) or (R, C) counts."""
-        self.counts[name] += value[:, None] if name == "dac_clipped" else value
-
-    def read_state(self) -> tuple:
-        """What a read changes: (vectors read, conversion counts on the host (copies),
-        running counts on the device (their tensors, which no read changes in place))."""
-        return (self._vectors_read, {name: self.counts[name].copy() for name in CONVERSION_COUNTS},
-                dict(self._device_counts))
-
-    def restore_read_state(self, state: tuple) -> None:
-        """Put the grid back as ``read_state`` found it: the next read draws the same noise."""
-        self._vectors_read, host, device = state
-        for name, value in host.items():
-            self.counts[name][...] = value
-        self._device_counts = dict(device)
-
-    def collect_device_counts(self) -> None:
-        """Add the torch engine's running device counts into the host counts (one wait
-        for the device); none are left running."""
-        running, self._device_counts = self._device_counts, {}
-        for name, value in running.items():
-            self._add_count(name, value.cpu().numpy().astype(np.int64))
-
-    def running_device_counts(self) -> dict:
-        """{count name: the running device tensor} of reads since the counts were last
-        collected: what a CUDA graph of a pass that starts with none produces."""
-        return dict(self._device_counts)
-
-    def add_device_reads(self, vectors: int, host_counts: dict, device_counts: dict) -> None:
-        """Account for reads that ran on the device alone (a CUDA graph's replay of the
-        reads a captured pass made): ``vectors`` more vectors read, which advanced the
-        device's vector counter by as much; ``host_counts`` {name: array} added to the
-        counts; ``device_counts`` {name: tensor} that the replay wrote (copied here,
-        since the next replay writes them again)."""
-        self._vectors_read += vectors
-        if self._counter_holds is not None:
-            self._counter_holds += vectors
-        for name, value in host_counts.items():
-            self.counts[name] += value
-        for name, value in device_counts.items():
-            running = self._device_counts.get(name)
-            self._device_counts[name] = value.clone() if running is None else running + value
-
-    def _convert_inputs(self, x: np.ndarray) -> tuple:
-        """(quantized inputs (batch, n_in) float32, per-vector scales (R, batch) or empty,
-        values clipped per row block (R,))."""
-        r_in = self._require_input_range()
-        batch = x.shape[0]
-        per_vector = self.config.dac.range_mode == "per_vector"
-        xq = np.empty(x.shape, np.float32)
-        scales = np.empty((self.grid_shape[0], batch) if per_vector else (0, 0))
-        clip = np.empty((batch, self.grid_shape[0]), np.int64)
-        bad = np.empty(batch, np.int64)
-        grid_dac_convert(x, xq, 1.0 if r_in is None else r_in, self._dac_half, per_vector, self.row_starts,
-                         scales, clip, bad)
-        n_bad = int(bad.sum())
-        if n_bad:
-            self._refuse_non_finite(n_bad, int(np.argwhere(~np.isfinite(x))[0, 1]))
-        return xq, scales, clip.sum(axis=0)
-
-    def _require_input_range(self) -> Optional[float]:
-        r_in = self.input_range
-        if self._dac_half != IDEAL and r_in is None:
-            raise RuntimeError(f"{self.name}: DAC range is not calibrated: call calibrate(x_sample), set the "
-                               f"input range, or use dac.range_mode 'fixed' or 'per_vector'")
-        return r_in
-
-    def _refuse_non_finite(self, n_bad: int, first: int) -> None:
-        r = int(np.searchsorted(self.row_starts, first, side="right")) - 1
-        raise ValueError(f"{self.name}: x contains {n_bad} NaN or Inf values (the first at input {first}, "
-                         f"tile row {r} of {self.grid_shape[0]}); inputs must be finite")
-
-    def _products(self, xq: np.ndarray) -> tuple:
-        """Per row block: the analog product, and the per-read noise variance terms
-        (numpy, on the host: the Numba engine, and calibration on either engine)."""
-        xq_t = torch.from_numpy(xq)
-        var = _EMPTY_3D
-        var_rows = _EMPTY_2D
-        gdiff = torch.from_numpy(self._gdiff_host)
-        partial = self._block_products(xq_t, gdiff)
-        if self._var_host is not None:
-            var = self._block_products(xq_t * xq_t, torch.from_numpy(self._var_host)).numpy()
-        elif self._var_uniform is not None:
-            var_rows = np.empty((self.grid_shape[0], xq.shape[0]))
-            grid_row_sum_squares(xq, self.row_starts, var_rows)
-            var_rows *= self._var_uniform
-        return partial.numpy(), var, var_rows
-
-    def _block_products(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """(R, batch, n_out): x's row block r times g's, all column blocks in one product."""
-        out = torch.empty((self.grid_shape[0], x.shape[0], self.shape[1]), dtype=torch.float32, device=x.device)
-        with ieee_float32():  # never TF32 (see crossbar.precision)
-            for r in range(self.grid_shape[0]):
-                a, b = self.row_starts[r], self.row_starts[r + 1]
-                torch.mm(x[:, a:b], g[a:b], out=out[r])
-        return out
-
-    # -- the torch engine ------------------------------------------------------------------
-    def _product_torch(self, x: torch.Tensor, count: bool, divisor: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
-        """``product`` by the torch engine, on the grid's device: x (batch, n_in) there."""
-        x = self.check_tensor(x)
-        ranges = self._require_ranges()
-        xq, scales, clipped = self._convert_inputs_torch(x)
-        cycles = self._cycles(xq)
-        del xq  # the cycles hold the converted inputs, until their products are formed
-
-        def read(xc, clipped):
-            partial, var, var_rows = self._products_torch(xc)
-            del xc  # the read-out's working memory can reuse the inputs' (a GPU's peak)
-            return self.read_out_torch(partial, var, var_rows, scales, ranges, count, clipped, divisor, alpha)
-
-        return self._read_cycles(cycles, clipped, read)
-
-    def _products_torch(self, xq: torch.Tensor) -> tuple:
-        """``_products`` on the grid's device: (partial, var or None, var_rows or None)."""
-        var = var_rows = None
-        partial = self._block_products(xq, self._gdiff)
-        if self._var is not None:
-            var = self._block_products(xq * xq, self._var)
-        elif self._var_uniform is not None:
-            var_rows = torch_dac.row_sum_squares(xq, self.row_starts) * self._var_uniform
-        return partial, var, var_rows
-
-    def _convert_inputs_torch(self, x: torch.Tensor) -> tuple:
-        r_in = self._require_input_range()
-        xq, scales, clipped, bad = torch_dac.dac_convert(x, 1.0 if r_in is None else r_in, self._dac_half,
-                                                         self.config.dac.range_mode == "per_vector",
-                                                         self.row_starts, self._block_matrix)
-        checks = deferred.current()
-        if checks is not None:  # the pass runs again, checked, and refuses x then
-            checks.flag(bad)
-        elif bool(bad):
-            first = int(torch.nonzero(~torch.isfinite(x))[0, 1])
-            self._refuse_non_finite(int(bad), first)
-        return xq, scales, clipped
-
-    def read_out_torch(self, partial, var, var_rows, scales, ranges, count: bool, clipped_per_block,
-                       divisor=None, alpha: float = 1.0) -> torch.Tensor:
-        """``read_out`` by the torch engine: tensors on the grid's device (var, var_rows,
-        scales, divisor None where absent); returns (vectors, n_out) float32 there."""
-        batch = partial.shape[1]
-        adc = self.config.adc
-        errors = None
-        if self._adc_half != IDEAL and adc.has_errors:
-            errors = torch_engine.ADCErrors(self.adc_gain if self.adc_gain.numel() else None,
-                                            self.adc_offset if self.adc_offset.numel() else None,
-                                            self._adc_keys_t, float(adc.noise_sigma), float(adc.nonlinearity))
-        checks = deferred.current()
-        if checks is not None:
-            checks.enter(self)
-        counter = self.vector_counter()
-        out, saturated = torch_engine.readout(partial, var, var_rows, self._columns, self._keys_t,
-                                              counter, self._ranges_on_device(ranges), self._adc_half,
-                                              scales, divisor, float(alpha), errors, checks)
-        counter.add_(batch)  # on the device, in order after the read-out that used it
-        self._vectors_read += batch
-        self._counter_holds = self._vectors_read
-        if count:
-            self._count_conversions(batch, clipped_per_block, saturated)
-        return out
-
-    def vector_counter(self) -> torch.Tensor:
-        """The vectors read so far as a 0-d int64 tensor on the grid's device: the first
-        vector number of the torch engine's next read-out. It is advanced there by each
-        read and set from the host only where the host count moved without it (a Numba
-        read, ``at``, a rewind), never while a CUDA graph is being captured: a captured
-        fill would replay the same noise at every replay."""
-        device = self.g_prog.device
-        counter = self._vector_counter
-        if counter is None or counter.device != device:
-            # a normal tensor even in a torch.inference_mode() block: an inference tensor
-            # could not be advanced in place after the block
-            with torch.inference_mode(False):
-                counter = self._vector_counter = torch.zeros((), dtype=torch.int64, device=device)
-            self._counter_holds = 0
-        if self._counter_holds != self._vectors_read:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"{self.name}: the vector counter on {device} is out of step with the host "
-                                   f"while a CUDA graph is captured: run a pass before capturing")
-            counter.fill_(self._vectors_read)
-            self._counter_holds = self._vectors_read
-        return counter
-
-    def forget_vector_counter(self) -> None:
-        """Note that the device's vector counter and the host's count may differ (a CUDA
-        graph's replay that is not kept; a capture's bookkeeping undone): the next read
-        sets the counter from the host count."""
-        self._counter_holds = None
-
-    @normal_tensors
-    def _ranges_on_device(self, ranges: np.ndarray) -> torch.Tensor:
-        """The (R, C) ADC ranges that ``_require_ranges`` gave, on the grid's device:
-        the buffer itself for fixed and calibrated ranges (already there), else uploaded
-        when they change (worst-case ranges follow the DAC range; an ideal ADC reads
-        none of them), not at every read: a copy from the host waits for the GPU."""
-        if self._adc_half != IDEAL and self.config.adc.range_mode != "worst_case":
-            return self.adc_ranges
-        ranges = np.asarray(ranges, np.float64)
-        uploaded = self._uploaded_ranges
-        if uploaded is None or uploaded[1].device != self.g_prog.device or not np.array_equal(uploaded[0], ranges):
-            uploaded = (ranges.copy(), torch.from_numpy(ranges.copy()).to(self.g_prog.device))
-            self._uploaded_ranges = uploaded
-        return uploaded[1]
 
     def check_tensor(self, x) -> torch.Tensor:
         self._require_programmed("product")
@@ -921,7 +296,6 @@ class TileGrid(CountsChanges, nn.Module):
                              f"move the input (or the model with .to()) to one device")
         return x.contiguous()
 
-    # -- inspection, counts, persistence -----------------------------------------------------
     def conductances(self) -> np.ndarray:
         """(2, n_in, n_out): G+ and G- as read at the current time, uS, float32."""
         self._require_programmed("conductances")
@@ -933,16 +307,6 @@ class TileGrid(CountsChanges, nn.Module):
         if self._var_uniform is not None:
             return np.full(self.shape, self._var_uniform, dtype=np.float32)
         return None if self._var_host is None else _read_only(self._var_host)
-
-    def reset_counts(self) -> None:
-        """Zero the conversion counts (programming and calibration counts are kept)."""
-        self._device_counts = {}
-        for name in CONVERSION_COUNTS:
-            self.counts[name][:] = 0
-
-    def count_totals(self) -> dict:
-        self.collect_device_counts()
-        return {name: int(v.sum()) for name, v in self.counts.items()}
 
     def get_extra_state(self):
         self.collect_device_counts()
@@ -985,30 +349,9 @@ class TileGrid(CountsChanges, nn.Module):
                 f"{n_tiles} tiles of {self.config.rows} x {self.config.cols} (load a chip into a model converted "
                 f"from the same model with the same tile size)")
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _tile_draws(self, k: int, shape: tuple, *tags: int, uniform: bool = False) -> np.ndarray:
-        """Tile k's normals (uniforms) of the stream ``tags`` names, for its devices of
-        ``shape`` = (arrays, rows used, columns used) (``chip_draws``)."""
-        return tile_draws(stream_key(derive(self.seeds[k], *tags)), shape, (self.config.rows, self.config.cols),
-                          uniform)
-
-    def stream_keys(self, *tags: int) -> np.ndarray:
-        """(R, C) uint64: each tile's stream key of the sub-stream ``tags`` of its seed."""
-        keys = np.empty(self.grid_shape, np.uint64)
-        for k, (r, c, _, _) in enumerate(self.tiles()):
-            keys[r, c] = stream_key(derive(self.seeds[k], *tags))
-        return keys
-
     def _require_programmed(self, what: str) -> None:
         if not self.programmed:
             raise RuntimeError(f"{self.name}.{what}() needs a programmed grid: call program(g_plus, g_minus) first")
-
-    def _require_ranges(self) -> np.ndarray:
-        ranges = self.output_ranges()
-        if self._adc_half != IDEAL and ranges is None:
-            raise RuntimeError(f"{self.name}: ADC range is not calibrated: call calibrate(x_sample), set the "
-                               f"output range, or use adc.range_mode 'fixed' or 'worst_case'")
-        return np.ones(self.grid_shape) if ranges is None else ranges
 
     def check_input(self, x) -> np.ndarray:
         self._require_programmed("product")
@@ -1045,19 +388,3 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     view.flags.writeable = False
     return view
 
-
-def check_range(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} = {value!r} is invalid: expected a finite number > 0")
-    return float(value)
-
-
-def percentile_range(magnitudes, q: float) -> Optional[float]:
-    """The percentile q of the magnitudes (numpy, or a tensor on any device: the same
-    value, ``crossbar.percentile``); their maximum where the sample is so sparse that the
-    percentile is 0; None where the sample is all zero."""
-    r = float(percentile(magnitudes, q))
-    if r > 0:
-        return r
-    largest = float(magnitudes.max())
-    return largest if largest > 0 else None

@@ -1,13 +1,13 @@
 """Host threads for the per-tile work of programming and ``at(t)``.
 
-The Numba engine programs and drifts a chip on the host in float64 (``grid.py``), tile
-by tile: each tile draws from its own counter-based streams (``chip_draws.py``) and the
-device models are elementwise, so the tiles are independent and their results do not
-depend on which thread ran them or in which order. Numba's draws and numpy's ufuncs
-release the GIL, so the tiles run on every core. Working a tile at a time also keeps the
-float64 temporaries of the device models small: over a whole 2048 x 2048 matrix they
-were 67 MB each, freshly faulted in, and ``at(t)`` ran 3.5x faster cut into tiles
-on one thread (2 cores, numpy 2).
+The Numba engine programs and drifts a chip on the host in float64
+(``grid_programming.py``), tile by tile: each tile draws from its own counter-based
+streams (``chip_draws.py``) and the device models are elementwise, so the tiles are
+independent and their results do not depend on which thread ran them or in which order.
+Numba's draws and numpy's ufuncs release the GIL, so the tiles run on every core.
+Working a tile at a time also keeps the float64 temporaries of the device models small:
+over a whole 2048 x 2048 matrix they were 67 MB each, freshly faulted in, and ``at(t)``
+ran 3.5x faster cut into tiles on one thread (2 cores, numpy 2).
 
 The number of threads is Numba's (``numba.set_num_threads`` or ``NUMBA_NUM_THREADS``),
 so one setting bounds both the product kernels and this work; they never run at once.

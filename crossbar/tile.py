@@ -9,7 +9,8 @@ import numpy as np
 
 from .config import TileConfig
 from .devices import make_device
-from .grid import TileGrid, check_range
+from .grid import TileGrid
+from .grid_ranges import check_range
 from .seeding import SeedLike, as_seed_sequence
 
 

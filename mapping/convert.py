@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_flatten
 
 from crossbar import TileConfig, deferred
 from crossbar.precision import ieee_float32
-from crossbar.grid import grids_made_on, inference_time
+from crossbar.grid import grids_made_on
+from crossbar.grid_programming import inference_time
 from crossbar.seeding import SeedLike, as_seed_sequence, derive
 from crossbar.tensor_mode import normal_tensors
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from crossbar import TileConfig
-from crossbar.grid import TileGrid, percentile_range
+from crossbar.grid import TileGrid
+from crossbar.grid_ranges import percentile_range
 from crossbar.precision import moves_only
 from crossbar.state_changes import CountsChanges
 from crossbar.tensor_mode import normal_tensors

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from crossbar import ReferenceTile, Tile, presets
-from crossbar import grid as grid_module
-from crossbar.grid import TileGrid, time_bits
+from crossbar import grid_programming
+from crossbar.grid import TileGrid
+from crossbar.grid_programming import time_bits
 from crossbar.host_threads import map_tiles
 from crossbar.seeding import derive
 
@@ -113,7 +114,7 @@ def test_each_tile_of_a_grid_is_the_lone_tile_of_its_seed():
 
 def _threads(monkeypatch, n):
     """Grids work their tiles on n host threads."""
-    monkeypatch.setattr(grid_module, "map_tiles",
+    monkeypatch.setattr(grid_programming, "map_tiles",
                         lambda work, items, threads=None: map_tiles(work, items, n if threads is None else threads))
 
 

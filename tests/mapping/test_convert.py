@@ -29,8 +29,9 @@ def cnn():
 def randomise_batchnorm(model):
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+            if m.track_running_stats:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.3, 0.3)
     return model
@@ -174,6 +175,49 @@ def test_batchnorm_of_a_shared_layer_is_not_folded():
     model, x = Aliased().eval(), torch.rand(3, 2, 9)
     folded = mapping.fold_batchnorm(model)
     assert isinstance(folded.norm, nn.BatchNorm1d) and torch.equal(folded(x), model(x))
+
+
+def test_batchnorm_without_a_layer_to_fold_into_stays():
+    """A norm after a sum, after an activation, or without running statistics (it
+    normalises by each batch's own) has no weights to go into: it stays, and the
+    model computes what it did; the pair beside them is folded."""
+
+    class Unfoldable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.after_sum = nn.BatchNorm1d(6)
+            self.relu = nn.ReLU()
+            self.after_relu = nn.BatchNorm1d(6)
+            self.c = nn.Linear(6, 6)
+            self.batch_stats = nn.BatchNorm1d(6, track_running_stats=False)
+            self.d = nn.Linear(6, 6)
+            self.folded = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            x = self.after_relu(self.relu(self.after_sum(self.a(x) + self.b(x))))
+            return self.folded(self.d(self.batch_stats(self.c(x))))
+
+    torch.manual_seed(2)
+    model = randomise_batchnorm(Unfoldable()).eval()
+    x = torch.rand(5, 6)
+    folded = mapping.fold_batchnorm(model)
+    kept = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm1d)]
+    assert kept == ["after_sum", "after_relu", "batch_stats"] and isinstance(folded.folded, nn.Identity)
+    assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_folding_refuses_a_model_fx_cannot_trace():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.norm(self.linear(x)) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="fold_batchnorm=True needs a model torch.fx can trace"):
+        mapping.fold_batchnorm(DataDependent().eval())
 
 
 def test_a_lazy_layer_not_yet_run_is_refused_by_name():

@@ -66,3 +66,24 @@ def test_bits_per_cycle_is_validated():
     with pytest.raises(ValueError, match=r"DACConfig.bits_per_cycle = 8 is invalid: expected an integer in \[1, 7\]"):
         DACConfig(bits=8, bits_per_cycle=8)
     assert DACConfig(bits=8, bits_per_cycle=3).cycles == 3
+
+
+@pytest.mark.parametrize("p", [2, 3, 7])
+def test_worst_case_adc_range_is_one_cycles_largest_input_on_a_full_column(p):
+    """PHYSICS.md section 6's worst case, rows x (g_max - g_min) x the largest input, is
+    for bit-serial inputs that of one cycle: the ADC converts each cycle, whose largest
+    input is its largest digit, min(2^p - 1, 2^(B-1) - 1) steps. Every G+ at g_max and
+    every G- at g_min, read at the full DAC range: no cycle saturates, and with p = 7
+    (one cycle) the range is the whole input's. A DAC range of 127 makes the steps 1, so
+    that a cycle at the range's edge reads it exactly (a float32 rounding above it would
+    count as saturated)."""
+    rows, bits = 16, 8
+    cfg = serial(presets.ideal(rows=rows, cols=4, dac_bits=bits, adc_bits=6, dac_range_mode="fixed",
+                               adc_range_mode="worst_case").with_path("dac.range", 127.0), p)
+    device = cfg.device
+    tile = Tile(cfg).program(np.full((rows, 4), device.g_max), np.full((rows, 4), device.g_min), seed=0)
+    half = levels_per_side(bits)
+    largest_input = min(2 ** p - 1, half) * tile.input_range / half
+    assert tile.output_range == pytest.approx(rows * (device.g_max - device.g_min) * largest_input, rel=1e-12)
+    tile.mvm(np.full((3, rows), tile.input_range))
+    assert tile.counts.adc_saturated == 0 and tile.counts.adc_converted == cfg.dac.cycles * 3 * 4

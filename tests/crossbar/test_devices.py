@@ -204,6 +204,9 @@ def write(tmp_path, text, name="dev.csv"):
     ("g_target,prog_mean,prog_std\n1,1,abc\n", "row 2: column 'prog_std' = 'abc' is not a finite number"),
     ("g_target,prog_mean,prog_std,nu_mean\n1,1,0.1,0.05\n", "row 1: columns 'nu_mean' and 'nu_std' go together"),
     ("g_target,prog_mean,prog_std\n1,1\n", "row 2: 2 cells for 3 columns"),
+    (" \n,,\n", "empty; expected a header row g_target, prog_mean, prog_std"),
+    ("g_target,prog_mean,prog_std,prog_std\n1,1,0.1,0.1\n", "row 1: a column appears twice"),
+    ("g_target,prog_mean,prog_std\n", "no data rows after the header"),
 ])
 def test_device_tables_are_validated_with_file_row_and_column(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -229,6 +232,43 @@ def test_a_table_is_kept_in_the_config_and_the_results(tmp_path):
         DeviceConfig(model="pcm", table="x.csv")
     with pytest.raises(ValueError, match="table = '/no/such.csv' is invalid: cannot read it"):
         DeviceConfig(model="table", table="/no/such.csv")
+
+
+def test_read_noise_comes_from_the_table_or_from_read_sigma_never_both():
+    """A table's read_std column is the devices' per-read sigma, interpolated in g; a
+    table without one takes read_sigma_abs and read_sigma_rel as any device does; both
+    at once would count the read noise twice and are refused."""
+    measured = "g_target,prog_mean,prog_std,read_std\n0,0,0.1,0.2\n10,10,0.5,0.6\n"
+    g = np.array([0.0, 2.5, 10.0, 20.0])
+    from_table = make_device(DeviceConfig(model="table", table_csv=measured))
+    assert from_table.has_fast_noise
+    assert np.allclose(from_table.read_variance(g), np.array([0.2, 0.3, 0.6, 0.6]) ** 2, rtol=1e-12)
+    plain = "g_target,prog_mean,prog_std\n0,0,0.1\n10,10,0.5\n"
+    assert not make_device(DeviceConfig(model="table", table_csv=plain)).has_fast_noise
+    from_sigma = make_device(DeviceConfig(model="table", table_csv=plain, read_sigma_abs=0.1, read_sigma_rel=0.01))
+    assert np.allclose(from_sigma.read_variance(g), (0.1 + 0.01 * g) ** 2, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"read_sigma_abs/read_sigma_rel = 0.1/0.0 is invalid with device table"):
+        DeviceConfig(model="table", table_csv=measured, read_sigma_abs=0.1)
+    with pytest.raises(ValueError, match="table = None is invalid for model 'table'"):
+        DeviceConfig(model="table")
+
+
+def test_a_table_with_drift_columns_drifts_only_with_drift_on():
+    text = "g_target,prog_mean,prog_std,nu_mean,nu_std\n0,0,0.1,0.1,0.02\n10,10,0.5,0.05,0.01\n"
+    still = make_device(DeviceConfig(model="table", table_csv=text, drift=False))
+    assert not still.drift_exponents(np.full(N, 5.0), normals(1)).any()
+    drifting = make_device(DeviceConfig(model="table", table_csv=text, drift=True))
+    nu = drifting.drift_exponents(np.full(N, 5.0), normals(1))
+    assert abs(nu.mean() - 0.075) < 5 * 0.015 / np.sqrt(N)  # |N(0.075, 0.015)|: 5 sigma from 0, folding negligible
+
+
+def test_table_text_is_written_with_known_columns_only():
+    from crossbar.devices.table import parse_table, table_csv
+    text = table_csv(np.array([0.0, 5.0]), prog_mean=np.array([0.0, 5.5]), prog_std=np.array([0.1, 0.2]))
+    assert {k: v.tolist() for k, v in parse_table(text, "t").items()} == {
+        "g_target": [0.0, 5.0], "prog_mean": [0.0, 5.5], "prog_std": [0.1, 0.2]}
+    with pytest.raises(ValueError, match="unknown device table column 'colour'; allowed: g_target, prog_mean"):
+        table_csv(np.array([0.0]), prog_mean=np.array([0.0]), prog_std=np.array([0.1]), colour=np.array([1.0]))
 
 
 def test_the_example_table_is_the_pcm_fit_and_reproduces_it():

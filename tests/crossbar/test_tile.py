@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from crossbar import ReferenceTile, Tile, presets
+from crossbar.tile import TileCounts
 from crossbar.kernels import grid_dac_convert, levels_per_side, pixel_dac_convert, steps
 from crossbar.reference import quantize_reference
 
@@ -263,6 +264,45 @@ def test_bad_inputs_raise_clear_errors(rng):
     with pytest.raises(ValueError, match="calibrate the input"):
         Tile(presets.ideal(dac_bits=4, dac_range_mode="calibrated", rows=16, cols=8)).program(
             good, good).calibrate(np.zeros((4, 16)))
+
+
+def test_ranges_set_before_programming_are_the_ones_the_tile_reads_with(rng):
+    """Ranges may be set on an empty tile; programming hands them to the chip, which
+    then reads exactly as one given them after programming."""
+    cfg = presets.pcm(rows=32, cols=16)
+    g_plus, g_minus = random_pair(rng, 32, 16)
+    x = rng.uniform(-1, 1, (50, 32))
+    early = Tile(cfg)
+    assert not early.programmed and early.time == 0.0 and early.counts == TileCounts()
+    assert early.input_range is None and early.output_range is None  # calibrated: not yet
+    early.input_range, early.output_range = 0.8, 40.0
+    assert (early.input_range, early.output_range) == (0.8, 40.0)
+    early.program(g_plus, g_minus, seed=2)
+    late = Tile(cfg).program(g_plus, g_minus, seed=2)
+    late.input_range, late.output_range = 0.8, 40.0
+    assert early.programmed and early.shape_used == (32, 16)
+    assert (early.input_range, early.output_range) == (0.8, 40.0)
+    assert np.array_equal(early.at(60.0).mvm(x), late.at(60.0).mvm(x)) and early.counts == late.counts
+    fixed = presets.pcm(rows=32, cols=16, dac_range_mode="fixed", adc_range_mode="fixed")
+    assert (Tile(fixed).input_range, Tile(fixed).output_range) == (fixed.dac.range, fixed.adc.range)
+    assert Tile(presets.pcm(rows=32, cols=16, dac_range_mode="per_vector")).input_range == 1.0
+
+
+def test_calibrating_input_then_output_is_calibrating_both(rng):
+    cfg = presets.pcm(rows=32, cols=16)
+    g_plus, g_minus = random_pair(rng, 32, 16)
+    x = rng.uniform(-1, 1, (50, 32))
+    both = Tile(cfg).program(g_plus, g_minus, seed=6).calibrate(x)
+    apart = Tile(cfg).program(g_plus, g_minus, seed=6).calibrate_input(x).calibrate_output(x)
+    assert (apart.input_range, apart.output_range) == (both.input_range, both.output_range)
+    assert np.array_equal(apart.mvm(x), both.mvm(x))
+
+
+def test_a_state_saved_from_another_config_is_refused():
+    rng = np.random.default_rng(0)
+    tile = Tile(presets.pcm(rows=16, cols=8)).program(*random_pair(rng, 16, 8), seed=0)
+    with pytest.raises(ValueError, match="different config"):
+        Tile(presets.pcm(rows=16, cols=8, adc_bits=6)).load_state_dict(tile.state_dict())
 
 
 def test_a_tile_made_in_inference_mode_is_the_tile_made_without_it():

@@ -230,7 +230,7 @@ def _run_local(spec, todo, checkpoints, workers, device=None, cuda_graphs: bool 
 
 def check_workers(workers) -> None:
     """Refuse a --workers that is not an integer >= 1, by name."""
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers = {workers!r} is invalid: expected an integer >= 1")
 
 
@@ -245,7 +245,8 @@ def run_sweep(spec: SweepSpec, out_dir, workers: int = 1, progress: bool = True,
     ``cuda_graphs`` (device on CUDA): the chips' passes replay as CUDA graphs, with the
     same results (``AnalogModel.use_cuda_graphs``)."""
     check_workers(workers)
-    if not (isinstance(scheduler_timeout, (int, float)) and 0 < scheduler_timeout <= 3600):
+    if isinstance(scheduler_timeout, bool) or not (isinstance(scheduler_timeout, (int, float))
+                                                   and 0 < scheduler_timeout <= 3600):
         raise ValueError(f"--scheduler-timeout = {scheduler_timeout!r} is invalid: expected seconds in (0, 3600]")
     # a bad --device fails before any work (a cluster's workers check their own, and the
     # client, which may have no GPU, trains on its CPU)

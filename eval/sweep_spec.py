@@ -180,8 +180,9 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
         v = settings[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "repeats" else 0):
             _fail(f"{source}: {name} = {v!r} is invalid: expected an integer >= {1 if name == 'repeats' else 0}")
-    if settings["epochs"] is not None and (not isinstance(settings["epochs"], int) or settings["epochs"] < 1):
-        _fail(f"{source}: epochs = {settings['epochs']!r} is invalid: expected an integer >= 1")
+    epochs = settings["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        _fail(f"{source}: epochs = {epochs!r} is invalid: expected an integer >= 1")
     for name in ("baseline", "fold_batchnorm"):
         if not isinstance(settings[name], bool):
             _fail(f"{source}: {name} = {settings[name]!r} is invalid: expected true or false")

@@ -127,6 +127,25 @@ def test_run_config_errors_name_the_key():
         run_config_from_dict({"preset": "rram"})
 
 
+def test_config_files_that_cannot_be_read_name_the_file(tmp_path):
+    from eval.config import load_run_config
+    from eval.sweep_spec import SpecError, load_spec
+
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ValueError, match=f"{missing}: cannot read: .*No such file"):
+        load_run_config(str(missing))
+    broken = tmp_path / "broken.toml"
+    broken.write_text('preset = "pcm"\n[tile\n')
+    with pytest.raises(ValueError, match=f"{broken}: not valid TOML: .*line 2"):
+        load_run_config(str(broken))
+    with pytest.raises(SpecError, match=f"{broken}: not valid TOML"):
+        load_spec(str(broken))
+    with pytest.raises(ValueError, match=r"tile = 'big' is invalid: expected a table of fields"):
+        run_config_from_dict({"tile": "big"})
+    with pytest.raises(ValueError, match=r"tile.adc = 8 is invalid: expected a table of fields"):
+        run_config_from_dict({"tile": {"adc": 8}})
+
+
 def test_run_experiment_leaves_the_callers_model_as_it_was():
     """Before, it moved the caller's model to the CPU, cast it to float32 and left it in
     eval mode: a training loop that evaluated on chips went on training with its dropout

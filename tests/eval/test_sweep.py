@@ -112,6 +112,16 @@ def test_changed_spec_is_refused(spec_file, tmp_path):
     ({"grid": {"tile.rows": [64, 128, 64]}}, r"point 2 .* is the same experiment as point 0"),
     ({"grid": {"time": [86400, 86400.0]}}, r"point 1 .* same experiment as point 0"),
     ({"grid": {"tile.rows": [64]}, "points": [{"tile.rows": 64, "model": "cnn"}]}, "same experiment as point 0"),
+    ([1, 2], "spec: expected a table"),
+    ({"dataset": "imagenet", "grid": {"time": [1]}}, "dataset = 'imagenet' is invalid: expected one of digits"),
+    ({"grid": [64, 128]}, r"\[grid\] must be a table of lists and \[\[points\]\] a list of tables"),
+    ({"points": [{}]}, r"points\[0\] must be a non-empty table of dotted paths"),
+    ({"grid": {"batchnorm": [True, "yes"]}}, r"point 1 .*batchnorm = 'yes' is invalid: expected true or false"),
+    ({"grid": {"time": [1, -5]}}, r"point 1 .*time = -5 is invalid: expected seconds in \[0, 1e10\]"),
+    ({"time": True, "grid": {"tile.rows": [64]}}, r"spec: time = True is invalid"),
+    ({"epochs": 0, "grid": {"time": [1]}}, "epochs = 0 is invalid: expected an integer >= 1"),
+    ({"epochs": True, "grid": {"time": [1]}}, "epochs = True is invalid: expected an integer >= 1"),
+    ({"baseline": "yes", "grid": {"time": [1]}}, "baseline = 'yes' is invalid: expected true or false"),
 ])
 def test_spec_errors_before_any_work(data, message):
     with pytest.raises(SpecError, match=message):
@@ -253,4 +263,16 @@ def test_a_sweep_refuses_a_bad_device_or_workers_by_name_before_it_makes_its_dir
     assert main(["sweep", str(spec_file), "--out", str(tmp_path / "out"), "--device", device,
                  "--workers", workers]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("workers", True, "--workers = True is invalid: expected an integer >= 1"),
+    ("workers", 2.0, "--workers = 2.0 is invalid"),
+    ("scheduler_timeout", True, r"--scheduler-timeout = True is invalid: expected seconds in \(0, 3600\]"),
+    ("scheduler_timeout", 0, "--scheduler-timeout = 0 is invalid")])
+def test_run_sweep_refuses_bad_options_from_python_by_name(tmp_path, option, value, message):
+    spec = parse_spec({"grid": {"time": [1]}})
+    with pytest.raises(ValueError, match=message):
+        run_sweep(spec, tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()

@@ -211,6 +211,7 @@ def _sweep(args) -> int:
 
     from .experiment import check_cuda_graphs
     from .outputs import check_writable_dir
+    from .results import counted
     from .sweep import check_workers, run_sweep
     from .sweep_plot import plot_sweep
     from .sweep_spec import load_spec
@@ -221,7 +222,8 @@ def _sweep(args) -> int:
         resolve_device(args.device)
     check_cuda_graphs(args.cuda_graphs, args.device, ("--cuda-graphs", "--device"))
     check_writable_dir(args.out, "--out")
-    print(f"sweep {args.spec}: {len(spec.points)} points x {spec.repeats} repeats on {spec.dataset} -> {args.out}")
+    print(f"sweep {args.spec}: {counted(len(spec.points), 'point')} x {counted(spec.repeats, 'repeat')} on "
+          f"{spec.dataset} -> {args.out}")
     _note_compiling(args.device)  # (on a Dask cluster, the workers' GPUs compile)
     _note_shared_gpus(args)
     try:
@@ -232,7 +234,8 @@ def _sweep(args) -> int:
         print(f"xbarsim sweep: interrupted; finished points are in {args.out}/results.csv. "
               f"Run the same command again to complete the rest.", file=sys.stderr)
         return 130
-    print(f"{summary['evaluated']} points evaluated, {summary['already_done']} already done: {args.out}/results.csv")
+    print(f"{counted(summary['evaluated'], 'point')} evaluated, {summary['already_done']} already done: "
+          f"{args.out}/results.csv")
     for path in plot_sweep(args.out):
         print(f"plot: {path}")
     return 0

@@ -101,6 +101,11 @@ def write_results(results: dict, out_dir) -> dict:
     return {"json": out / "results.json", "csv": out / "results.csv"}
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 point", "2 points", "0 points"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_duration(seconds: float) -> str:
     for unit, size in (("y", 31536000), ("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -153,7 +158,7 @@ def table(results: dict) -> str:
                      f"equivalent sigma): {v['verdict']}")
         lines.append(f"  crossbar {pct(v['crossbar']['accuracy_mean'])}, baseline {pct(v['baseline']['accuracy_mean'])}, "
                      f"difference {100 * v['difference']:+.2f} points, 95% CI {format_ci(v['ci95'], signed=True)}, "
-                     f"tolerance +-{100 * v['tolerance']:.2f}, {v['repeats']} repeats")
+                     f"tolerance +-{100 * v['tolerance']:.2f}, {counted(v['repeats'], 'repeat')}")
         if v["verdict"] == "INCONCLUSIVE":
             lines.append(f"  {_undecided(v)}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .plots import save_figure
-from .results import format_duration
+from .results import counted, format_duration
 
 UNITS = {"time": "after programming", "tile.rows": "rows per tile", "tile.cols": "columns per tile",
          "tile.adc.bits": "bits", "tile.dac.bits": "bits", "tile.device.g_min": "uS", "tile.device.g_max": "uS",
@@ -158,7 +158,7 @@ def _title(spec: dict, fields: list, extra: str) -> str:
         parts.append(f"{spec.get('model')}{' (batch norm)' if spec.get('batchnorm') else ''}")
     if "time" not in fields and spec.get("time") is not None:
         parts.append(f"t = {format_duration(float(spec['time']))}")
-    parts.append(f"{spec.get('repeats')} repeats per point")
+    parts.append(f"{counted(spec.get('repeats'), 'repeat')} per point")
     return ", ".join(parts) + (f"\n{extra}" if extra else "")
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eval.cli import main, parse_time
+from eval.results import counted
 
 
 @pytest.fixture
@@ -71,6 +72,10 @@ def test_errors_name_the_option_or_key(cache, capsys):
         assert main(command + ["--no-progress"]) == 2
         assert "epochs = 0" in capsys.readouterr().err
     assert parse_time("30d") == 30 * 86400 and parse_time("1y") == 31536000
+
+
+def test_counts_are_printed_in_the_number_they_are():
+    assert [counted(n, "point") for n in (0, 1, 2)] == ["0 points", "1 point", "2 points"]
 
 
 def test_version(capsys):

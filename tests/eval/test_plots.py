@@ -1,9 +1,11 @@
 """Plots: no global matplotlib state, histograms on shared bins, sweep figures that plot
 the right columns, with titles, one colour scale and legends beside the data."""
+import csv
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from eval.plots import histogram_figure
@@ -74,3 +76,46 @@ def test_sweep_figures_titles_colour_scale_time_units_and_legends(tmp_path):
     FigureCanvasAgg(lines).draw()
     for ax in (a for a in lines.axes if a.get_legend() is not None):
         assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside, not over
+
+
+def test_a_one_point_sweep_plots_the_point_against_the_ideal_accuracy(tmp_path):
+    fake_sweep(tmp_path, {"tile.adc.bits": [6]})
+    (name, fig), = sweep_figures(tmp_path)
+    ax = fig.axes[0]
+    row = next(iter(ResultsFile(tmp_path, parse_spec({"dataset": "digits", "model": "mlp", "repeats": 3,
+                                                       "time": 86400, "baseline": True,
+                                                       "grid": {"tile.adc.bits": [6]}})).done.values()))
+    point = ax.lines[0]
+    assert name == "accuracy.png" and np.allclose(point.get_ydata(), [100 * float(row["accuracy_mean"])])
+    assert np.allclose(ax.lines[1].get_ydata(), [95.0, 95.0])  # the ideal accuracy's line
+    bar = ax.collections[0].get_segments()[0]
+    assert np.allclose(bar[:, 1], [100 * float(row["ci95_low"]), 100 * float(row["ci95_high"])])
+
+
+def test_a_heatmap_of_equal_losses_keeps_a_colour_scale(tmp_path):
+    """Every point losing the same (an ideal chip loses nothing anywhere): the scale
+    spans one point from that loss, not an empty range that colours nothing."""
+    fake_sweep(tmp_path, {"tile.rows": [64, 128], "tile.adc.bits": [4, 8]})
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["accuracy_mean"] = row["ideal_accuracy"]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    heat = dict(sweep_figures(tmp_path))["loss_tile.adc.bits_vs_tile.rows.png"]
+    assert heat.axes[0].images[0].get_clim() == (0.0, 1.0)
+
+
+def test_plotting_what_is_not_a_finished_sweep_says_what_it_is(tmp_path):
+    with pytest.raises(ValueError, match="no results.csv .*xbarsim sweep SPEC.toml --out"):
+        sweep_figures(tmp_path)
+    fake_sweep(tmp_path, {"tile.rows": [64, 128]})
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    (tmp_path / "results.csv").write_text(header + "\n")
+    with pytest.raises(ValueError, match="results.csv: no finished points yet"):
+        sweep_figures(tmp_path)
+    (tmp_path / "results.csv").write_text("point,accuracy_mean\n0,0.5\n")
+    with pytest.raises(ValueError, match=r"results.csv: not a sweep's results \(missing columns ideal_accuracy"):
+        sweep_figures(tmp_path)

@@ -85,6 +85,10 @@ class AnalogMultiheadAttention(nn.Module):
         if not batched:  # (L, E): a batch of one, as torch handles it
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             if key_padding_mask is not None:
+                # checked before the batch of one is added, so that the error names the shape given
+                if key_padding_mask.dim() != 1:
+                    raise RuntimeError(f"for an unbatched (2-D) query, key_padding_mask must be None or 1-D "
+                                       f"(source,): got shape {tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         length, batch, _ = query.shape
         source = key.shape[0]

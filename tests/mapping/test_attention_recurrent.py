@@ -73,6 +73,22 @@ def test_unbatched_attention_and_refused_options():
     with torch.no_grad():
         want = mha(x, x, x)
     close(analog(x, x, x), want)
+    padding = torch.tensor([False, False, False, True, False, True])  # an unbatched padding mask: (source,)
+    with torch.no_grad():
+        want = mha(x, x, x, key_padding_mask=padding)
+    close(analog(x, x, x, key_padding_mask=padding), want)
+    # masks of the wrong shape or type: errors that name the mask, its shape and the one expected
+    for kwargs, message in (
+            ({"attn_mask": torch.zeros(5, 6)}, r"2D attn_mask is \(5, 6\), but should be \(6, 6\)"),
+            ({"attn_mask": torch.zeros(3, 6, 6)}, r"3D attn_mask is \(3, 6, 6\), but should be \(2, 6, 6\)"),
+            ({"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)},
+             r"unbatched \(2-D\) query, key_padding_mask must be None or 1-D \(source,\): got shape \(2, 6\)"),
+            ({"attn_mask": torch.zeros(6, 6, dtype=torch.int64)}, "only bool and floating types of masks")):
+        with pytest.raises((RuntimeError, AssertionError), match=message):
+            analog(x, x, x, **kwargs)
+    with pytest.raises(RuntimeError, match=r"expecting key_padding_mask shape of \(3, 6\), but got \(3, 5\)"):
+        batched = x.unsqueeze(1).expand(6, 3, 32)  # (L, N, E): batch_first is off
+        analog(batched, batched, batched, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
         analog(x, x, x, is_causal=True)
     for options, message in ((dict(add_bias_kv=True), r"add_bias_kv=True\) is not supported"),

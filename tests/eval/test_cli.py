@@ -50,6 +50,19 @@ def test_run_end_to_end_on_digits(cache, capsys):
 
 
 @pytest.mark.slow
+def test_a_disk_that_fails_mid_run_is_a_one_line_error(cache, capsys, monkeypatch):
+    import eval.results
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(eval.results, "write_results", full)
+    assert main(["run", "--model", "mlp", "--epochs", "1", "--repeats", "1", "--times", "1s", "--out",
+                 str(cache / "o"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "xbarsim run: error: [Errno 28] No space left on device"
+
+
+@pytest.mark.slow
 def test_train_then_run_from_checkpoint(cache):
     ckpt = cache / "mlp.pt"
     assert main(["train", "--model", "mlp", "--epochs", "2", "--out", str(ckpt), "--no-progress"]) == 0

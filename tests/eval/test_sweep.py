@@ -141,6 +141,31 @@ def test_explicit_points_and_paths():
 
 
 @pytest.mark.slow
+def test_ctrl_c_keeps_the_finished_points_and_the_same_command_completes_the_rest(spec_file, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "stopped"
+    real = sweep_module.evaluate_point
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_point", interrupted)
+    command = ["sweep", str(spec_file), "--out", str(out), "--no-progress"]
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; finished points are in {out}/results.csv. Run the same command again" in err
+    assert len(rows_of(out)) == 1
+    monkeypatch.setattr(sweep_module, "evaluate_point", real)
+    assert main(command) == 0
+    assert "3 points evaluated, 1 already done" in capsys.readouterr().out
+    assert len(rows_of(out)) == 4 and len({r["point"] for r in rows_of(out)}) == 4
+
+
+@pytest.mark.slow
 def test_cli_sweep_and_plot(spec_file, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["sweep", str(spec_file), "--out", str(out), "--no-progress"]) == 0

@@ -150,6 +150,11 @@ def test_gradients_pass_straight_through_the_converters():
         out = conv(torch.randn(2, 2, 5, 5)) - conv.bias.view(1, 3, 1, 1)
     levels = out.detach() / (float(out.detach().abs().max()) / 7)
     assert torch.allclose(levels, levels.round(), atol=1e-4)  # the ADC acts before the bias
+    unbiased = nn.Conv2d(2, 3, 3, bias=False)  # (a ResNet's, before its batch norm)
+    with straight_through_converters(unbiased, None, 4):
+        out = unbiased(torch.randn(2, 2, 5, 5))
+    levels = out.detach() / (float(out.detach().abs().max()) / 7)
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() == 7
     with pytest.raises(ValueError, match="'0' is a LSTM"):
         with straight_through_converters(nn.Sequential(nn.LSTM(4, 4)), 6, None):
             pass

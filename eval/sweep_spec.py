@@ -176,13 +176,12 @@ def parse_spec(data: dict, source: str = "spec") -> SweepSpec:
         "epochs": data.get("epochs"), "eval_samples": data.get("eval_samples", 0),
         "fold_batchnorm": data.get("fold_batchnorm", False),
     }
-    for name in ("repeats", "seed", "eval_samples"):
+    for name, lowest in (("repeats", 1), ("seed", 0), ("eval_samples", 0), ("epochs", 1)):
         v = settings[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "repeats" else 0):
-            _fail(f"{source}: {name} = {v!r} is invalid: expected an integer >= {1 if name == 'repeats' else 0}")
-    epochs = settings["epochs"]
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        _fail(f"{source}: epochs = {epochs!r} is invalid: expected an integer >= 1")
+        if name == "epochs" and v is None:  # the data set's default
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            _fail(f"{source}: {name} = {v!r} is invalid: expected an integer >= {lowest}")
     for name in ("baseline", "fold_batchnorm"):
         if not isinstance(settings[name], bool):
             _fail(f"{source}: {name} = {settings[name]!r} is invalid: expected true or false")

@@ -9,6 +9,7 @@ from torch import nn
 import mapping
 from crossbar import presets
 from eval.models import MODELS, build_model
+from tests.mapping.test_convert import randomise_batchnorm
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -21,20 +22,6 @@ def parameters(model: nn.Module) -> int:
 def weighted_layers(model: nn.Module) -> list:
     """(type, weight shape) of every convolution and linear layer, in order."""
     return [(type(m).__name__, tuple(m.weight.shape)) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def randomise_batchnorm(model: nn.Module) -> nn.Module:
-    """Running statistics and affine parameters away from their identity defaults, so
-    that folding them is a real change of the weights."""
-    generator = torch.Generator().manual_seed(7)
-    for m in model.modules():
-        if isinstance(m, NORMS):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
-            m.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
-            m.bias.data.copy_(0.6 * torch.rand(n, generator=generator) - 0.3)
-    return model
 
 
 @pytest.mark.parametrize("name", MODELS)

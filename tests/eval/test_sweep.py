@@ -43,6 +43,21 @@ def rows_of(directory):
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
 
 
+def fail_at_point(monkeypatch, n: int, error: BaseException):
+    """Make the sweep's n-th point evaluation raise ``error``; returns the real evaluation."""
+    real = sweep_module.evaluate_point
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_point", failing)
+    return real
+
+
 @pytest.mark.slow
 def test_small_spec_runs_and_resumes_after_injected_failure(spec_file, tmp_path, monkeypatch):
     spec = load_spec(str(spec_file))
@@ -58,16 +73,7 @@ def test_small_spec_runs_and_resumes_after_injected_failure(spec_file, tmp_path,
             assert 0 <= float(r["ci95_low"]) <= float(r["accuracy_mean"]) <= float(r["ci95_high"]) <= 1
 
     out = tmp_path / "interrupted"
-    real = sweep_module.evaluate_point
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "evaluate_point", failing)
+    real = fail_at_point(monkeypatch, 3, RuntimeError("injected failure"))
     with pytest.raises(RuntimeError, match="injected"):
         run_sweep(spec, out, progress=False, cache_dir=tmp_path / "cache")
     assert len(rows_of(out)) == 2  # the finished points survived
@@ -144,16 +150,7 @@ def test_explicit_points_and_paths():
 def test_ctrl_c_keeps_the_finished_points_and_the_same_command_completes_the_rest(spec_file, tmp_path, capsys,
                                                                                    monkeypatch):
     out = tmp_path / "stopped"
-    real = sweep_module.evaluate_point
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "evaluate_point", interrupted)
+    real = fail_at_point(monkeypatch, 2, KeyboardInterrupt())
     command = ["sweep", str(spec_file), "--out", str(out), "--no-progress"]
     assert main(command) == 130
     err = capsys.readouterr().err
